@@ -1,0 +1,378 @@
+//! Configuration, read once from the environment and validated at start.
+//!
+//! Names follow the specification and API.md (`DATABASE_URL`, `REDIS_URL`,
+//! `JWT_SECRET`, …). With nothing set the service runs against Redis and
+//! Postgres on localhost with development secrets and says so in its log;
+//! with `APP_ENV=production` a missing or weak secret refuses to start.
+//! Secrets are wrapped in [`Secret`], whose `Debug` never prints them.
+
+use std::{collections::HashMap, fmt, net::SocketAddr, str::FromStr, time::Duration};
+
+/// A value that must never reach a log line.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Which parts of the service this process runs. `serve` runs all of them by
+/// default; a deployment that scales them apart runs one each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    pub api: bool,
+    pub flusher: bool,
+    pub scheduler: bool,
+}
+
+impl Roles {
+    pub const ALL: Roles = Roles {
+        api: true,
+        flusher: true,
+        scheduler: true,
+    };
+    pub const API_ONLY: Roles = Roles {
+        api: true,
+        flusher: false,
+        scheduler: false,
+    };
+}
+
+impl FromStr for Roles {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut roles = Roles {
+            api: false,
+            flusher: false,
+            scheduler: false,
+        };
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part {
+                "all" => roles = Roles::ALL,
+                "api" => roles.api = true,
+                "flusher" => roles.flusher = true,
+                "scheduler" => roles.scheduler = true,
+                other => {
+                    return Err(format!(
+                        "unknown role `{other}` (expected api, flusher, scheduler or all)"
+                    ))
+                }
+            }
+        }
+        if roles
+            == (Roles {
+                api: false,
+                flusher: false,
+                scheduler: false,
+            })
+        {
+            return Err("no role given".into());
+        }
+        Ok(roles)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub bind: SocketAddr,
+    pub production: bool,
+    pub database: DatabaseSettings,
+    pub redis: RedisSettings,
+    pub auth: AuthSettings,
+    pub consume: ConsumeSettings,
+    pub flusher: FlusherSettings,
+    pub cors_origins: Vec<String>,
+    pub log_level: String,
+    pub log_json: bool,
+    /// True when some setting fell back to a development default.
+    pub uses_dev_defaults: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseSettings {
+    pub url: Secret,
+    pub max_connections: u32,
+    /// Apply migrations when `serve` starts (the `migrate` command always does).
+    pub migrate_on_start: bool,
+    /// Monthly `token_usage` partitions kept ready beyond the current month.
+    pub partitions_ahead_months: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub url: Secret,
+    pub pool_size: usize,
+    /// Prefix of every key; tests give each instance its own.
+    pub key_prefix: String,
+    /// Usage streams the events are spread over. Fixed for the life of a
+    /// deployment: it decides which slot holds each customer's keys.
+    pub stream_shards: u16,
+    /// Deadline for one Redis round trip on a request path. Past it the
+    /// request fails with 503 `unavailable`.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    pub jwt_secret: Secret,
+    pub jwt_issuer: String,
+    pub jwt_audience: String,
+    pub jwt_leeway_secs: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ConsumeSettings {
+    pub idempotency_ttl: Duration,
+    /// How long `past_due` may still consume (API.md: 72 h).
+    pub grace_period: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct FlusherSettings {
+    pub batch_size: usize,
+    pub max_batch_age: Duration,
+    pub consumer_name: String,
+}
+
+const DEV_JWT_SECRET: &str = "development-only-jwt-secret-change-me-0123456789";
+const DEV_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/connected_apps";
+const DEV_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+
+impl Settings {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_map(&std::env::vars().collect())
+    }
+
+    /// Reads settings from a map of variables, so tests need not touch the
+    /// process environment.
+    pub fn from_map(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        let env = Env { vars };
+        let production = env.get("APP_ENV").is_some_and(|v| v == "production");
+        let mut dev_defaults = false;
+        let mut required = |name: &str, dev: &str| -> Result<String, ConfigError> {
+            match env.get(name) {
+                Some(v) if !v.is_empty() => Ok(v.to_owned()),
+                _ if production => Err(ConfigError::new(name, "is required in production")),
+                _ => {
+                    dev_defaults = true;
+                    Ok(dev.to_owned())
+                }
+            }
+        };
+        let database_url = required("DATABASE_URL", DEV_DATABASE_URL)?;
+        let redis_url = required("REDIS_URL", DEV_REDIS_URL)?;
+        let jwt_secret = required("JWT_SECRET", DEV_JWT_SECRET)?;
+        if jwt_secret.len() < 32 {
+            return Err(ConfigError::new("JWT_SECRET", "must be at least 32 bytes"));
+        }
+        if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
+            return Err(ConfigError::new(
+                "DATABASE_URL",
+                "must be a postgres:// URL",
+            ));
+        }
+        if !(redis_url.starts_with("redis://") || redis_url.starts_with("rediss://")) {
+            return Err(ConfigError::new(
+                "REDIS_URL",
+                "must be a redis:// or rediss:// URL",
+            ));
+        }
+
+        let port: u16 = env.parse("PORT", 8000)?;
+        let host: std::net::IpAddr = env.parse("BIND_ADDRESS", [0, 0, 0, 0].into())?;
+        let leeway: u64 = env.parse("JWT_LEEWAY_SECS", 30)?;
+        if leeway > 60 {
+            return Err(ConfigError::new("JWT_LEEWAY_SECS", "must be at most 60"));
+        }
+        let shards: u16 = env.parse("USAGE_STREAM_SHARDS", 16)?;
+        if shards == 0 || shards > 1024 {
+            return Err(ConfigError::new(
+                "USAGE_STREAM_SHARDS",
+                "must be in 1..=1024",
+            ));
+        }
+        let key_prefix = env.get("REDIS_KEY_PREFIX").unwrap_or("ca").to_owned();
+        if key_prefix.is_empty() || key_prefix.contains(['{', '}', ' ']) {
+            return Err(ConfigError::new(
+                "REDIS_KEY_PREFIX",
+                "must be non-empty without braces or spaces",
+            ));
+        }
+        let timeout_ms: u64 = env.parse("REDIS_TIMEOUT_MS", 250)?;
+        let batch_size: usize = env.parse("FLUSH_BATCH_SIZE", 2000)?;
+        if batch_size == 0 || batch_size > 50_000 {
+            return Err(ConfigError::new("FLUSH_BATCH_SIZE", "must be in 1..=50000"));
+        }
+        let log_level = env.get("LOG_LEVEL").unwrap_or("info").to_ascii_lowercase();
+        let cors_origins = env
+            .get("CORS_ORIGINS")
+            .map(|v| {
+                v.split(',')
+                    .map(|o| o.trim().to_owned())
+                    .filter(|o| !o.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default();
+
+        Ok(Settings {
+            bind: SocketAddr::new(host, port),
+            production,
+            database: DatabaseSettings {
+                url: Secret::new(database_url),
+                max_connections: env.parse("DATABASE_MAX_CONNECTIONS", 10)?,
+                migrate_on_start: env.parse("MIGRATE_ON_START", true)?,
+                partitions_ahead_months: env.parse("USAGE_PARTITIONS_AHEAD_MONTHS", 3)?,
+            },
+            redis: RedisSettings {
+                url: Secret::new(redis_url),
+                pool_size: env.parse("REDIS_POOL_SIZE", 4)?,
+                key_prefix,
+                stream_shards: shards,
+                timeout: Duration::from_millis(positive(&env, "REDIS_TIMEOUT_MS", timeout_ms)?),
+            },
+            auth: AuthSettings {
+                jwt_secret: Secret::new(jwt_secret),
+                jwt_issuer: env.get("JWT_ISSUER").unwrap_or("varai.com").to_owned(),
+                jwt_audience: env
+                    .get("JWT_AUDIENCE")
+                    .unwrap_or("connected-apps")
+                    .to_owned(),
+                jwt_leeway_secs: leeway,
+            },
+            consume: ConsumeSettings {
+                idempotency_ttl: Duration::from_secs(env.parse("IDEMPOTENCY_TTL_SECS", 86_400)?),
+                grace_period: Duration::from_secs(
+                    3600 * env.parse::<u64>("PAST_DUE_GRACE_HOURS", 72)?,
+                ),
+            },
+            flusher: FlusherSettings {
+                batch_size,
+                max_batch_age: Duration::from_millis(env.parse("FLUSH_MAX_AGE_MS", 250)?),
+                consumer_name: env
+                    .get("FLUSHER_CONSUMER")
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| format!("flusher-{}", uuid::Uuid::new_v4().simple())),
+            },
+            cors_origins,
+            log_level,
+            log_json: env.get("LOG_FORMAT").is_none_or(|f| f != "text"),
+            uses_dev_defaults: dev_defaults,
+        })
+    }
+}
+
+fn positive(_env: &Env, name: &str, value: u64) -> Result<u64, ConfigError> {
+    if value == 0 {
+        return Err(ConfigError::new(name, "must be greater than zero"));
+    }
+    Ok(value)
+}
+
+struct Env<'a> {
+    vars: &'a HashMap<String, String>,
+}
+
+impl Env<'_> {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.vars.get(name).map(String::as_str)
+    }
+
+    fn parse<T: FromStr>(&self, name: &str, default: T) -> Result<T, ConfigError>
+    where
+        T::Err: fmt::Display,
+    {
+        match self.get(name) {
+            None | Some("") => Ok(default),
+            Some(raw) => raw
+                .parse()
+                .map_err(|e| ConfigError::new(name, &format!("could not be read ({e})"))),
+        }
+    }
+}
+
+/// An invalid setting, named so the operator can fix it.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {name} {problem}")]
+pub struct ConfigError {
+    name: String,
+    problem: String,
+}
+
+impl ConfigError {
+    fn new(name: &str, problem: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            problem: problem.to_owned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn an_empty_environment_runs_with_development_defaults() {
+        let s = Settings::from_map(&vars(&[])).unwrap();
+        assert!(s.uses_dev_defaults);
+        assert_eq!(s.bind.port(), 8000);
+        assert_eq!(s.auth.jwt_issuer, "varai.com");
+        assert_eq!(s.redis.timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn production_refuses_to_start_without_secrets() {
+        let err = Settings::from_map(&vars(&[("APP_ENV", "production")])).unwrap_err();
+        assert!(err.to_string().contains("DATABASE_URL"), "{err}");
+    }
+
+    #[test]
+    fn a_short_jwt_secret_is_refused() {
+        let err = Settings::from_map(&vars(&[("JWT_SECRET", "short")])).unwrap_err();
+        assert!(err.to_string().contains("JWT_SECRET"));
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let s = Settings::from_map(&vars(&[(
+            "DATABASE_URL",
+            "postgres://app:hunter2-password@db/x",
+        )]))
+        .unwrap();
+        let printed = format!("{s:?}");
+        assert!(!printed.contains("hunter2"));
+        assert!(!printed.contains(DEV_JWT_SECRET));
+    }
+
+    #[test]
+    fn roles_parse_from_a_list() {
+        assert_eq!("all".parse::<Roles>().unwrap(), Roles::ALL);
+        let r: Roles = "api, flusher".parse().unwrap();
+        assert!(r.api && r.flusher && !r.scheduler);
+        assert!("web".parse::<Roles>().is_err());
+    }
+
+    #[test]
+    fn a_leeway_over_a_minute_is_refused() {
+        assert!(Settings::from_map(&vars(&[("JWT_LEEWAY_SECS", "120")])).is_err());
+    }
+}

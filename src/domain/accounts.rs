@@ -1,0 +1,111 @@
+//! Keeping a customer's hot state and the ledger in step.
+//!
+//! Two operations, both under the customer's row lock in Postgres (see
+//! [`crate::ledger::accounts`]):
+//!
+//! - [`Accounts::rebuild`] installs the hot state from Postgres when Redis
+//!   has none (first use, or Redis restarted empty). Concurrent requests
+//!   for one customer wait on a process-local lock first, so one process
+//!   sends one rebuild, and the row lock plus the load script's
+//!   only-if-absent check make it one rebuild across all processes.
+//! - [`Accounts::change`] runs a Postgres change and its hot-state change
+//!   together, so a consume sees an activation, a revocation or a grant the
+//!   moment the request that made it returns.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::Mutex;
+use uuid::Uuid;
+
+use crate::{
+    error::ApiError,
+    hot::{account::AccountChange, HotStore},
+    ledger::accounts as ledger_accounts,
+};
+
+const REBUILD_STRIPES: usize = 64;
+
+pub struct Accounts {
+    hot: HotStore,
+    db: PgPool,
+    grace: chrono::Duration,
+    /// Striped, so concurrent rebuilds of different customers rarely wait
+    /// on each other and memory stays fixed.
+    rebuild_locks: Vec<Mutex<()>>,
+}
+
+impl Accounts {
+    pub fn new(hot: HotStore, db: PgPool, grace: Duration) -> Self {
+        Self {
+            hot,
+            db,
+            grace: chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::hours(72)),
+            rebuild_locks: (0..REBUILD_STRIPES).map(|_| Mutex::new(())).collect(),
+        }
+    }
+
+    /// Loads the customer's hot state from Postgres unless it is loaded.
+    /// `NotFound` when the customer does not exist.
+    pub async fn rebuild(&self, customer: Uuid) -> Result<(), ApiError> {
+        let stripe = (customer.as_u128() % REBUILD_STRIPES as u128) as usize;
+        let _local = self.rebuild_locks[stripe].lock().await;
+        if self.hot.is_loaded(customer).await? {
+            return Ok(());
+        }
+        let mut tx = self.db.begin().await?;
+        if !ledger_accounts::lock_customer(&mut tx, customer).await? {
+            return Err(ApiError::NotFound("customer"));
+        }
+        let state = ledger_accounts::snapshot(&mut tx, customer, self.grace).await?;
+        let installed = self.hot.load_account(customer, &state).await?;
+        tx.commit().await?;
+        if installed {
+            metrics::counter!("hot_state_rebuilds_total").increment(1);
+            tracing::info!(%customer, "rebuilt hot state from the ledger");
+        }
+        Ok(())
+    }
+
+    /// Runs `change` in a transaction holding the customer's row lock, then
+    /// applies the hot-state changes it returns, then commits.
+    ///
+    /// Redis is written before the commit so no rebuild can slip between
+    /// them. Should the commit then fail, the changes that could let a
+    /// consume through (an activation, a new key, added tokens) are undone
+    /// in Redis; those that only refuse (a pause, a revocation) are left,
+    /// and the next rebuild or a retry of the request settles them.
+    pub async fn change<T: Send>(
+        &self,
+        customer: Uuid,
+        change: impl for<'c> FnOnce(
+                &'c mut PgConnection,
+            ) -> BoxFuture<'c, Result<(T, Vec<AccountChange>), ApiError>>
+            + Send,
+    ) -> Result<T, ApiError> {
+        let mut tx = self.db.begin().await?;
+        if !ledger_accounts::lock_customer(&mut tx, customer).await? {
+            return Err(ApiError::NotFound("customer"));
+        }
+        let (result, changes) = change(&mut tx).await?;
+        self.hot.update_account(customer, &changes).await?;
+        if let Err(e) = tx.commit().await {
+            let undo: Vec<AccountChange> = changes.iter().filter_map(undo_of_permissive).collect();
+            if let Err(undo_err) = self.hot.update_account(customer, &undo).await {
+                tracing::error!(%customer, error = ?undo_err, "could not undo hot-state change after a failed commit");
+            }
+            return Err(e.into());
+        }
+        Ok(result)
+    }
+}
+
+fn undo_of_permissive(change: &AccountChange) -> Option<AccountChange> {
+    match change {
+        AccountChange::ActivateApp(slug) => Some(AccountChange::DeactivateApp(slug.clone())),
+        AccountChange::AddEmbedKey { id, .. } => Some(AccountChange::RemoveEmbedKey(*id)),
+        AccountChange::AddPurchased(n) if *n > 0 => Some(AccountChange::AddPurchased(-n)),
+        _ => None,
+    }
+}

@@ -1,0 +1,398 @@
+//! Consuming tokens: the rules of API.md between a request body and the
+//! consume script.
+//!
+//! [`ConsumeRequest::parse`] turns the raw body into a request that cannot
+//! hold an invalid value (400 for bad JSON, 422 per invalid field), and
+//! [`Metering::consume`] charges it: it resolves the app from the
+//! in-memory catalog, applies the caller's rules (an embed key always
+//! charges exactly the app's `token_cost`), runs the script, and rebuilds
+//! the customer's hot state once if Redis had none.
+
+use std::{borrow::Cow, net::IpAddr, sync::Arc};
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::{
+    auth::EmbedKey,
+    domain::{accounts::Accounts, catalog::Catalog},
+    error::{type_message, ApiError, FieldError},
+    hot::{
+        charge::{Charge, ChargeOutcome, Idempotency},
+        HotStore,
+    },
+};
+
+pub const MAX_SESSION_ID_CHARS: usize = 100;
+pub const MAX_METADATA_BYTES: usize = 4096;
+pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 255;
+
+/// The body of `POST /api/v1/customer/tokens/consume`, validated. Borrows
+/// from the request body: the hot path copies nothing it does not need to.
+#[derive(Debug)]
+pub struct ConsumeRequest<'a> {
+    pub app_id: Cow<'a, str>,
+    pub tokens_consumed: Option<i64>,
+    pub session_id: Option<Cow<'a, str>>,
+    /// The metadata object's JSON text, passed on to the usage event as is.
+    pub metadata: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRequest<'a> {
+    #[serde(borrow)]
+    app_id: Cow<'a, str>,
+    #[serde(default)]
+    tokens_consumed: Option<i64>,
+    #[serde(borrow, default)]
+    session_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    metadata: Option<&'a RawValue>,
+}
+
+/// The metadata fields the service reads; others are kept but not checked.
+#[derive(Deserialize)]
+struct KnownMetadata {
+    #[serde(default)]
+    ip_address: Option<String>,
+    #[serde(default)]
+    user_agent: Option<String>,
+    #[serde(default)]
+    product_id: Option<String>,
+    #[serde(default)]
+    processing_time_ms: Option<f64>,
+    #[serde(default)]
+    visitor_id: Option<String>,
+}
+
+impl<'a> ConsumeRequest<'a> {
+    pub fn parse(body: &'a [u8]) -> Result<Self, ApiError> {
+        let raw: RawRequest<'a> = crate::error::decode_json(body)?;
+        let mut problems = Vec::new();
+
+        if raw.app_id.is_empty() || raw.app_id.len() > 50 || raw.app_id.contains('\0') {
+            problems.push(FieldError::new(
+                "app_id",
+                "must be an app id of 1 to 50 characters",
+            ));
+        }
+        if let Some(t) = raw.tokens_consumed {
+            if !(1..=i64::from(i32::MAX)).contains(&t) {
+                problems.push(FieldError::new(
+                    "tokens_consumed",
+                    "must be an integer from 1 to 2147483647",
+                ));
+            }
+        }
+        if let Some(s) = &raw.session_id {
+            if s.is_empty() || s.chars().count() > MAX_SESSION_ID_CHARS || s.contains('\0') {
+                problems.push(FieldError::new("session_id", "must be 1 to 100 characters"));
+            }
+        }
+        let metadata = match raw.metadata {
+            None => None,
+            Some(m) if m.get() == "null" => None,
+            Some(m) => {
+                check_metadata(m, &mut problems);
+                Some(m.get())
+            }
+        };
+        if !problems.is_empty() {
+            return Err(ApiError::Validation(problems));
+        }
+        Ok(Self {
+            app_id: raw.app_id,
+            tokens_consumed: raw.tokens_consumed,
+            session_id: raw.session_id,
+            metadata,
+        })
+    }
+}
+
+fn check_metadata(raw: &RawValue, problems: &mut Vec<FieldError>) {
+    let text = raw.get();
+    if !text.starts_with('{') {
+        problems.push(FieldError::new("metadata", "must be an object"));
+        return;
+    }
+    if text.len() > MAX_METADATA_BYTES {
+        problems.push(FieldError::new("metadata", "must be at most 4 KiB"));
+        return;
+    }
+    // Postgres cannot store U+0000 in jsonb; refuse it here rather than
+    // have the flusher fail on it later.
+    if text.contains("\\u0000") {
+        problems.push(FieldError::new("metadata", "must not contain U+0000"));
+        return;
+    }
+    let known: KnownMetadata =
+        match serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(text)) {
+            Ok(k) => k,
+            Err(e) => {
+                problems.push(FieldError::new(
+                    format!("metadata.{}", e.path()),
+                    type_message(e.inner()),
+                ));
+                return;
+            }
+        };
+    if let Some(ip) = &known.ip_address {
+        if ip.parse::<IpAddr>().is_err() {
+            problems.push(FieldError::new(
+                "metadata.ip_address",
+                "must be an IPv4 or IPv6 address",
+            ));
+        }
+    }
+    if let Some(ms) = known.processing_time_ms {
+        if !(0.0..=86_400_000.0).contains(&ms) {
+            problems.push(FieldError::new(
+                "metadata.processing_time_ms",
+                "must be a number of ms from 0 to 86400000",
+            ));
+        }
+    }
+    let _ = (&known.user_agent, &known.product_id, &known.visitor_id);
+}
+
+/// Who is charging: a customer's backend (JWT) or a shopper's browser
+/// (embed key).
+pub enum Caller {
+    Customer(Uuid),
+    EmbedKey(Arc<EmbedKey>),
+}
+
+impl Caller {
+    pub fn customer(&self) -> Uuid {
+        match self {
+            Caller::Customer(id) => *id,
+            Caller::EmbedKey(key) => key.customer_id,
+        }
+    }
+}
+
+/// A charged (or replayed) consume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Receipt {
+    pub event_id: Uuid,
+    pub tokens_consumed: i64,
+    pub tokens_remaining: i64,
+    pub replayed: bool,
+}
+
+pub struct Metering {
+    pub hot: HotStore,
+    pub catalog: Arc<Catalog>,
+    pub accounts: Arc<Accounts>,
+    pub idempotency_ttl_secs: u64,
+}
+
+impl Metering {
+    pub async fn consume(
+        &self,
+        caller: &Caller,
+        request: &ConsumeRequest<'_>,
+        idempotency_key: Option<&str>,
+        body: &[u8],
+    ) -> Result<Receipt, ApiError> {
+        let app = self
+            .catalog
+            .get(&request.app_id)
+            .ok_or(ApiError::NotFound("app"))?;
+        let tokens = match (caller, request.tokens_consumed) {
+            (Caller::Customer(_), t) => t.unwrap_or_else(|| app.token_cost()),
+            (Caller::EmbedKey(key), t) => {
+                if !key.permits(app.slug()) {
+                    return Err(ApiError::AppNotPermitted(app.slug().to_owned()));
+                }
+                match t {
+                    Some(t) if t != app.token_cost() => return Err(ApiError::validation(
+                        "tokens_consumed",
+                        format!(
+                            "with an embed key must be omitted or equal the app's token_cost ({})",
+                            app.token_cost()
+                        ),
+                    )),
+                    _ => app.token_cost(),
+                }
+            }
+        };
+        if app.is_disabled() {
+            return Err(ApiError::AppNotActive(app.slug().to_owned()));
+        }
+
+        let fingerprint = idempotency_key.map(|_| hex::encode(Sha256::digest(body)));
+        let customer = caller.customer();
+        let event_id = Uuid::now_v7();
+        let charge = Charge {
+            customer,
+            app_slug: app.slug(),
+            app_id: app.row.id,
+            tokens,
+            event_id,
+            embed_key: match caller {
+                Caller::EmbedKey(k) => Some(k.id),
+                Caller::Customer(_) => None,
+            },
+            idempotency: idempotency_key
+                .zip(fingerprint.as_deref())
+                .map(|(key, fingerprint)| Idempotency {
+                    key,
+                    fingerprint,
+                    ttl_secs: self.idempotency_ttl_secs,
+                }),
+            session_id: request.session_id.as_deref().unwrap_or(""),
+            metadata: request.metadata.unwrap_or(""),
+        };
+
+        let mut outcome = self.hot.charge(&charge).await?;
+        if outcome == ChargeOutcome::NotLoaded {
+            self.accounts.rebuild(customer).await?;
+            outcome = self.hot.charge(&charge).await?;
+        }
+        metrics::counter!("consume_requests_total", "outcome" => outcome_label(&outcome))
+            .increment(1);
+
+        match outcome {
+            ChargeOutcome::Charged {
+                tokens_remaining, ..
+            } => {
+                metrics::counter!("tokens_consumed_total").increment(tokens as u64);
+                Ok(Receipt {
+                    event_id,
+                    tokens_consumed: tokens,
+                    tokens_remaining,
+                    replayed: false,
+                })
+            }
+            ChargeOutcome::Replayed {
+                event_id,
+                tokens,
+                tokens_remaining,
+            } => Ok(Receipt {
+                event_id,
+                tokens_consumed: tokens,
+                tokens_remaining,
+                replayed: true,
+            }),
+            ChargeOutcome::IdempotencyConflict => Err(ApiError::Conflict(
+                "this Idempotency-Key was used with a different request body".into(),
+            )),
+            ChargeOutcome::NotLoaded => Err(ApiError::Internal(anyhow::anyhow!(
+                "hot state of {customer} missing right after a rebuild"
+            ))),
+            ChargeOutcome::EmbedKeyRevoked => Err(ApiError::InvalidApiKey),
+            ChargeOutcome::AppNotActive => Err(ApiError::AppNotActive(app.slug().to_owned())),
+            ChargeOutcome::SubscriptionInactive => Err(ApiError::SubscriptionInactive),
+            ChargeOutcome::InsufficientTokens { tokens_remaining } => {
+                Err(ApiError::InsufficientTokens { tokens_remaining })
+            }
+            ChargeOutcome::DeadlinePassed => Err(ApiError::Unavailable(anyhow::anyhow!(
+                "redis ran the consume script past its deadline"
+            ))),
+        }
+    }
+}
+
+fn outcome_label(outcome: &ChargeOutcome) -> &'static str {
+    match outcome {
+        ChargeOutcome::Charged { .. } => "charged",
+        ChargeOutcome::Replayed { .. } => "replayed",
+        ChargeOutcome::IdempotencyConflict => "idempotency_conflict",
+        ChargeOutcome::NotLoaded => "not_loaded",
+        ChargeOutcome::EmbedKeyRevoked => "key_revoked",
+        ChargeOutcome::AppNotActive => "app_not_active",
+        ChargeOutcome::SubscriptionInactive => "subscription_inactive",
+        ChargeOutcome::InsufficientTokens { .. } => "insufficient_tokens",
+        ChargeOutcome::DeadlinePassed => "deadline_passed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<ConsumeRequest<'_>, ApiError> {
+        ConsumeRequest::parse(body.as_bytes())
+    }
+
+    fn fields(e: ApiError) -> Vec<String> {
+        match e {
+            ApiError::Validation(d) => d.into_iter().map(|f| f.field).collect(),
+            other => panic!("expected 422, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_specification_example_parses() {
+        let r = parse(r#"{"app_id":"vto-001","tokens_consumed":5,"session_id":"sess-abc123",
+            "metadata":{"user_agent":"Mozilla/5.0","ip_address":"192.168.1.1","product_id":"frame-001","processing_time_ms":1250}}"#)
+        .unwrap();
+        assert_eq!(r.app_id, "vto-001");
+        assert_eq!(r.tokens_consumed, Some(5));
+        assert!(r.metadata.unwrap().contains("frame-001"));
+    }
+
+    #[test]
+    fn broken_json_is_a_400() {
+        assert!(matches!(
+            parse("{\"app_id\": "),
+            Err(ApiError::InvalidJson(_))
+        ));
+    }
+
+    #[test]
+    fn wrong_types_are_a_422_naming_the_field() {
+        assert_eq!(
+            fields(parse(r#"{"app_id":"vto-001","tokens_consumed":"5"}"#).unwrap_err()),
+            ["tokens_consumed"]
+        );
+        assert_eq!(
+            fields(parse(r#"{"app_id":"vto-001","tokens_consumed":2.5}"#).unwrap_err()),
+            ["tokens_consumed"]
+        );
+        assert_eq!(
+            fields(parse(r#"{"tokens_consumed":5}"#).unwrap_err()),
+            ["app_id"]
+        );
+    }
+
+    #[test]
+    fn every_out_of_range_field_gets_its_own_detail() {
+        let long = "s".repeat(101);
+        let body = format!(
+            r#"{{"app_id":"vto-001","tokens_consumed":0,"session_id":"{long}","metadata":{{"ip_address":"not-an-ip"}}}}"#
+        );
+        assert_eq!(
+            fields(ConsumeRequest::parse(body.as_bytes()).unwrap_err()),
+            ["tokens_consumed", "session_id", "metadata.ip_address"]
+        );
+    }
+
+    #[test]
+    fn metadata_must_be_a_small_object() {
+        assert_eq!(
+            fields(parse(r#"{"app_id":"vto-001","metadata":[1]}"#).unwrap_err()),
+            ["metadata"]
+        );
+        let big = format!(
+            r#"{{"app_id":"vto-001","metadata":{{"x":"{}"}}}}"#,
+            "a".repeat(4100)
+        );
+        assert_eq!(
+            fields(ConsumeRequest::parse(big.as_bytes()).unwrap_err()),
+            ["metadata"]
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        assert_eq!(
+            fields(parse(r#"{"app_id":"vto-001","token_consumed":5}"#).unwrap_err()),
+            [""]
+        );
+    }
+}

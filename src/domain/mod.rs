@@ -1,0 +1,11 @@
+//! The rules of the product, apart from HTTP and storage.
+//!
+//! - [`catalog`]: the apps, in memory, and plan tiers.
+//! - [`consume`]: validating a consume and charging it.
+//! - [`accounts`]: keeping the hot state and the ledger in step.
+//! - [`embed`]: the `embed_code` merchants paste into their shops.
+
+pub mod accounts;
+pub mod catalog;
+pub mod consume;
+pub mod embed;

@@ -1,0 +1,260 @@
+//! The one error type of the HTTP edge.
+//!
+//! Every failure a handler can return is an [`ApiError`]; its
+//! `IntoResponse` writes the contract's body,
+//! `{"error": {"code": …, "message": …}}`, with the stable `code` of API.md.
+//! Internal causes (`Internal`, `Unavailable`) are logged with their chain and
+//! never shown to clients.
+
+use axum::{
+    http::{header, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+};
+use serde::{Deserialize, Serialize};
+use serde_json::error::Category;
+
+/// One invalid field, in a 422 body's `details`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+pub struct FieldError {
+    /// The field's path in the request body, e.g. `metadata.ip_address`.
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("the request body is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("request body exceeds 64 KiB")]
+    PayloadTooLarge,
+    #[error("validation failed")]
+    Validation(Vec<FieldError>),
+
+    #[error("authentication required")]
+    Unauthenticated,
+    #[error("invalid token")]
+    InvalidToken,
+    #[error("invalid API key")]
+    InvalidApiKey,
+
+    #[error("the token lacks the `{0}` scope")]
+    InsufficientScope(&'static str),
+    #[error("app `{0}` is not active for this customer")]
+    AppNotActive(String),
+    #[error("this API key may not use app `{0}`")]
+    AppNotPermitted(String),
+    #[error("app `{0}` needs a higher plan")]
+    PlanUpgradeRequired(String),
+    #[error("this API key may not be used from this origin")]
+    OriginNotAllowed,
+
+    #[error("not enough tokens")]
+    InsufficientTokens { tokens_remaining: i64 },
+    #[error("the subscription is not active")]
+    SubscriptionInactive,
+
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+
+    /// A dependency (Redis, Postgres) is down or too slow. Nothing was charged.
+    #[error("a dependency is unavailable")]
+    Unavailable(#[source] anyhow::Error),
+    /// A bug or an unexpected state; logged, shown as an opaque 500.
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        use ApiError::*;
+        match self {
+            InvalidJson(_) | InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            Unauthenticated | InvalidToken | InvalidApiKey => StatusCode::UNAUTHORIZED,
+            InsufficientTokens { .. } | SubscriptionInactive => StatusCode::PAYMENT_REQUIRED,
+            InsufficientScope(_)
+            | AppNotActive(_)
+            | AppNotPermitted(_)
+            | PlanUpgradeRequired(_)
+            | OriginNotAllowed => StatusCode::FORBIDDEN,
+            NotFound(_) => StatusCode::NOT_FOUND,
+            Conflict(_) => StatusCode::CONFLICT,
+            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable `code` of API.md.
+    pub fn code(&self) -> &'static str {
+        use ApiError::*;
+        match self {
+            InvalidJson(_) => "invalid_json",
+            InvalidRequest(_) => "invalid_request",
+            PayloadTooLarge => "payload_too_large",
+            Validation(_) => "validation_failed",
+            Unauthenticated => "unauthenticated",
+            InvalidToken => "invalid_token",
+            InvalidApiKey => "invalid_api_key",
+            InsufficientScope(_) => "insufficient_scope",
+            AppNotActive(_) => "app_not_active",
+            AppNotPermitted(_) => "app_not_permitted",
+            PlanUpgradeRequired(_) => "plan_upgrade_required",
+            OriginNotAllowed => "origin_not_allowed",
+            InsufficientTokens { .. } => "insufficient_tokens",
+            SubscriptionInactive => "subscription_inactive",
+            NotFound(_) => "not_found",
+            Conflict(_) => "conflict",
+            MethodNotAllowed => "method_not_allowed",
+            Unavailable(_) => "unavailable",
+            Internal(_) => "internal_error",
+        }
+    }
+
+    pub fn validation(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError::Validation(vec![FieldError::new(field, message)])
+    }
+}
+
+/// The error body of API.md.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody<'a> {
+    pub error: ErrorDetail<'a>,
+    /// Repeated at the top level for 402 `insufficient_tokens`, as API.md shows it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_remaining: Option<i64>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail<'a> {
+    /// Stable machine-readable code, e.g. `insufficient_tokens`.
+    pub code: &'a str,
+    /// Human sentence; may change between releases.
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_remaining: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<&'a [FieldError]>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let message = match &self {
+            ApiError::Unavailable(cause) => {
+                tracing::warn!(error = ?cause, "dependency unavailable");
+                "a dependency is unavailable; nothing was charged, retry later".to_owned()
+            }
+            ApiError::Internal(cause) => {
+                tracing::error!(error = ?cause, "internal error");
+                "internal error".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let tokens_remaining = match &self {
+            ApiError::InsufficientTokens { tokens_remaining } => Some(*tokens_remaining),
+            _ => None,
+        };
+        let details = match &self {
+            ApiError::Validation(d) => Some(d.as_slice()),
+            _ => None,
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message,
+                tokens_remaining,
+                details,
+            },
+            tokens_remaining,
+        };
+        let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
+                ApiError::Unavailable(e.into())
+            }
+            other => ApiError::Internal(other.into()),
+        }
+    }
+}
+
+impl From<crate::hot::HotError> for ApiError {
+    fn from(e: crate::hot::HotError) -> Self {
+        match e {
+            crate::hot::HotError::Unavailable(cause) => ApiError::Unavailable(cause),
+            crate::hot::HotError::Internal(cause) => ApiError::Internal(cause),
+        }
+    }
+}
+
+/// Deserializes `body`, mapping serde's errors onto the contract's.
+pub fn decode_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let inner = e.inner();
+        match inner.classify() {
+            Category::Syntax | Category::Eof | Category::Io => {
+                ApiError::InvalidJson(type_message(inner))
+            }
+            Category::Data => {
+                let message = type_message(inner);
+                let path = e.path().to_string();
+                let field = match unknown_field(&message) {
+                    Some(name) if path == "." => name.to_owned(),
+                    Some(name) => format!("{path}.{name}"),
+                    None if path == "." => String::new(),
+                    None => path,
+                };
+                ApiError::Validation(vec![FieldError::new(field, message)])
+            }
+        }
+    })?;
+    de.end()
+        .map_err(|e| ApiError::InvalidJson(type_message(&e)))?;
+    Ok(value)
+}
+
+fn unknown_field(message: &str) -> Option<&str> {
+    message.strip_prefix("unknown field `")?.split('`').next()
+}
+
+/// A serde error's message without serde's line and column suffix.
+pub fn type_message(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    match text.find(" at line ") {
+        Some(i) => text[..i].to_owned(),
+        None => text,
+    }
+}

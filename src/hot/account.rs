@@ -1,0 +1,162 @@
+//! A customer's hot state: loading it from a Postgres snapshot, and
+//! changing it in place when Postgres changes.
+//!
+//! Both run while the caller holds the customer's row lock in Postgres
+//! (`SELECT … FOR NO KEY UPDATE`, see [`crate::ledger::accounts`]), so a
+//! rebuild never installs a snapshot that a concurrent change has made
+//! stale, and a change never lands in a half-built account.
+
+use fred::types::Value;
+use uuid::Uuid;
+
+use super::{HotError, HotStore};
+
+/// Everything the consume script reads for one customer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountState {
+    /// Tokens per billing period; -1 = unlimited.
+    pub allowance: i64,
+    /// Allowance already drawn this period.
+    pub used: i64,
+    /// Purchased tokens left.
+    pub purchased: i64,
+    pub status: SubscriptionStatus,
+    /// Epoch ms until which a `past_due` subscription may still consume.
+    pub grace_until_ms: i64,
+    /// Slugs of the apps whose activation is active.
+    pub active_apps: Vec<String>,
+    /// Live embed keys and their expiry (epoch ms, 0 = never).
+    pub embed_keys: Vec<(Uuid, i64)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscriptionStatus {
+    /// No subscription: only purchased tokens can be spent.
+    None,
+    Active,
+    PastDue,
+    Canceled,
+    Unpaid,
+}
+
+impl SubscriptionStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Active => "active",
+            Self::PastDue => "past_due",
+            Self::Canceled => "canceled",
+            Self::Unpaid => "unpaid",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "none" => Self::None,
+            "active" => Self::Active,
+            "past_due" => Self::PastDue,
+            "canceled" => Self::Canceled,
+            "unpaid" => Self::Unpaid,
+            _ => return None,
+        })
+    }
+}
+
+/// The layout version written to `v`; the consume script treats an account
+/// without it as not loaded.
+const LAYOUT_VERSION: &str = "1";
+
+/// One in-place change, applied by `lua/account_update.lua`.
+#[derive(Debug, Clone)]
+pub enum AccountChange {
+    ActivateApp(String),
+    DeactivateApp(String),
+    AddEmbedKey { id: Uuid, expires_at_ms: i64 },
+    RemoveEmbedKey(Uuid),
+    AddPurchased(i64),
+}
+
+impl AccountChange {
+    fn push_args(&self, args: &mut Vec<Value>) {
+        let (op, field, value): (&str, String, Value) = match self {
+            Self::ActivateApp(slug) => ("set", format!("app:{slug}"), "1".into()),
+            Self::DeactivateApp(slug) => ("del", format!("app:{slug}"), "".into()),
+            Self::AddEmbedKey { id, expires_at_ms } => {
+                ("set", format!("key:{id}"), (*expires_at_ms).into())
+            }
+            Self::RemoveEmbedKey(id) => ("del", format!("key:{id}"), "".into()),
+            Self::AddPurchased(n) => ("incr", "purchased".into(), (*n).into()),
+        };
+        args.extend([op.into(), field.into(), value]);
+    }
+}
+
+impl HotStore {
+    /// Installs `state` unless the account is already loaded. Returns
+    /// whether it installed it.
+    pub async fn load_account(
+        &self,
+        customer: Uuid,
+        state: &AccountState,
+    ) -> Result<bool, HotError> {
+        let mut args: Vec<Value> = vec![
+            "v".into(),
+            LAYOUT_VERSION.into(),
+            "allowance".into(),
+            state.allowance.into(),
+            "used".into(),
+            state.used.into(),
+            "purchased".into(),
+            state.purchased.into(),
+            "status".into(),
+            state.status.as_str().into(),
+            "grace_until".into(),
+            state.grace_until_ms.into(),
+        ];
+        for slug in &state.active_apps {
+            args.push(format!("app:{slug}").into());
+            args.push("1".into());
+        }
+        for (id, expires) in &state.embed_keys {
+            args.push(format!("key:{id}").into());
+            args.push((*expires).into());
+        }
+        let loaded: i64 = self
+            .scripts
+            .account_load
+            .evalsha_with_reload(self.client(), vec![self.keys.account(customer)], args)
+            .await?;
+        Ok(loaded == 1)
+    }
+
+    /// Applies changes to a loaded account; an account not loaded is left
+    /// for the next rebuild, which reads the change from Postgres.
+    pub async fn update_account(
+        &self,
+        customer: Uuid,
+        changes: &[AccountChange],
+    ) -> Result<bool, HotError> {
+        if changes.is_empty() {
+            return Ok(false);
+        }
+        let mut args = Vec::with_capacity(changes.len() * 3);
+        for change in changes {
+            change.push_args(&mut args);
+        }
+        let applied: i64 = self
+            .scripts
+            .account_update
+            .evalsha_with_reload(self.client(), vec![self.keys.account(customer)], args)
+            .await?;
+        Ok(applied == 1)
+    }
+
+    pub async fn is_loaded(&self, customer: Uuid) -> Result<bool, HotError> {
+        use fred::prelude::*;
+        let loaded: bool = self
+            .client()
+            .hexists(self.keys.account(customer), "v")
+            .await?;
+        Ok(loaded)
+    }
+}

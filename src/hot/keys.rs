@@ -1,0 +1,123 @@
+//! The Redis key layout, in one place.
+//!
+//! Every key is `<prefix>:v1:{s<shard>}:…`. The `{s<shard>}` hash tag puts
+//! all keys that one consume touches (the customer's account, its
+//! idempotency records and the usage stream its events go to) in one
+//! Redis Cluster slot, which a Lua script requires. Customers are spread
+//! over `USAGE_STREAM_SHARDS` shards by their id, so no single slot, and no
+//! single stream, carries all the traffic. The shard count is fixed for the
+//! life of a deployment: changing it moves customers to other slots.
+//! `v1` versions the layout; a new layout gets a new version, not a
+//! migration in place.
+//!
+//! | key | type | holds | TTL |
+//! | --- | --- | --- | --- |
+//! | `…:{s<n>}:c:<customer>:acct` | hash | the customer's hot state: allowance, usage this period, purchased tokens, subscription status, active apps, live embed keys (fields in `lua/consume.lua`) | none: it is the live balance; rebuilt from Postgres when missing |
+//! | `…:{s<n>}:c:<customer>:idem:<sha256>` | string | the first answer to a consume sent with an `Idempotency-Key` (hashed, so any 255 characters make a short, safe key) | `IDEMPOTENCY_TTL_SECS`, 24 h |
+//! | `…:{s<n>}:usage` | stream | usage events waiting for the flusher (consumer group `flusher`) | none: trimmed by the flusher once persisted |
+
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+/// Builds key names. Cheap to clone; one per [`super::HotStore`].
+#[derive(Debug, Clone)]
+pub struct Keys {
+    root: String,
+    shards: u16,
+}
+
+impl Keys {
+    pub fn new(prefix: &str, shards: u16) -> Self {
+        assert!(shards > 0, "at least one shard");
+        Self {
+            root: format!("{prefix}:v1"),
+            shards,
+        }
+    }
+
+    pub fn shards(&self) -> u16 {
+        self.shards
+    }
+
+    /// The shard a customer's keys and events live in. UUIDs (v4 and v7)
+    /// end in random bits, so the low bits spread customers evenly.
+    pub fn shard_of(&self, customer: Uuid) -> u16 {
+        (customer.as_u128() % u128::from(self.shards)) as u16
+    }
+
+    pub fn account(&self, customer: Uuid) -> String {
+        format!(
+            "{}:{{s{}}}:c:{}:acct",
+            self.root,
+            self.shard_of(customer),
+            customer
+        )
+    }
+
+    pub fn idempotency(&self, customer: Uuid, idempotency_key: &str) -> String {
+        let digest = Sha256::digest(idempotency_key.as_bytes());
+        format!(
+            "{}:{{s{}}}:c:{}:idem:{}",
+            self.root,
+            self.shard_of(customer),
+            customer,
+            hex::encode(digest)
+        )
+    }
+
+    pub fn usage_stream(&self, shard: u16) -> String {
+        format!("{}:{{s{}}}:usage", self.root, shard)
+    }
+
+    pub fn usage_streams(&self) -> Vec<String> {
+        (0..self.shards).map(|s| self.usage_stream(s)).collect()
+    }
+
+    /// Every key of this layout, for SCAN-based clean-up in tests and tools.
+    pub fn pattern(&self) -> String {
+        format!("{}:*", self.root)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tag(key: &str) -> &str {
+        let start = key.find('{').unwrap();
+        let end = key[start..].find('}').unwrap() + start;
+        &key[start + 1..end]
+    }
+
+    #[test]
+    fn every_key_of_one_consume_shares_one_hash_tag() {
+        let keys = Keys::new("ca", 16);
+        let customer = Uuid::new_v4();
+        let shard = keys.shard_of(customer);
+        let account = keys.account(customer);
+        let idem = keys.idempotency(customer, "retry-1");
+        let stream = keys.usage_stream(shard);
+        assert_eq!(tag(&account), tag(&idem));
+        assert_eq!(tag(&account), tag(&stream));
+    }
+
+    #[test]
+    fn customers_spread_over_all_shards() {
+        let keys = Keys::new("ca", 8);
+        let mut seen = [0u32; 8];
+        for _ in 0..800 {
+            seen[keys.shard_of(Uuid::now_v7()) as usize] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 50), "{seen:?}");
+    }
+
+    #[test]
+    fn idempotency_keys_are_hashed_to_a_fixed_length() {
+        let keys = Keys::new("ca", 4);
+        let c = Uuid::nil();
+        assert_eq!(
+            keys.idempotency(c, "a").len(),
+            keys.idempotency(c, &"x".repeat(255)).len()
+        );
+    }
+}

@@ -1,0 +1,183 @@
+//! The hot store: Redis, and the Lua scripts that keep balances exact.
+//!
+//! Redis holds each customer's live balance and the usage events not yet
+//! persisted; Postgres (the [`crate::ledger`]) is the durable record it is
+//! rebuilt from. Every change to a balance runs inside one Lua script, so
+//! each is atomic and takes one round trip.
+//!
+//! - [`keys`]: the key layout and why it is hash-tagged.
+//! - [`charge`]: the consume script and its outcomes.
+//! - [`account`]: loading a customer's hot state, and changing it in place.
+
+pub mod account;
+pub mod charge;
+pub mod keys;
+
+use std::{
+    sync::{
+        atomic::{AtomicI64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use fred::{
+    prelude::*,
+    types::{config::UnresponsiveConfig, scripts::Script},
+};
+
+pub use keys::Keys;
+
+use crate::config::RedisSettings;
+
+/// The scripts, compiled into the binary so the code and the Lua it calls
+/// can never be deployed apart.
+pub(crate) struct Scripts {
+    pub consume: Script,
+    pub account_load: Script,
+    pub account_update: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            consume: Script::from_lua(include_str!("../../lua/consume.lua")),
+            account_load: Script::from_lua(include_str!("../../lua/account_load.lua")),
+            account_update: Script::from_lua(include_str!("../../lua/account_update.lua")),
+        }
+    }
+}
+
+/// A handle on Redis for the request paths. Cloning is cheap.
+#[derive(Clone)]
+pub struct HotStore {
+    pool: Pool,
+    keys: Keys,
+    scripts: Arc<Scripts>,
+    timeout: Duration,
+    /// Redis's clock minus ours, in ms, so a script can be given a deadline
+    /// on Redis's clock (see [`charge`]).
+    clock_offset_ms: Arc<AtomicI64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HotError {
+    /// Redis is down, or did not answer within the deadline.
+    #[error("redis unavailable")]
+    Unavailable(#[source] anyhow::Error),
+    #[error("redis error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl From<fred::error::Error> for HotError {
+    fn from(e: fred::error::Error) -> Self {
+        use fred::error::ErrorKind::*;
+        match e.kind() {
+            Timeout | IO | Canceled | Backpressure | NotFound | Cluster => {
+                HotError::Unavailable(e.into())
+            }
+            _ if e.details().starts_with("LOADING") || e.details().starts_with("BUSY") => {
+                HotError::Unavailable(e.into())
+            }
+            _ => HotError::Internal(e.into()),
+        }
+    }
+}
+
+/// Builds a fred client configuration from `REDIS_URL` (`rediss://` turns
+/// TLS on), with the reconnect policy every client of the service shares.
+pub fn builder(url: &str, command_timeout: Duration) -> anyhow::Result<Builder> {
+    let config = Config::from_url(url)?;
+    let mut builder = Builder::from_config(config);
+    builder
+        .with_connection_config(|c| {
+            c.connection_timeout = Duration::from_secs(2);
+            // A command is never sent twice: a consume that reached Redis
+            // before the connection dropped must not be charged again.
+            c.max_command_attempts = 1;
+            c.unresponsive = UnresponsiveConfig {
+                max_timeout: Some(Duration::from_secs(2)),
+                interval: Duration::from_millis(500),
+            };
+        })
+        .with_performance_config(|p| p.default_command_timeout = command_timeout)
+        .set_policy(ReconnectPolicy::new_exponential(0, 50, 2_000, 2));
+    Ok(builder)
+}
+
+impl HotStore {
+    /// Connects the pool. Does not fail when Redis is down at start: the
+    /// pool keeps reconnecting, requests get 503 meanwhile, and
+    /// `/health/ready` says so.
+    pub async fn connect(settings: &RedisSettings) -> anyhow::Result<Self> {
+        let pool = builder(settings.url.expose(), settings.timeout)?
+            .build_pool(settings.pool_size.max(1))?;
+        pool.connect();
+        if tokio::time::timeout(Duration::from_secs(5), pool.wait_for_connect())
+            .await
+            .is_err()
+        {
+            tracing::warn!("redis is not answering yet; retrying in the background");
+        }
+        let store = Self {
+            pool,
+            keys: Keys::new(&settings.key_prefix, settings.stream_shards),
+            scripts: Arc::new(Scripts::new()),
+            timeout: settings.timeout,
+            clock_offset_ms: Arc::new(AtomicI64::new(0)),
+        };
+        if let Err(e) = store.sync_clock().await {
+            tracing::warn!(error = ?e, "could not read the redis clock yet");
+        }
+        Ok(store)
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    pub(crate) fn client(&self) -> &Client {
+        self.pool.next()
+    }
+
+    pub async fn ping(&self) -> Result<(), HotError> {
+        let _: String = self.client().ping(None).await?;
+        Ok(())
+    }
+
+    /// Measures Redis's clock against ours (half the round trip is the
+    /// error bound). Run at start and every few seconds by the API role.
+    pub async fn sync_clock(&self) -> Result<(), HotError> {
+        let before = now_ms();
+        let time: Vec<i64> = self
+            .client()
+            .custom(fred::cmd!("TIME"), Vec::<String>::new())
+            .await?;
+        let (secs, micros) = (
+            time.first().copied().unwrap_or(0),
+            time.get(1).copied().unwrap_or(0),
+        );
+        let after = now_ms();
+        let redis_ms = secs * 1000 + micros / 1000;
+        self.clock_offset_ms
+            .store(redis_ms - (before + after) / 2, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Now, on Redis's clock, in ms since the epoch.
+    pub(crate) fn redis_now_ms(&self) -> i64 {
+        now_ms() + self.clock_offset_ms.load(Ordering::Relaxed)
+    }
+
+    pub async fn quit(&self) {
+        let _ = self.pool.quit().await;
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}

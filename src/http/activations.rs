@@ -1,0 +1,179 @@
+//! Activating apps: activate, deactivate, and list one's own activations.
+
+use axum::{
+    extract::State,
+    routing::{get, post},
+    Router,
+};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::{
+    auth::CustomerAuth,
+    extract::{Body, PathParam},
+};
+use crate::{
+    auth::Scope,
+    domain::{catalog::Tier, embed::embed_code},
+    error::{decode_json, ApiError},
+    hot::account::AccountChange,
+    ledger::{activations, catalog},
+    state::Shared,
+};
+
+pub fn router() -> Router<Shared> {
+    Router::new()
+        .route("/api/v1/customer/apps", get(list_activations))
+        .route("/api/v1/customer/apps/{app_id}/activate", post(activate))
+        .route(
+            "/api/v1/customer/apps/{app_id}/deactivate",
+            post(deactivate),
+        )
+}
+
+#[derive(Deserialize, Default, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ActivateBody {
+    #[serde(default)]
+    configuration: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ActivatedApp {
+    id: String,
+    name: String,
+    status: String,
+    activated_at: DateTime<Utc>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Activation {
+    success: bool,
+    activation_id: Uuid,
+    app: ActivatedApp,
+    configuration: serde_json::Value,
+    embed_code: Option<String>,
+}
+
+impl From<activations::ActivationRow> for Activation {
+    fn from(r: activations::ActivationRow) -> Self {
+        Activation {
+            success: true,
+            activation_id: r.id,
+            app: ActivatedApp {
+                id: r.slug,
+                name: r.app_name,
+                status: r.status,
+                activated_at: r.activated_at,
+            },
+            configuration: r.configuration,
+            embed_code: r.embed_code,
+        }
+    }
+}
+
+#[utoipa::path(post, path = "/api/v1/customer/apps/{app_id}/activate", tag = "apps",
+    params(("app_id" = String, Path, description = "e.g. `vto-001`")), request_body = ActivateBody,
+    responses((status = 200, body = Activation),
+              (status = 403, description = "`plan_upgrade_required`", body = crate::error::ErrorBody),
+              (status = 404, body = crate::error::ErrorBody)),
+    security(("bearer" = ["apps:activate"])))]
+pub async fn activate(
+    State(state): State<Shared>,
+    auth: CustomerAuth,
+    PathParam(app_id): PathParam<String>,
+    Body(body): Body,
+) -> Result<axum::Json<Activation>, ApiError> {
+    auth.require(Scope::AppsActivate)?;
+    let app = state
+        .catalog
+        .get(&app_id)
+        .filter(|a| !a.is_disabled())
+        .ok_or(ApiError::NotFound("app"))?;
+    // An empty body activates with the defaults.
+    let body: ActivateBody = if body.is_empty() {
+        ActivateBody::default()
+    } else {
+        decode_json(&body)?
+    };
+    let configuration = serde_json::Value::Object(body.configuration.unwrap_or_default());
+    let customer = auth.customer;
+    let row = state
+        .accounts
+        .change(customer, move |tx| {
+            Box::pin(async move {
+                let tier = catalog::customer_plan_tier(tx, customer).await?;
+                let tier = tier
+                    .as_deref()
+                    .and_then(Tier::parse)
+                    .unwrap_or(Tier::Starter);
+                if app.tier > tier {
+                    return Err(ApiError::PlanUpgradeRequired(app.slug().to_owned()));
+                }
+                let code = embed_code(
+                    app.row.embed_script_url.as_deref().unwrap_or(""),
+                    customer,
+                    app.slug(),
+                    &configuration,
+                );
+                let row =
+                    activations::activate(tx, customer, app.row.id, &configuration, &code).await?;
+                Ok((row, vec![AccountChange::ActivateApp(app.slug().to_owned())]))
+            })
+        })
+        .await?;
+    Ok(axum::Json(row.into()))
+}
+
+#[utoipa::path(post, path = "/api/v1/customer/apps/{app_id}/deactivate", tag = "apps",
+    params(("app_id" = String, Path)),
+    responses((status = 200, description = "Deactivated; consumes are refused at once", body = Activation),
+              (status = 404, body = crate::error::ErrorBody)),
+    security(("bearer" = ["apps:activate"])))]
+pub async fn deactivate(
+    State(state): State<Shared>,
+    auth: CustomerAuth,
+    PathParam(app_id): PathParam<String>,
+) -> Result<axum::Json<Activation>, ApiError> {
+    auth.require(Scope::AppsActivate)?;
+    let app = state
+        .catalog
+        .get(&app_id)
+        .ok_or(ApiError::NotFound("app"))?;
+    let customer = auth.customer;
+    let row = state
+        .accounts
+        .change(customer, move |tx| {
+            Box::pin(async move {
+                let row = activations::set_status(tx, customer, app.row.id, "disabled")
+                    .await?
+                    .ok_or(ApiError::NotFound("activation"))?;
+                Ok((
+                    row,
+                    vec![AccountChange::DeactivateApp(app.slug().to_owned())],
+                ))
+            })
+        })
+        .await?;
+    Ok(axum::Json(row.into()))
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ActivationList {
+    apps: Vec<Activation>,
+}
+
+#[utoipa::path(get, path = "/api/v1/customer/apps", tag = "apps",
+    responses((status = 200, body = ActivationList)), security(("bearer" = ["apps:read"])))]
+pub async fn list_activations(
+    State(state): State<Shared>,
+    auth: CustomerAuth,
+) -> Result<axum::Json<ActivationList>, ApiError> {
+    auth.require(Scope::AppsRead)?;
+    let mut conn = state.db.acquire().await?;
+    let rows = activations::list(&mut conn, auth.customer).await?;
+    Ok(axum::Json(ActivationList {
+        apps: rows.into_iter().map(Activation::from).collect(),
+    }))
+}

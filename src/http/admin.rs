@@ -1,0 +1,173 @@
+//! Operator bootstrap: customers and grants, so a fresh install is usable
+//! without Stripe.
+
+use axum::{extract::State, http::StatusCode, routing::post, Router};
+use chrono::{DateTime, Months, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::{
+    auth::AdminAuth,
+    extract::{Json, PathParam},
+};
+use crate::{
+    error::{ApiError, FieldError},
+    hot::account::AccountChange,
+    ledger::{catalog, customers},
+    state::Shared,
+};
+
+pub fn router() -> Router<Shared> {
+    Router::new()
+        .route("/api/v1/admin/customers", post(create_customer))
+        .route("/api/v1/admin/customers/{id}/grants", post(grant_tokens))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewCustomer {
+    name: String,
+    email: String,
+    /// Subscribe without Stripe (invoiced by hand) to this plan.
+    plan_id: Option<String>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct CustomerCreated {
+    id: Uuid,
+    name: String,
+    email: String,
+    plan_id: Option<String>,
+    /// The first billing period, when subscribed.
+    period_start: Option<DateTime<Utc>>,
+    period_end: Option<DateTime<Utc>>,
+    created_at: DateTime<Utc>,
+}
+
+#[utoipa::path(post, path = "/api/v1/admin/customers", tag = "admin", request_body = NewCustomer,
+    responses((status = 201, body = CustomerCreated),
+              (status = 404, description = "unknown plan", body = crate::error::ErrorBody),
+              (status = 409, description = "email already registered", body = crate::error::ErrorBody),
+              (status = 422, body = crate::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn create_customer(
+    State(state): State<Shared>,
+    _admin: AdminAuth,
+    Json(body): Json<NewCustomer>,
+) -> Result<(StatusCode, axum::Json<CustomerCreated>), ApiError> {
+    let mut problems = Vec::new();
+    let name = body.name.trim();
+    if name.is_empty() || name.chars().count() > 200 {
+        problems.push(FieldError::new("name", "must be 1 to 200 characters"));
+    }
+    let email = body.email.trim().to_ascii_lowercase();
+    if email.len() > 320
+        || !email
+            .split_once('@')
+            .is_some_and(|(a, d)| !a.is_empty() && d.contains('.'))
+    {
+        problems.push(FieldError::new("email", "must be an email address"));
+    }
+    if !problems.is_empty() {
+        return Err(ApiError::Validation(problems));
+    }
+
+    let mut tx = state.db.begin().await?;
+    if let Some(plan) = &body.plan_id {
+        catalog::plan(&mut tx, plan)
+            .await?
+            .ok_or(ApiError::NotFound("plan"))?;
+    }
+    let customer = customers::insert(&mut tx, name, &email)
+        .await?
+        .ok_or_else(|| ApiError::Conflict("a customer with this email exists".into()))?;
+    let period = match &body.plan_id {
+        Some(plan) => {
+            let start = Utc::now();
+            let end = start + Months::new(1);
+            customers::subscribe_manually(&mut tx, customer.id, plan, start, end).await?;
+            Some((start, end))
+        }
+        None => None,
+    };
+    tx.commit().await?;
+    tracing::info!(customer = %customer.id, plan = ?body.plan_id, "customer created");
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(CustomerCreated {
+            id: customer.id,
+            name: customer.name,
+            email: customer.email,
+            plan_id: body.plan_id,
+            period_start: period.map(|p| p.0),
+            period_end: period.map(|p| p.1),
+            created_at: customer.created_at,
+        }),
+    ))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewGrant {
+    /// 1 to 100,000,000 tokens, added to the purchased balance (they do not expire).
+    tokens: i64,
+    reason: String,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct GrantCreated {
+    id: Uuid,
+    customer_id: Uuid,
+    tokens: i64,
+    reason: String,
+}
+
+#[utoipa::path(post, path = "/api/v1/admin/customers/{id}/grants", tag = "admin", request_body = NewGrant,
+    params(("id" = Uuid, Path)),
+    responses((status = 201, body = GrantCreated), (status = 404, body = crate::error::ErrorBody),
+              (status = 422, body = crate::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn grant_tokens(
+    State(state): State<Shared>,
+    admin: AdminAuth,
+    PathParam(customer): PathParam<Uuid>,
+    Json(body): Json<NewGrant>,
+) -> Result<(StatusCode, axum::Json<GrantCreated>), ApiError> {
+    let mut problems = Vec::new();
+    if !(1..=100_000_000).contains(&body.tokens) {
+        problems.push(FieldError::new(
+            "tokens",
+            "must be an integer from 1 to 100000000",
+        ));
+    }
+    let reason = body.reason.trim().to_owned();
+    if reason.is_empty() || reason.chars().count() > 500 {
+        problems.push(FieldError::new("reason", "must be 1 to 500 characters"));
+    }
+    if !problems.is_empty() {
+        return Err(ApiError::Validation(problems));
+    }
+    let tokens = body.tokens;
+    let operator = admin.operator.to_string();
+    let reason_for_tx = reason.clone();
+    let id = state
+        .accounts
+        .change(customer, move |tx| {
+            Box::pin(async move {
+                let id = customers::grant(tx, customer, tokens as i32, &reason_for_tx, &operator)
+                    .await?;
+                Ok((id, vec![AccountChange::AddPurchased(tokens)]))
+            })
+        })
+        .await?;
+    tracing::info!(%customer, tokens, "tokens granted");
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(GrantCreated {
+            id,
+            customer_id: customer,
+            tokens,
+            reason,
+        }),
+    ))
+}

@@ -1,0 +1,67 @@
+//! Extractors whose rejections are in the contract's error shape.
+//!
+//! axum's `Json` answers bad input with plain-text rejections; the contract
+//! wants 400 `invalid_json` for text that is not JSON, 422
+//! `validation_failed` naming the field for JSON of the wrong shape, and
+//! 413 `payload_too_large` past 64 KiB.
+
+use axum::{
+    body::Bytes,
+    extract::{FromRequest, FromRequestParts, Path, Request},
+    http::{request::Parts, StatusCode},
+};
+use serde::de::DeserializeOwned;
+
+use crate::error::{decode_json, ApiError};
+
+/// Request bodies above this are refused with 413 before they are read whole.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Reads the body as bytes, turning the body-limit rejection into 413.
+pub async fn read_body(req: Request) -> Result<Bytes, ApiError> {
+    Bytes::from_request(req, &()).await.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge
+        } else {
+            ApiError::InvalidRequest("the request body could not be read".into())
+        }
+    })
+}
+
+/// `Json<T>` with the contract's errors, for owned request types.
+pub struct Json<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let body = read_body(req).await?;
+        decode_json(&body).map(Json)
+    }
+}
+
+/// The raw body, limited, for handlers that parse borrowed types.
+pub struct Body(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        read_body(req).await.map(Body)
+    }
+}
+
+/// One path parameter. A value that does not parse (a malformed UUID) names
+/// nothing that exists, so it is a 404, as for any unknown resource.
+pub struct PathParam<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for PathParam<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(v)| PathParam(v))
+            .map_err(|_| ApiError::NotFound("resource"))
+    }
+}

@@ -1,0 +1,57 @@
+//! Probes and metrics: `/health/live`, `/health/ready`, `/metrics`.
+
+use std::time::Duration;
+
+use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Json, Router};
+use serde_json::json;
+
+use crate::state::Shared;
+
+pub fn router() -> Router<Shared> {
+    Router::new()
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .route("/metrics", get(metrics_text))
+}
+
+/// The process is up and serving.
+pub async fn live() -> impl IntoResponse {
+    Json(json!({"status": "ok"}))
+}
+
+/// Redis and Postgres both answer within a second.
+pub async fn ready(State(state): State<Shared>) -> impl IntoResponse {
+    let deadline = Duration::from_secs(1);
+    let redis = matches!(
+        tokio::time::timeout(deadline, state.hot.ping()).await,
+        Ok(Ok(()))
+    );
+    let postgres = matches!(
+        tokio::time::timeout(deadline, sqlx::query("SELECT 1").execute(&state.db)).await,
+        Ok(Ok(_))
+    );
+    let status = if redis && postgres {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let word = |ok: bool| if ok { "ok" } else { "unavailable" };
+    (
+        status,
+        Json(json!({
+            "status": word(redis && postgres),
+            "checks": {"redis": word(redis), "postgres": word(postgres)}
+        })),
+    )
+}
+
+/// Prometheus text format.
+pub async fn metrics_text(State(state): State<Shared>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        state.metrics.render(),
+    )
+}

@@ -1,0 +1,59 @@
+//! `GET /openapi.json`: the contract as the service implements it.
+
+use axum::{routing::get, Json, Router};
+use utoipa::{
+    openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme},
+    Modify, OpenApi,
+};
+
+use crate::state::Shared;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Connected Apps",
+        description = "Meters and bills the apps eyewear merchants embed in their shops. \
+            Errors are `{\"error\": {\"code\", \"message\"}}` with the stable codes of each response; \
+            every response carries `x-request-id`. Bodies over 64 KiB get 413 `payload_too_large`; \
+            unknown routes 404 `not_found`; a wrong method 405 `method_not_allowed`."
+    ),
+    paths(
+        super::consume::consume,
+        super::activations::activate,
+        super::activations::deactivate,
+        super::activations::list_activations,
+        super::api_keys::create_key,
+        super::api_keys::list_keys,
+        super::api_keys::revoke_key,
+        super::admin::create_customer,
+        super::admin::grant_tokens,
+    ),
+    components(schemas(crate::error::FieldError)),
+    modifiers(&Security)
+)]
+pub struct ApiDoc;
+
+struct Security;
+
+impl Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT (HS256) or embed key ak_live_…")
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))),
+        );
+    }
+}
+
+pub fn router() -> Router<Shared> {
+    Router::new().route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+}

@@ -1,0 +1,102 @@
+//! The customer row lock, and the snapshot a hot state is rebuilt from.
+//!
+//! Every change to what the consume script reads (activations, keys,
+//! grants, the subscription) takes `SELECT … FOR NO KEY UPDATE` on the
+//! customer's row first, and so does a rebuild. Writers of one customer's
+//! hot state are therefore serialised across all processes. `NO KEY`
+//! keeps the lock from blocking the flusher, whose foreign-key checks on
+//! `token_usage` take only `KEY SHARE`.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::hot::account::{AccountState, SubscriptionStatus};
+
+/// Locks the customer's row until the transaction ends. False when there
+/// is no such customer.
+pub async fn lock_customer(conn: &mut PgConnection, customer: Uuid) -> sqlx::Result<bool> {
+    let found: Option<Uuid> =
+        sqlx::query_scalar("SELECT id FROM customers WHERE id = $1 FOR NO KEY UPDATE")
+            .bind(customer)
+            .fetch_optional(conn)
+            .await?;
+    Ok(found.is_some())
+}
+
+#[derive(sqlx::FromRow)]
+struct BalanceRow {
+    purchased: i64,
+    allowance: Option<i32>,
+    status: Option<String>,
+    past_due_since: Option<DateTime<Utc>>,
+    period_used: i64,
+}
+
+/// Reads everything the consume script needs, as Postgres knows it now.
+/// The balance comes from one statement, hence one snapshot: the flusher
+/// writes usage rows and `purchased_tokens_used` in one transaction, and
+/// both are seen together or not at all.
+pub async fn snapshot(
+    conn: &mut PgConnection,
+    customer: Uuid,
+    grace: chrono::Duration,
+) -> sqlx::Result<AccountState> {
+    let row: BalanceRow = sqlx::query_as(
+        r#"
+        SELECT c.purchased_tokens_credited - c.purchased_tokens_used AS purchased,
+               p.tokens_per_month AS allowance,
+               b.status,
+               b.past_due_since,
+               COALESCE((
+                   SELECT SUM(u.tokens_consumed - u.purchased_tokens_consumed)
+                   FROM token_usage u
+                   WHERE u.customer_id = c.id
+                     AND u.created_at >= b.billing_cycle_start
+                     AND u.created_at < b.billing_cycle_end
+               ), 0)::BIGINT AS period_used
+        FROM customers c
+        LEFT JOIN customer_billing b ON b.customer_id = c.id
+        LEFT JOIN billing_plans p ON p.id = b.plan_id
+        WHERE c.id = $1
+        "#,
+    )
+    .bind(customer)
+    .fetch_one(&mut *conn)
+    .await?;
+
+    let active_apps: Vec<String> = sqlx::query_scalar(
+        "SELECT a.slug FROM customer_apps ca JOIN apps a ON a.id = ca.app_id \
+         WHERE ca.customer_id = $1 AND ca.status = 'active' AND a.status <> 'disabled'",
+    )
+    .bind(customer)
+    .fetch_all(&mut *conn)
+    .await?;
+
+    let keys: Vec<(Uuid, Option<DateTime<Utc>>)> = sqlx::query_as(
+        "SELECT id, expires_at FROM embed_api_keys \
+         WHERE customer_id = $1 AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > NOW())",
+    )
+    .bind(customer)
+    .fetch_all(&mut *conn)
+    .await?;
+
+    let status = match row.status.as_deref() {
+        None => SubscriptionStatus::None,
+        Some(s) => SubscriptionStatus::parse(s).unwrap_or(SubscriptionStatus::Unpaid),
+    };
+    Ok(AccountState {
+        allowance: row.allowance.map_or(0, i64::from),
+        used: row.period_used,
+        purchased: row.purchased,
+        status,
+        grace_until_ms: row
+            .past_due_since
+            .map_or(0, |t| (t + grace).timestamp_millis()),
+        active_apps,
+        embed_keys: keys
+            .into_iter()
+            .map(|(id, exp)| (id, exp.map_or(0, |t| t.timestamp_millis())))
+            .collect(),
+    })
+}

@@ -1,0 +1,80 @@
+//! Customers, their subscriptions without Stripe, and operator grants.
+
+use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct CustomerRow {
+    pub id: Uuid,
+    pub name: String,
+    pub email: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Inserts a customer. `None` when the email is taken.
+pub async fn insert(
+    conn: &mut PgConnection,
+    name: &str,
+    email: &str,
+) -> sqlx::Result<Option<CustomerRow>> {
+    sqlx::query_as(
+        "INSERT INTO customers (id, name, email) VALUES ($1, $2, $3) \
+         ON CONFLICT (email) DO NOTHING RETURNING id, name, email, created_at",
+    )
+    .bind(Uuid::now_v7())
+    .bind(name)
+    .bind(email)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Subscribes a customer to a plan without Stripe (invoiced by hand), for
+/// the period `[start, end)`.
+pub async fn subscribe_manually(
+    conn: &mut PgConnection,
+    customer: Uuid,
+    plan_id: &str,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO customer_billing (customer_id, plan_id, billing_cycle_start, billing_cycle_end, status) \
+         VALUES ($1, $2, $3, $4, 'active')",
+    )
+    .bind(customer)
+    .bind(plan_id)
+    .bind(start)
+    .bind(end)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Records a grant and credits it to the customer's purchased balance.
+pub async fn grant(
+    conn: &mut PgConnection,
+    customer: Uuid,
+    tokens: i32,
+    reason: &str,
+    granted_by: &str,
+) -> sqlx::Result<Uuid> {
+    let id = Uuid::now_v7();
+    sqlx::query("INSERT INTO token_grants (id, customer_id, tokens, reason, granted_by) VALUES ($1, $2, $3, $4, $5)")
+        .bind(id)
+        .bind(customer)
+        .bind(tokens)
+        .bind(reason)
+        .bind(granted_by)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query(
+        "UPDATE customers SET purchased_tokens_credited = purchased_tokens_credited + $2, updated_at = NOW() \
+         WHERE id = $1",
+    )
+    .bind(customer)
+    .bind(i64::from(tokens))
+    .execute(conn)
+    .await?;
+    Ok(id)
+}

@@ -1,0 +1,109 @@
+//! The `connected-apps` binary: `serve`, `migrate` and `token`.
+
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use connected_apps::{
+    auth::JwtKeys,
+    config::{Roles, Settings},
+    ledger,
+    startup::{shutdown_signal, Application},
+    telemetry,
+};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+#[derive(Parser)]
+#[command(
+    name = "connected-apps",
+    version,
+    about = "Meters and bills embedded eyewear apps"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the API and run the background roles.
+    Serve {
+        /// Roles to run: api, flusher, scheduler (comma-separated) or all.
+        #[arg(long, env = "ROLES", default_value = "all")]
+        roles: Roles,
+    },
+    /// Create the database if missing, apply migrations and seed the catalog.
+    Migrate,
+    /// Print a JWT signed with the configured secret, issuer and audience.
+    Token {
+        /// The customer (or operator) id; a new one when omitted.
+        #[arg(long)]
+        sub: Option<Uuid>,
+        /// Space-separated scopes.
+        #[arg(
+            long,
+            default_value = "apps:read apps:activate tokens:consume tokens:read billing:manage"
+        )]
+        scope: String,
+        /// Add the `admin` scope.
+        #[arg(long)]
+        admin: bool,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let settings = match Settings::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    telemetry::init_logging(&settings.log_level, settings.log_json);
+
+    match cli.command {
+        Command::Serve { roles } => {
+            let shutdown = CancellationToken::new();
+            let app = Application::build(settings, roles).await?;
+            let signal = shutdown.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                signal.cancel();
+            });
+            app.run_until_stopped(shutdown).await
+        }
+        Command::Migrate => {
+            ledger::create_database_if_missing(settings.database.url.expose()).await?;
+            let pool = ledger::pool(&settings.database)?;
+            ledger::migrate(&pool, settings.database.partitions_ahead_months).await?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::Token {
+            sub,
+            scope,
+            admin,
+            ttl,
+        } => {
+            let mut scopes: Vec<&str> = scope.split_whitespace().collect();
+            if admin {
+                scopes.push("admin");
+            }
+            let keys = JwtKeys::new(&settings.auth);
+            println!(
+                "{}",
+                keys.mint(
+                    sub.unwrap_or_else(Uuid::now_v7),
+                    &scopes,
+                    Duration::from_secs(ttl)
+                )
+            );
+            Ok(())
+        }
+    }
+}

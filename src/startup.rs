@@ -1,0 +1,181 @@
+//! Building and running the service.
+//!
+//! [`Application::build`] connects, migrates if asked, and binds the
+//! listener (port 0 gives a free port, which tests use);
+//! [`Application::run_until_stopped`] serves every configured role until
+//! the shutdown token is cancelled. Shutdown is ordered: the HTTP server
+//! stops accepting and finishes in-flight requests, then the workers are
+//! told to stop and the flusher commits its batch in flight.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    auth::{EmbedKeys, JwtKeys},
+    config::{Roles, Settings},
+    domain::{accounts::Accounts, catalog::Catalog, consume::Metering},
+    hot::HotStore,
+    ledger,
+    state::AppState,
+    telemetry,
+    workers::{flusher::Flusher, scheduler::Scheduler},
+};
+
+/// How often the API role re-reads the catalog, re-measures Redis's clock
+/// and runs the metrics upkeep.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(5);
+
+pub struct Application {
+    state: Arc<AppState>,
+    roles: Roles,
+    listener: Option<TcpListener>,
+    port: u16,
+}
+
+impl Application {
+    pub async fn build(settings: Settings, roles: Roles) -> anyhow::Result<Self> {
+        let settings = Arc::new(settings);
+        if settings.uses_dev_defaults {
+            tracing::warn!("running with development defaults (local Redis and Postgres, development JWT secret); set APP_ENV=production to forbid this");
+        }
+        let db = ledger::pool(&settings.database)?;
+        if settings.database.migrate_on_start {
+            ledger::migrate(&db, settings.database.partitions_ahead_months).await?;
+        }
+        let hot = HotStore::connect(&settings.redis).await?;
+        let catalog = Arc::new(Catalog::load(&db).await?);
+        let accounts = Arc::new(Accounts::new(
+            hot.clone(),
+            db.clone(),
+            settings.consume.grace_period,
+        ));
+        let metering = Metering {
+            hot: hot.clone(),
+            catalog: catalog.clone(),
+            accounts: accounts.clone(),
+            idempotency_ttl_secs: settings.consume.idempotency_ttl.as_secs(),
+        };
+        let state = Arc::new(AppState {
+            jwt: JwtKeys::new(&settings.auth),
+            embed_keys: EmbedKeys::default(),
+            settings: settings.clone(),
+            db,
+            hot,
+            catalog,
+            accounts,
+            metering,
+            metrics: telemetry::metrics_handle(),
+        });
+        let (listener, port) = if roles.api {
+            let listener = TcpListener::bind(settings.bind).await?;
+            let port = listener.local_addr()?.port();
+            (Some(listener), port)
+        } else {
+            (None, 0)
+        };
+        Ok(Self {
+            state,
+            roles,
+            listener,
+            port,
+        })
+    }
+
+    /// The bound port (0 when the API role is off).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let state = self.state;
+        let workers_stop = CancellationToken::new();
+        let mut workers = JoinSet::new();
+
+        if self.roles.flusher {
+            let flusher = Flusher::connect(
+                &state.settings.redis,
+                state.db.clone(),
+                state.settings.flusher.clone(),
+            )
+            .await?;
+            workers.spawn(flusher.run(workers_stop.clone()));
+        }
+        if self.roles.scheduler {
+            let scheduler = Scheduler::new(
+                state.db.clone(),
+                state.settings.database.partitions_ahead_months,
+            );
+            let stop = workers_stop.clone();
+            workers.spawn(async move {
+                if let Err(e) = scheduler.run(stop).await {
+                    tracing::error!(error = ?e, "scheduler failed");
+                }
+            });
+        }
+
+        if let Some(listener) = self.listener {
+            let housekeeping = tokio::spawn(housekeeping(state.clone(), shutdown.clone()));
+            tracing::info!(address = %listener.local_addr()?, "serving the API");
+            let app = crate::http::router(state.clone());
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+                .await?;
+            housekeeping.abort();
+            tracing::info!("API stopped; in-flight requests finished");
+        } else {
+            shutdown.cancelled().await;
+        }
+
+        workers_stop.cancel();
+        while workers.join_next().await.is_some() {}
+        state.hot.quit().await;
+        state.db.close().await;
+        Ok(())
+    }
+}
+
+async fn housekeeping(state: Arc<AppState>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        state.metrics.run_upkeep();
+        if let Err(e) = state.hot.sync_clock().await {
+            tracing::debug!(error = ?e, "redis clock not measured");
+        }
+        if let Err(e) = state.catalog.refresh(&state.db).await {
+            tracing::warn!(error = ?e, "catalog refresh failed; serving the last one");
+        }
+    }
+}
+
+/// Resolves on SIGTERM or ctrl-c.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown requested");
+}

@@ -1,0 +1,30 @@
+//! What every request handler shares. Built once by [`crate::startup`];
+//! nothing here is global, so tests run many instances side by side.
+
+use std::sync::Arc;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use sqlx::PgPool;
+
+use crate::{
+    auth::{EmbedKeys, JwtKeys},
+    config::Settings,
+    domain::{accounts::Accounts, catalog::Catalog, consume::Metering},
+    hot::HotStore,
+};
+
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub db: PgPool,
+    pub hot: HotStore,
+    pub catalog: Arc<Catalog>,
+    pub jwt: JwtKeys,
+    pub embed_keys: EmbedKeys,
+    pub accounts: Arc<Accounts>,
+    pub metering: Metering,
+    pub metrics: PrometheusHandle,
+}
+
+/// Handlers take `State<Shared>`: one reference count per request, not one
+/// per field.
+pub type Shared = Arc<AppState>;

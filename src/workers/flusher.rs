@@ -1,0 +1,443 @@
+//! The flusher: usage events from the Redis streams into `token_usage`.
+//!
+//! Each shard stream is read through the consumer group `flusher`
+//! (XREADGROUP), so several flusher processes share the work and an entry
+//! stays pending until it is acknowledged. Per batch, one Postgres
+//! transaction inserts the rows in one statement (idempotent by event id)
+//! and brings the balances in step with exactly the rows it inserted; the
+//! entries are acknowledged (XACK) only after the commit. A crash between
+//! commit and XACK redelivers entries whose rows exist: the insert skips
+//! them and nothing is counted twice.
+//!
+//! Reads are per shard and non-blocking, so the flusher works the same on
+//! Redis Cluster, where one command cannot span slots.
+//!
+//! [`Flusher::step`] does one pass and is public, so tests drain the
+//! streams deterministically.
+
+use std::{collections::HashSet, net::IpAddr, time::Duration};
+
+use chrono::{DateTime, NaiveDate, TimeZone, Utc};
+use fred::{prelude::*, types::Value};
+use sqlx::{types::ipnetwork::IpNetwork, PgPool};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::{
+    config::{FlusherSettings, RedisSettings},
+    hot::Keys,
+    ledger::{partitions, usage},
+};
+
+pub const GROUP: &str = "flusher";
+
+/// Pause between passes when every stream is empty.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
+/// How often acknowledged entries are trimmed from the streams.
+const TRIM_EVERY: Duration = Duration::from_secs(5);
+
+pub struct Flusher {
+    redis: Client,
+    db: PgPool,
+    keys: Keys,
+    settings: FlusherSettings,
+    /// Months known to have a partition.
+    partitions: HashSet<NaiveDate>,
+    /// The shard the next pass starts from, so no shard is starved.
+    next_shard: u16,
+}
+
+/// One stream entry: its id and its fields, or `None` fields for an entry
+/// deleted while pending.
+type Entry = (String, Option<Vec<(String, String)>>);
+
+impl Flusher {
+    pub async fn connect(
+        redis: &RedisSettings,
+        db: PgPool,
+        settings: FlusherSettings,
+    ) -> anyhow::Result<Self> {
+        // Its own connection, with a deadline fit for batches rather than
+        // for the request path.
+        let client = crate::hot::builder(redis.url.expose(), Duration::from_secs(10))?.build()?;
+        client.init().await?;
+        let flusher = Self {
+            redis: client,
+            db,
+            keys: Keys::new(&redis.key_prefix, redis.stream_shards),
+            settings,
+            partitions: HashSet::new(),
+            next_shard: 0,
+        };
+        flusher.ensure_groups().await?;
+        Ok(flusher)
+    }
+
+    /// Creates the consumer group on every shard stream (from the start of
+    /// the stream, so events written before the group existed are read).
+    pub async fn ensure_groups(&self) -> anyhow::Result<()> {
+        for stream in self.keys.usage_streams() {
+            let created: Result<Value, _> =
+                self.redis.xgroup_create(&stream, GROUP, "0", true).await;
+            match created {
+                Ok(_) => {}
+                Err(e) if e.details().starts_with("BUSYGROUP") => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// One pass over every shard: this consumer's pending entries first
+    /// (left by a crash before XACK), then new ones, up to the batch size
+    /// per shard. Returns how many entries were persisted.
+    pub async fn step(&mut self) -> anyhow::Result<usize> {
+        let shards = self.keys.shards();
+        let mut total = 0;
+        for i in 0..shards {
+            let shard = (self.next_shard + i) % shards;
+            total += self.flush_shard(shard).await?;
+        }
+        self.next_shard = (self.next_shard + 1) % shards;
+        Ok(total)
+    }
+
+    async fn flush_shard(&mut self, shard: u16) -> anyhow::Result<usize> {
+        let stream = self.keys.usage_stream(shard);
+        let mut entries = self.read(&stream, "0").await?;
+        if entries.is_empty() {
+            entries = self.read(&stream, ">").await?;
+        }
+        if entries.is_empty() {
+            return Ok(0);
+        }
+
+        let mut rows = Vec::with_capacity(entries.len());
+        let mut seen = HashSet::with_capacity(entries.len());
+        let mut dead = Vec::new();
+        for (id, fields) in &entries {
+            match fields.as_deref().map(decode) {
+                Some(Ok(row)) => {
+                    if seen.insert((row.id, row.created_at)) {
+                        rows.push(row);
+                    }
+                }
+                Some(Err(reason)) => {
+                    dead.push((id.clone(), fields.clone().unwrap_or_default(), reason))
+                }
+                // Deleted while pending: nothing left to persist.
+                None => {}
+            }
+        }
+
+        for month in rows
+            .iter()
+            .map(|r| partitions::month_of(r.created_at.date_naive()))
+        {
+            if self.partitions.insert(month) {
+                partitions::ensure_month(&self.db, month).await?;
+            }
+        }
+
+        let mut tx = self.db.begin().await?;
+        let inserted = usage::insert_batch(&mut tx, &rows).await?;
+        usage::apply_to_balances(&mut tx, &inserted).await?;
+        tx.commit().await?;
+
+        for (id, fields, reason) in &dead {
+            self.dead_letter(shard, id, fields, reason).await?;
+        }
+        let ids: Vec<String> = entries.into_iter().map(|(id, _)| id).collect();
+        let acked = ids.len();
+        let _: i64 = self.redis.xack(&stream, GROUP, ids).await?;
+        metrics::counter!("flusher_events_persisted_total").increment(inserted.len() as u64);
+        metrics::counter!("flusher_events_duplicate_total")
+            .increment((rows.len() - inserted.len()) as u64);
+        Ok(acked)
+    }
+
+    async fn read(&self, stream: &str, from: &str) -> anyhow::Result<Vec<Entry>> {
+        let reply: Value = self
+            .redis
+            .xreadgroup(
+                GROUP,
+                &self.settings.consumer_name,
+                Some(self.settings.batch_size as u64),
+                None,
+                false,
+                stream,
+                from,
+            )
+            .await?;
+        Ok(parse_xread(reply))
+    }
+
+    /// Moves an entry that cannot be decoded aside, so the rest flow on.
+    async fn dead_letter(
+        &self,
+        shard: u16,
+        id: &str,
+        fields: &[(String, String)],
+        reason: &str,
+    ) -> anyhow::Result<()> {
+        tracing::error!(
+            entry = id,
+            reason,
+            "usage event cannot be decoded; moved to the dead-letter stream"
+        );
+        metrics::counter!("flusher_dead_letters_total").increment(1);
+        let mut values: Vec<(String, String)> = vec![
+            ("source_id".into(), id.into()),
+            ("reason".into(), reason.into()),
+        ];
+        values.extend(fields.iter().cloned());
+        let _: String = self
+            .redis
+            .xadd(
+                format!("{}:dead", self.keys.usage_stream(shard)),
+                false,
+                None,
+                "*",
+                values,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes entries every consumer has acknowledged: everything below the
+    /// oldest pending entry, or, with none pending, up to the last one
+    /// delivered. Never MAXLEN, which could drop undelivered entries.
+    pub async fn trim(&self) -> anyhow::Result<()> {
+        for stream in self.keys.usage_streams() {
+            let pending: Value = self.redis.xpending(&stream, GROUP, ()).await?;
+            let oldest_pending = match &pending {
+                Value::Array(v) if v.len() >= 2 => v[1].as_string(),
+                _ => None,
+            };
+            let floor = match oldest_pending {
+                Some(id) => id,
+                None => match last_delivered(&self.redis, &stream).await? {
+                    Some(id) => id,
+                    None => continue,
+                },
+            };
+            let _: i64 = self
+                .redis
+                .custom(
+                    fred::cmd!("XTRIM"),
+                    vec![stream.clone(), "MINID".into(), floor],
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Runs until `shutdown`; a batch in flight is finished first.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut backoff = Duration::from_millis(100);
+        let mut last_trim = tokio::time::Instant::now();
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let wait = match self.step().await {
+                Ok(0) => IDLE_WAIT,
+                Ok(_) => {
+                    backoff = Duration::from_millis(100);
+                    Duration::ZERO
+                }
+                Err(e) => {
+                    tracing::warn!(error = ?e, retry_in = ?backoff, "flush failed; the events stay pending");
+                    metrics::counter!("flusher_errors_total").increment(1);
+                    let wait = backoff;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    wait
+                }
+            };
+            if last_trim.elapsed() >= TRIM_EVERY {
+                if let Err(e) = self.trim().await {
+                    tracing::warn!(error = ?e, "stream trim failed");
+                }
+                last_trim = tokio::time::Instant::now();
+            }
+            if !wait.is_zero() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+        let _ = self.redis.quit().await;
+        tracing::info!("flusher stopped");
+    }
+}
+
+async fn last_delivered(redis: &Client, stream: &str) -> anyhow::Result<Option<String>> {
+    let groups: Value = redis.xinfo_groups(stream).await?;
+    let Value::Array(groups) = groups else {
+        return Ok(None);
+    };
+    for group in groups {
+        let Value::Array(fields) = group else {
+            continue;
+        };
+        let mut name = None;
+        let mut last = None;
+        for pair in fields.chunks(2) {
+            match pair[0].as_str().as_deref() {
+                Some("name") => name = pair[1].as_string(),
+                Some("last-delivered-id") => last = pair[1].as_string(),
+                _ => {}
+            }
+        }
+        if name.as_deref() == Some(GROUP) {
+            return Ok(last);
+        }
+    }
+    Ok(None)
+}
+
+/// XREADGROUP's reply for one stream: `[[stream, [[id, [f, v, …] | nil], …]]]`.
+fn parse_xread(reply: Value) -> Vec<Entry> {
+    let Value::Array(streams) = reply else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for stream in streams {
+        let Value::Array(mut parts) = stream else {
+            continue;
+        };
+        if parts.len() < 2 {
+            continue;
+        }
+        let Value::Array(entries) = parts.remove(1) else {
+            continue;
+        };
+        for entry in entries {
+            let Value::Array(mut pair) = entry else {
+                continue;
+            };
+            if pair.len() < 2 {
+                continue;
+            }
+            let fields = pair.remove(1);
+            let Some(id) = pair[0].as_string() else {
+                continue;
+            };
+            let fields = match fields {
+                Value::Array(kv) => Some(
+                    kv.chunks(2)
+                        .filter_map(|c| Some((c[0].as_string()?, c.get(1)?.as_string()?)))
+                        .collect(),
+                ),
+                _ => None,
+            };
+            out.push((id, fields));
+        }
+    }
+    out
+}
+
+/// Decodes one event as `lua/consume.lua` writes it.
+pub fn decode(fields: &[(String, String)]) -> Result<usage::UsageRow, String> {
+    let get = |name: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let uuid = |name: &str| -> Result<Uuid, String> {
+        get(name)
+            .and_then(|v| Uuid::parse_str(v).ok())
+            .ok_or_else(|| format!("field `{name}` is not a UUID"))
+    };
+    let int = |name: &str| -> Result<i64, String> {
+        get(name)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("field `{name}` is not an integer"))
+    };
+    let tokens = int("t")?;
+    let purchased = int("p")?;
+    if tokens < 1 || tokens > i64::from(i32::MAX) || purchased < 0 || purchased > tokens {
+        return Err("token counts out of range".into());
+    }
+    let created_at: DateTime<Utc> = Utc
+        .timestamp_millis_opt(int("ts")?)
+        .single()
+        .ok_or("field `ts` is not a time")?;
+    let metadata: serde_json::Value = match get("m") {
+        None | Some("") => serde_json::json!({}),
+        Some(text) => {
+            serde_json::from_str(text).map_err(|e| format!("metadata is not JSON: {e}"))?
+        }
+    };
+    if !metadata.is_object() {
+        return Err("metadata is not an object".into());
+    }
+    let ip_address = metadata
+        .get("ip_address")
+        .and_then(|v| v.as_str())
+        .and_then(|s| s.parse::<IpAddr>().ok())
+        .map(IpNetwork::from);
+    let user_agent = metadata
+        .get("user_agent")
+        .and_then(|v| v.as_str())
+        .map(str::to_owned);
+    Ok(usage::UsageRow {
+        id: uuid("e")?,
+        customer_id: uuid("c")?,
+        app_id: uuid("a")?,
+        tokens: tokens as i32,
+        purchased_tokens: purchased as i32,
+        session_id: get("s").filter(|s| !s.is_empty()).map(str::to_owned),
+        metadata,
+        ip_address,
+        user_agent,
+        embed_key_id: match get("k") {
+            None | Some("") => None,
+            Some(_) => Some(uuid("k")?),
+        },
+        created_at,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn an_event_decodes_into_a_usage_row() {
+        let id = Uuid::now_v7();
+        let row = decode(&fields(&[
+            ("e", &id.to_string()),
+            ("c", "0193a000-0000-7000-8000-000000000001"),
+            ("a", "0193a000-0000-7000-8000-000000000002"),
+            ("t", "5"),
+            ("p", "2"),
+            ("ts", "1764150000000"),
+            ("s", "sess-1"),
+            ("k", ""),
+            ("m", r#"{"ip_address":"10.0.0.1","user_agent":"UA"}"#),
+        ]))
+        .unwrap();
+        assert_eq!(row.id, id);
+        assert_eq!((row.tokens, row.purchased_tokens), (5, 2));
+        assert_eq!(row.session_id.as_deref(), Some("sess-1"));
+        assert_eq!(row.user_agent.as_deref(), Some("UA"));
+        assert!(row.ip_address.is_some());
+        assert_eq!(row.embed_key_id, None);
+    }
+
+    #[test]
+    fn a_malformed_event_is_refused_with_a_reason() {
+        let err = decode(&fields(&[("e", "nope")])).unwrap_err();
+        assert!(err.contains('t') || err.contains('e'), "{err}");
+    }
+}
