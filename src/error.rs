@@ -231,11 +231,10 @@ pub fn decode_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError
             Category::Data => {
                 let message = type_message(inner);
                 let path = e.path().to_string();
-                let field = match unknown_field(&message) {
-                    Some(name) if path == "." => name.to_owned(),
-                    Some(name) => format!("{path}.{name}"),
-                    None if path == "." => String::new(),
-                    None => path,
+                let field = if path != "." {
+                    path
+                } else {
+                    named_field(&message).unwrap_or("body").to_owned()
                 };
                 ApiError::Validation(vec![FieldError::new(field, message)])
             }
@@ -246,8 +245,13 @@ pub fn decode_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError
     Ok(value)
 }
 
-fn unknown_field(message: &str) -> Option<&str> {
-    message.strip_prefix("unknown field `")?.split('`').next()
+/// The field serde names in "missing field `x`" or "unknown field `x`".
+fn named_field(message: &str) -> Option<&str> {
+    message
+        .strip_prefix("unknown field `")
+        .or_else(|| message.strip_prefix("missing field `"))?
+        .split('`')
+        .next()
 }
 
 /// A serde error's message without serde's line and column suffix.

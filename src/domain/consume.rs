@@ -209,13 +209,15 @@ impl Metering {
                     return Err(ApiError::AppNotPermitted(app.slug().to_owned()));
                 }
                 match t {
-                    Some(t) if t != app.token_cost() => return Err(ApiError::validation(
-                        "tokens_consumed",
-                        format!(
+                    Some(t) if t != app.token_cost() => {
+                        return Err(ApiError::validation(
+                            "tokens_consumed",
+                            format!(
                             "with an embed key must be omitted or equal the app's token_cost ({})",
                             app.token_cost()
                         ),
-                    )),
+                        ))
+                    }
                     _ => app.token_cost(),
                 }
             }
@@ -392,7 +394,7 @@ mod tests {
     fn unknown_fields_are_refused() {
         assert_eq!(
             fields(parse(r#"{"app_id":"vto-001","token_consumed":5}"#).unwrap_err()),
-            [""]
+            ["token_consumed"]
         );
     }
 }

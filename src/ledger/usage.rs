@@ -92,53 +92,44 @@ pub async fn insert_batch(
 /// Keeps the balances in Postgres in step with newly inserted rows:
 /// `customers.purchased_tokens_used`, `customer_billing.tokens_used` (the
 /// allowance drawn in the current period) and `customer_apps.last_used_at`.
-/// Customers are updated in id order, so two flushers lock rows in the
-/// same order and cannot deadlock each other.
+/// Should two flushers deadlock on these rows, Postgres aborts one
+/// transaction; its entries stay pending and the next pass retries them.
 pub async fn apply_to_balances(
     conn: &mut PgConnection,
     inserted: &[InsertedRow],
 ) -> sqlx::Result<()> {
-    // customer -> (purchased, allowance rows as (tokens, at))
-    let mut by_customer: BTreeMap<Uuid, (i64, Vec<(i64, DateTime<Utc>)>)> = BTreeMap::new();
+    let mut purchased: BTreeMap<Uuid, i64> = BTreeMap::new();
     let mut last_used: BTreeMap<(Uuid, Uuid), DateTime<Utc>> = BTreeMap::new();
+    // The allowance part of each row, with its time: only rows inside the
+    // customer's current period count towards `tokens_used`.
+    let (mut ids, mut amounts, mut times) = (Vec::new(), Vec::new(), Vec::new());
     for row in inserted {
-        let entry = by_customer.entry(row.customer_id).or_default();
-        entry.0 += i64::from(row.purchased_tokens_consumed);
-        entry.1.push((
-            i64::from(row.tokens_consumed - row.purchased_tokens_consumed),
-            row.created_at,
-        ));
+        *purchased.entry(row.customer_id).or_default() += i64::from(row.purchased_tokens_consumed);
+        let from_allowance = i64::from(row.tokens_consumed - row.purchased_tokens_consumed);
+        if from_allowance > 0 {
+            ids.push(row.customer_id);
+            amounts.push(from_allowance);
+            times.push(row.created_at);
+        }
         let seen = last_used
             .entry((row.customer_id, row.app_id))
             .or_insert(row.created_at);
         *seen = (*seen).max(row.created_at);
     }
 
-    let purchased: Vec<(Uuid, i64)> = by_customer
-        .iter()
-        .filter(|(_, (p, _))| *p > 0)
-        .map(|(c, (p, _))| (*c, *p))
-        .collect();
-    if !purchased.is_empty() {
-        let (ids, amounts): (Vec<Uuid>, Vec<i64>) = purchased.into_iter().unzip();
+    let (customers, totals): (Vec<Uuid>, Vec<i64>) =
+        purchased.into_iter().filter(|(_, p)| *p > 0).unzip();
+    if !customers.is_empty() {
         sqlx::query(
             "UPDATE customers c SET purchased_tokens_used = c.purchased_tokens_used + d.amount \
              FROM UNNEST($1::uuid[], $2::int8[]) AS d(id, amount) WHERE c.id = d.id",
         )
-        .bind(ids)
-        .bind(amounts)
+        .bind(customers)
+        .bind(totals)
         .execute(&mut *conn)
         .await?;
     }
 
-    let (mut ids, mut amounts, mut times) = (Vec::new(), Vec::new(), Vec::new());
-    for (customer, (_, rows)) in &by_customer {
-        for (tokens, at) in rows.iter().filter(|(t, _)| *t > 0) {
-            ids.push(*customer);
-            amounts.push(*tokens);
-            times.push(*at);
-        }
-    }
     if !ids.is_empty() {
         sqlx::query(
             "UPDATE customer_billing b SET tokens_used = b.tokens_used + d.amount, \

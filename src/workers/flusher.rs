@@ -117,11 +117,9 @@ impl Flusher {
         let mut dead = Vec::new();
         for (id, fields) in &entries {
             match fields.as_deref().map(decode) {
-                Some(Ok(row)) => {
-                    if seen.insert((row.id, row.created_at)) {
-                        rows.push(row);
-                    }
-                }
+                Some(Ok(row)) if seen.insert((row.id, row.created_at)) => rows.push(row),
+                // A duplicate inside the batch.
+                Some(Ok(_)) => {}
                 Some(Err(reason)) => {
                     dead.push((id.clone(), fields.clone().unwrap_or_default(), reason))
                 }

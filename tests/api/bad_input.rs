@@ -1,0 +1,221 @@
+//! Bad input gets a clear error in the contract's shape and charges nothing.
+
+use serde_json::{json, Value};
+
+use crate::helpers::{spawn_app, TestApp};
+
+async fn send_raw(app: &TestApp, token: &str, body: Vec<u8>) -> (u16, Value) {
+    let response = app
+        .http
+        .post(app.url("/api/v1/customer/tokens/consume"))
+        .bearer_auth(token)
+        .header("Content-Type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn every_kind_of_bad_body_is_refused_in_the_contract_shape_and_charges_nothing() {
+    let app = spawn_app().await;
+    let shop = app.customer_with_apps("professional", &["vto-001"]).await;
+    // Load the hot state, so "charges nothing" is checked against a live balance.
+    assert_eq!(
+        app.consume(&shop.token, json!({"app_id": "vto-001"}))
+            .await
+            .0,
+        200
+    );
+
+    let huge = format!(
+        r#"{{"app_id":"vto-001","session_id":"{}"}}"#,
+        "x".repeat(70 * 1024)
+    );
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (
+            "truncated JSON",
+            br#"{"app_id": "vto-001""#.to_vec(),
+            400,
+            "invalid_json",
+        ),
+        ("not JSON", b"app_id=vto-001".to_vec(), 400, "invalid_json"),
+        (
+            "trailing garbage",
+            br#"{"app_id": "vto-001"} x"#.to_vec(),
+            400,
+            "invalid_json",
+        ),
+        ("empty body", Vec::new(), 400, "invalid_json"),
+        ("over 64 KiB", huge.into_bytes(), 413, "payload_too_large"),
+        ("a JSON array", b"[1, 2]".to_vec(), 422, "validation_failed"),
+        (
+            "tokens as a string",
+            br#"{"app_id": "vto-001", "tokens_consumed": "5"}"#.to_vec(),
+            422,
+            "validation_failed",
+        ),
+        (
+            "fractional tokens",
+            br#"{"app_id": "vto-001", "tokens_consumed": 5.5}"#.to_vec(),
+            422,
+            "validation_failed",
+        ),
+        (
+            "zero tokens",
+            br#"{"app_id": "vto-001", "tokens_consumed": 0}"#.to_vec(),
+            422,
+            "validation_failed",
+        ),
+        (
+            "negative tokens",
+            br#"{"app_id": "vto-001", "tokens_consumed": -5}"#.to_vec(),
+            422,
+            "validation_failed",
+        ),
+        (
+            "tokens past i32",
+            br#"{"app_id": "vto-001", "tokens_consumed": 4294967296}"#.to_vec(),
+            422,
+            "validation_failed",
+        ),
+        (
+            "tokens past i64",
+            br#"{"app_id": "vto-001", "tokens_consumed": 99999999999999999999}"#.to_vec(),
+            422,
+            "validation_failed",
+        ),
+        (
+            "no app",
+            br#"{"tokens_consumed": 5}"#.to_vec(),
+            422,
+            "validation_failed",
+        ),
+        (
+            "app as a number",
+            br#"{"app_id": 7}"#.to_vec(),
+            422,
+            "validation_failed",
+        ),
+        (
+            "long session id",
+            format!(
+                r#"{{"app_id": "vto-001", "session_id": "{}"}}"#,
+                "s".repeat(101)
+            )
+            .into_bytes(),
+            422,
+            "validation_failed",
+        ),
+        (
+            "metadata not an object",
+            br#"{"app_id": "vto-001", "metadata": "x"}"#.to_vec(),
+            422,
+            "validation_failed",
+        ),
+        (
+            "metadata over 4 KiB",
+            format!(
+                r#"{{"app_id": "vto-001", "metadata": {{"x": "{}"}}}}"#,
+                "m".repeat(4200)
+            )
+            .into_bytes(),
+            422,
+            "validation_failed",
+        ),
+        (
+            "bad ip address",
+            br#"{"app_id": "vto-001", "metadata": {"ip_address": "999.1.1.1"}}"#.to_vec(),
+            422,
+            "validation_failed",
+        ),
+        (
+            "NUL in metadata",
+            br#"{"app_id": "vto-001", "metadata": {"note": "a\u0000b"}}"#.to_vec(),
+            422,
+            "validation_failed",
+        ),
+        (
+            "unknown field",
+            br#"{"app_id": "vto-001", "tokens": 5}"#.to_vec(),
+            422,
+            "validation_failed",
+        ),
+        (
+            "unknown app",
+            br#"{"app_id": "nope-001"}"#.to_vec(),
+            404,
+            "not_found",
+        ),
+    ];
+    for (case, body, status, code) in cases {
+        let (got, response) = send_raw(&app, &shop.token, body).await;
+        assert_eq!(got, status, "{case}: {response}");
+        assert_eq!(response["error"]["code"], code, "{case}");
+        assert!(response["error"]["message"].is_string(), "{case}");
+        if status == 422 {
+            assert!(
+                response["error"]["details"]
+                    .as_array()
+                    .is_some_and(|d| !d.is_empty()),
+                "{case}"
+            );
+        }
+    }
+    assert_eq!(
+        app.hot_balance(shop.id).await,
+        Some((5, 0)),
+        "only the first consume was charged"
+    );
+}
+
+#[tokio::test]
+async fn a_422_lists_one_detail_per_invalid_field() {
+    let app = spawn_app().await;
+    let shop = app.customer_with_apps("professional", &["vto-001"]).await;
+
+    let (status, body) = app
+        .consume(
+            &shop.token,
+            json!({"app_id": "vto-001", "tokens_consumed": 0, "session_id": "", "metadata": {"processing_time_ms": -1}}),
+        )
+        .await;
+
+    assert_eq!(status, 422);
+    let fields: Vec<&str> = body["error"]["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            "tokens_consumed",
+            "session_id",
+            "metadata.processing_time_ms"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn an_overlong_idempotency_key_is_a_400() {
+    let app = spawn_app().await;
+    let shop = app.customer_with_apps("professional", &["vto-001"]).await;
+
+    let response = app
+        .http
+        .post(app.url("/api/v1/customer/tokens/consume"))
+        .bearer_auth(&shop.token)
+        .header("Idempotency-Key", "k".repeat(256))
+        .json(&json!({"app_id": "vto-001"}))
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "invalid_request");
+}

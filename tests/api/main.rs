@@ -1,0 +1,12 @@
+//! The API test suite: one binary, every test against a real instance with
+//! real Redis and Postgres (see `helpers`).
+
+mod admin;
+mod auth;
+mod bad_input;
+mod concurrency;
+mod consume;
+mod helpers;
+mod ledger;
+mod rebuild;
+mod script_model;

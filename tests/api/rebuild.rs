@@ -1,0 +1,66 @@
+//! The hot state is rebuilt from the ledger when Redis has lost it.
+
+use futures::future::join_all;
+use serde_json::json;
+
+use crate::helpers::spawn_app;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_redis_is_flushed_the_balance_is_rebuilt_exactly_from_the_ledger() {
+    let app = spawn_app().await;
+    let shop = app.customer_with_apps("starter", &["rec-001"]).await;
+    app.grant(shop.id, 10).await;
+    // 1000 allowance + 10 purchased; spend into the purchased tokens.
+    let (status, _) = app
+        .consume(
+            &shop.token,
+            json!({"app_id": "rec-001", "tokens_consumed": 1004}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    app.drain_usage().await;
+
+    app.wipe_redis().await;
+    // Many requests race to find the state missing: it is loaded once, and
+    // every one of them is charged against the same rebuilt balance.
+    let results =
+        join_all((0..10).map(|_| app.consume(&shop.token, json!({"app_id": "rec-001"})))).await;
+
+    let charged = results.iter().filter(|(s, _)| *s == 200).count();
+    assert_eq!(charged, 3, "6 tokens left, 2 each");
+    assert_eq!(app.hot_balance(shop.id).await, Some((1000, 0)));
+}
+
+#[tokio::test]
+async fn a_rebuild_never_overwrites_a_loaded_account() {
+    let app = spawn_app().await;
+    let shop = app.customer_with_apps("starter", &["rec-001"]).await;
+    assert_eq!(
+        app.consume(&shop.token, json!({"app_id": "rec-001"}))
+            .await
+            .0,
+        200
+    );
+
+    // Not yet flushed: the ledger knows of no usage. A rebuild now must not
+    // replace the live balance with the ledger's stale one.
+    app.state.accounts.rebuild(shop.id).await.unwrap();
+
+    assert_eq!(app.hot_balance(shop.id).await, Some((2, 0)));
+}
+
+#[tokio::test]
+async fn activations_keys_and_grants_survive_a_rebuild() {
+    let app = spawn_app().await;
+    let shop = app.customer_with_apps("professional", &["vto-001"]).await;
+    app.grant(shop.id, 7).await;
+    let (_, key) = app
+        .create_embed_key(&shop, json!({"app_permissions": ["vto-001"]}))
+        .await;
+
+    app.wipe_redis().await;
+
+    let (status, body) = app.consume(&key, json!({"app_id": "vto-001"})).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["tokens_remaining"], 10000 - 5 + 7);
+}
