@@ -146,7 +146,7 @@ pub struct FlusherSettings {
 }
 
 const DEV_JWT_SECRET: &str = "development-only-jwt-secret-change-me-0123456789";
-const DEV_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/connected_apps";
+const DEV_DATABASE_URL: &str = "postgres://postgres:postgres@127.0.0.1:5432/connected_apps";
 const DEV_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 
 impl Settings {

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 pub fn postgres_server_url() -> String {
     std::env::var("TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into())
 }
 
 pub fn redis_url() -> String {
@@ -54,7 +54,7 @@ fn settings_for(db_name: &str, prefix: &str, extra: &[(&str, &str)]) -> Settings
         ("JWT_SECRET", JWT_SECRET.into()),
         ("BIND_ADDRESS", "127.0.0.1".into()),
         ("PORT", "0".into()),
-        ("DATABASE_MAX_CONNECTIONS", "20".into()),
+        ("DATABASE_MAX_CONNECTIONS", "10".into()),
         ("FLUSHER_CONSUMER", "test-flusher".into()),
         ("LOG_LEVEL", "warn".into()),
     ]
