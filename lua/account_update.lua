@@ -5,8 +5,8 @@ Used when Postgres changes something the consume script reads (a grant, an
 activation paused, an embed key revoked), in the same request and under the
 same customer row lock, so consumes see the change at once. An account that
 is not loaded is left alone: its next consume rebuilds it from Postgres,
-which already holds the change. Writing into it would create a hash without
-`v` that the rebuild refuses to overwrite.
+which already holds the change. Writing into it would create a partial hash
+that the rebuild would then refuse to overwrite.
 
 KEYS  1  account hash <prefix>:{<shard>}:c:<customer>:acct
 ARGV  op, field, value, op, field, value, …
@@ -31,7 +31,7 @@ local key_type = redis.call('TYPE', KEYS[1])['ok']
 if key_type ~= 'hash' then
   return 0
 end
-if redis.call('HEXISTS', KEYS[1], 'v') == 0 then
+if redis.call('HEXISTS', KEYS[1], 'allowance') == 0 then
   return 0
 end
 for i = 1, #ARGV, 3 do

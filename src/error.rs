@@ -221,6 +221,11 @@ impl From<crate::hot::HotError> for ApiError {
 
 /// Deserializes `body`, mapping serde's errors onto the contract's.
 pub fn decode_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+    // The common case, valid input, pays for no path tracking; only a
+    // failure is parsed again to name the field.
+    if let Ok(value) = serde_json::from_slice(body) {
+        return Ok(value);
+    }
     let mut de = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let inner = e.inner();

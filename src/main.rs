@@ -13,6 +13,12 @@ use connected_apps::{
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+// mimalloc: the request path allocates many small, short-lived buffers,
+// which glibc's malloc serves markedly slower under load (measured in
+// benches/RESULTS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "connected-apps",

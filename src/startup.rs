@@ -37,6 +37,8 @@ pub struct Application {
 impl Application {
     pub async fn build(settings: Settings, roles: Roles) -> anyhow::Result<Self> {
         let settings = Arc::new(settings);
+        // First, so every metric handle registered below records.
+        let metrics = telemetry::metrics_handle();
         if settings.uses_dev_defaults {
             tracing::warn!("running with development defaults (local Redis and Postgres, development JWT secret); set APP_ENV=production to forbid this");
         }
@@ -51,12 +53,12 @@ impl Application {
             db.clone(),
             settings.consume.grace_period,
         ));
-        let metering = Metering {
-            hot: hot.clone(),
-            catalog: catalog.clone(),
-            accounts: accounts.clone(),
-            idempotency_ttl_secs: settings.consume.idempotency_ttl.as_secs(),
-        };
+        let metering = Metering::new(
+            hot.clone(),
+            catalog.clone(),
+            accounts.clone(),
+            settings.consume.idempotency_ttl.as_secs(),
+        );
         let state = Arc::new(AppState {
             jwt: JwtKeys::new(&settings.auth),
             embed_keys: EmbedKeys::default(),
@@ -66,7 +68,7 @@ impl Application {
             catalog,
             accounts,
             metering,
-            metrics: telemetry::metrics_handle(),
+            metrics,
         });
         let (listener, port) = if roles.api {
             let listener = TcpListener::bind(settings.bind).await?;

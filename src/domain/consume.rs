@@ -36,8 +36,8 @@ pub struct ConsumeRequest<'a> {
     pub app_id: Cow<'a, str>,
     pub tokens_consumed: Option<i64>,
     pub session_id: Option<Cow<'a, str>>,
-    /// The metadata object's JSON text, passed on to the usage event as is.
-    pub metadata: Option<&'a str>,
+    /// The metadata object, passed on to the usage event as it came.
+    pub metadata: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -97,7 +97,7 @@ impl<'a> ConsumeRequest<'a> {
             Some(m) if m.get() == "null" => None,
             Some(m) => {
                 check_metadata(m, &mut problems);
-                Some(m.get())
+                Some(m)
             }
         };
         if !problems.is_empty() {
@@ -184,13 +184,75 @@ pub struct Receipt {
 }
 
 pub struct Metering {
-    pub hot: HotStore,
-    pub catalog: Arc<Catalog>,
-    pub accounts: Arc<Accounts>,
-    pub idempotency_ttl_secs: u64,
+    hot: HotStore,
+    catalog: Arc<Catalog>,
+    accounts: Arc<Accounts>,
+    idempotency_ttl_secs: u64,
+    metrics: ConsumeMetrics,
+}
+
+/// Counter handles registered once: looking a labelled counter up by name
+/// on every consume costs more than the rest of the bookkeeping.
+struct ConsumeMetrics {
+    by_outcome: [metrics::Counter; OUTCOMES.len()],
+    tokens: metrics::Counter,
+}
+
+const OUTCOMES: [&str; 9] = [
+    "charged",
+    "replayed",
+    "idempotency_conflict",
+    "not_loaded",
+    "key_revoked",
+    "app_not_active",
+    "subscription_inactive",
+    "insufficient_tokens",
+    "deadline_passed",
+];
+
+impl ConsumeMetrics {
+    fn register() -> Self {
+        Self {
+            by_outcome: OUTCOMES
+                .map(|outcome| metrics::counter!("consume_requests_total", "outcome" => outcome)),
+            tokens: metrics::counter!("tokens_consumed_total"),
+        }
+    }
+
+    fn record(&self, outcome: &ChargeOutcome) {
+        let index = match outcome {
+            ChargeOutcome::Charged { .. } => 0,
+            ChargeOutcome::Replayed { .. } => 1,
+            ChargeOutcome::IdempotencyConflict => 2,
+            ChargeOutcome::NotLoaded => 3,
+            ChargeOutcome::EmbedKeyRevoked => 4,
+            ChargeOutcome::AppNotActive => 5,
+            ChargeOutcome::SubscriptionInactive => 6,
+            ChargeOutcome::InsufficientTokens { .. } => 7,
+            ChargeOutcome::DeadlinePassed => 8,
+        };
+        self.by_outcome[index].increment(1);
+    }
 }
 
 impl Metering {
+    /// Call after the metrics recorder is installed, or the counters are
+    /// no-ops.
+    pub fn new(
+        hot: HotStore,
+        catalog: Arc<Catalog>,
+        accounts: Arc<Accounts>,
+        idempotency_ttl_secs: u64,
+    ) -> Self {
+        Self {
+            hot,
+            catalog,
+            accounts,
+            idempotency_ttl_secs,
+            metrics: ConsumeMetrics::register(),
+        }
+    }
+
     pub async fn consume(
         &self,
         caller: &Caller,
@@ -246,8 +308,8 @@ impl Metering {
                     fingerprint,
                     ttl_secs: self.idempotency_ttl_secs,
                 }),
-            session_id: request.session_id.as_deref().unwrap_or(""),
-            metadata: request.metadata.unwrap_or(""),
+            session_id: request.session_id.as_deref(),
+            metadata: request.metadata,
         };
 
         let mut outcome = self.hot.charge(&charge).await?;
@@ -255,14 +317,13 @@ impl Metering {
             self.accounts.rebuild(customer).await?;
             outcome = self.hot.charge(&charge).await?;
         }
-        metrics::counter!("consume_requests_total", "outcome" => outcome_label(&outcome))
-            .increment(1);
+        self.metrics.record(&outcome);
 
         match outcome {
             ChargeOutcome::Charged {
                 tokens_remaining, ..
             } => {
-                metrics::counter!("tokens_consumed_total").increment(tokens as u64);
+                self.metrics.tokens.increment(tokens as u64);
                 Ok(Receipt {
                     event_id,
                     tokens_consumed: tokens,
@@ -299,20 +360,6 @@ impl Metering {
     }
 }
 
-fn outcome_label(outcome: &ChargeOutcome) -> &'static str {
-    match outcome {
-        ChargeOutcome::Charged { .. } => "charged",
-        ChargeOutcome::Replayed { .. } => "replayed",
-        ChargeOutcome::IdempotencyConflict => "idempotency_conflict",
-        ChargeOutcome::NotLoaded => "not_loaded",
-        ChargeOutcome::EmbedKeyRevoked => "key_revoked",
-        ChargeOutcome::AppNotActive => "app_not_active",
-        ChargeOutcome::SubscriptionInactive => "subscription_inactive",
-        ChargeOutcome::InsufficientTokens { .. } => "insufficient_tokens",
-        ChargeOutcome::DeadlinePassed => "deadline_passed",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,7 +382,7 @@ mod tests {
         .unwrap();
         assert_eq!(r.app_id, "vto-001");
         assert_eq!(r.tokens_consumed, Some(5));
-        assert!(r.metadata.unwrap().contains("frame-001"));
+        assert!(r.metadata.unwrap().get().contains("frame-001"));
     }
 
     #[test]

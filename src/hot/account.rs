@@ -62,9 +62,17 @@ impl SubscriptionStatus {
     }
 }
 
-/// The layout version written to `v`; the consume script treats an account
-/// without it as not loaded.
-const LAYOUT_VERSION: &str = "1";
+impl AccountState {
+    /// The `open_until` field of `lua/consume.lua`: 0 = may consume,
+    /// > 0 = may consume until then (epoch ms), -1 = may not.
+    fn open_until(&self) -> i64 {
+        match self.status {
+            SubscriptionStatus::None | SubscriptionStatus::Active => 0,
+            SubscriptionStatus::PastDue => self.grace_until_ms.max(1),
+            SubscriptionStatus::Canceled | SubscriptionStatus::Unpaid => -1,
+        }
+    }
+}
 
 /// One in-place change, applied by `lua/account_update.lua`.
 #[derive(Debug, Clone)]
@@ -100,18 +108,14 @@ impl HotStore {
         state: &AccountState,
     ) -> Result<bool, HotError> {
         let mut args: Vec<Value> = vec![
-            "v".into(),
-            LAYOUT_VERSION.into(),
             "allowance".into(),
             state.allowance.into(),
             "used".into(),
             state.used.into(),
             "purchased".into(),
             state.purchased.into(),
-            "status".into(),
-            state.status.as_str().into(),
-            "grace_until".into(),
-            state.grace_until_ms.into(),
+            "open_until".into(),
+            state.open_until().into(),
         ];
         for slug in &state.active_apps {
             args.push(format!("app:{slug}").into());

@@ -7,7 +7,9 @@
 //! (60 % of the timeout, leaving the rest for the reply to travel back)
 //! and refuses to charge past it.
 
-use fred::types::Value;
+use fred::{interfaces::LuaInterface, types::Value};
+use serde::Serialize;
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use super::{HotError, HotStore};
@@ -23,9 +25,27 @@ pub struct Charge<'a> {
     pub event_id: Uuid,
     pub embed_key: Option<Uuid>,
     pub idempotency: Option<Idempotency<'a>>,
-    pub session_id: &'a str,
-    /// The request's `metadata` as JSON text, or "".
-    pub metadata: &'a str,
+    pub session_id: Option<&'a str>,
+    /// The request's `metadata` object, passed on as it came.
+    pub metadata: Option<&'a RawValue>,
+}
+
+/// The event's details, the `d` field of a usage stream entry (see
+/// `lua/consume.lua`); the script adds what only it knows.
+#[derive(Serialize)]
+pub struct EventDetails<'a> {
+    /// Event id.
+    pub e: Uuid,
+    /// Customer.
+    pub c: Uuid,
+    /// App id.
+    pub a: Uuid,
+    /// Session id.
+    pub s: Option<&'a str>,
+    /// Embed key id.
+    pub k: Option<Uuid>,
+    /// Metadata.
+    pub m: Option<&'a RawValue>,
 }
 
 /// A request sent with an `Idempotency-Key`.
@@ -68,6 +88,30 @@ pub enum ChargeOutcome {
 
 impl HotStore {
     pub async fn charge(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, HotError> {
+        let script = &self.scripts.consume;
+        let (keys, args) = self.charge_command(charge);
+        // EVALSHA, and on NOSCRIPT (a restarted or flushed Redis) load the
+        // script and send it once more. Written out rather than fred's
+        // `evalsha_with_reload`, which clones every argument up front for
+        // the rare retry.
+        let reply: Vec<Value> = match self
+            .client()
+            .evalsha(script.sha1().clone(), keys, args)
+            .await
+        {
+            Err(e) if e.details().starts_with("NOSCRIPT") => {
+                script.load(self.client()).await?;
+                let (keys, args) = self.charge_command(charge);
+                self.client()
+                    .evalsha(script.sha1().clone(), keys, args)
+                    .await?
+            }
+            reply => reply?,
+        };
+        parse_reply(&reply)
+    }
+
+    fn charge_command(&self, charge: &Charge<'_>) -> (Vec<String>, Vec<Value>) {
         let shard = self.keys.shard_of(charge.customer);
         let account = self.keys.account(charge.customer);
         // KEYS[2] must name a key in the same slot even when unused.
@@ -75,12 +119,22 @@ impl HotStore {
             Some(idem) => self.keys.idempotency(charge.customer, idem.key),
             None => account.clone(),
         };
-        let keys = vec![account, idempotency_key, self.keys.usage_stream(shard)];
+        let keys = vec![
+            account,
+            idempotency_key,
+            self.keys.usage_stream(shard).to_owned(),
+        ];
+        let details = EventDetails {
+            e: charge.event_id,
+            c: charge.customer,
+            a: charge.app_id,
+            s: charge.session_id,
+            k: charge.embed_key,
+            m: charge.metadata,
+        };
         let deadline = self.redis_now_ms() + (self.timeout.as_millis() as i64) * 6 / 10;
         let args: Vec<Value> = vec![
-            charge.customer.to_string().into(),
             charge.app_slug.into(),
-            charge.app_id.to_string().into(),
             charge.tokens.into(),
             charge.event_id.to_string().into(),
             charge
@@ -94,16 +148,12 @@ impl HotStore {
                 .unwrap_or_default()
                 .into(),
             charge.idempotency.map_or(0, |i| i.ttl_secs as i64).into(),
-            charge.session_id.into(),
-            charge.metadata.into(),
+            serde_json::to_string(&details)
+                .expect("event details serialize")
+                .into(),
             deadline.into(),
         ];
-        let reply: Vec<Value> = self
-            .scripts
-            .consume
-            .evalsha_with_reload(self.client(), keys, args)
-            .await?;
-        parse_reply(&reply)
+        (keys, args)
     }
 }
 
@@ -117,8 +167,8 @@ fn parse_reply(reply: &[Value]) -> Result<ChargeOutcome, HotError> {
     Ok(match int(0)? {
         1 => ChargeOutcome::Charged {
             tokens_remaining: int(1)?,
-            from_purchased: int(3)?,
-            at_ms: int(4)?,
+            from_purchased: int(2)?,
+            at_ms: int(3)?,
         },
         2 => ChargeOutcome::Replayed {
             event_id: reply

@@ -24,14 +24,21 @@ use uuid::Uuid;
 pub struct Keys {
     root: String,
     shards: u16,
+    /// The stream names, built once: every consume names one.
+    streams: Vec<String>,
 }
 
 impl Keys {
     pub fn new(prefix: &str, shards: u16) -> Self {
         assert!(shards > 0, "at least one shard");
+        let root = format!("{prefix}:v1");
+        let streams = (0..shards)
+            .map(|s| format!("{root}:{{s{s}}}:usage"))
+            .collect();
         Self {
-            root: format!("{prefix}:v1"),
+            root,
             shards,
+            streams,
         }
     }
 
@@ -65,12 +72,12 @@ impl Keys {
         )
     }
 
-    pub fn usage_stream(&self, shard: u16) -> String {
-        format!("{}:{{s{}}}:usage", self.root, shard)
+    pub fn usage_stream(&self, shard: u16) -> &str {
+        &self.streams[usize::from(shard)]
     }
 
-    pub fn usage_streams(&self) -> Vec<String> {
-        (0..self.shards).map(|s| self.usage_stream(s)).collect()
+    pub fn usage_streams(&self) -> &[String] {
+        &self.streams
     }
 
     /// Every key of this layout, for SCAN-based clean-up in tests and tools.

@@ -4,7 +4,7 @@
 //! Layers, outermost first: a request id (`x-request-id`, taken from the
 //! caller or made up, and echoed on the response), panic catching (a panic
 //! is a 500 in the contract's shape, never a dropped connection), request
-//! metrics by matched route, CORS (`CORS_ORIGINS`), and the 64 KiB body
+//! metrics by matched route, CORS (`CORS_ORIGINS`, when set), and the 64 KiB body
 //! limit. Handlers are thin: extract and authorise, call the domain, map
 //! the result.
 
@@ -15,15 +15,13 @@ pub mod auth;
 pub mod consume;
 pub mod extract;
 pub mod health;
+pub mod metrics;
 pub mod openapi;
 
-use std::time::Instant;
-
 use axum::{
-    extract::{DefaultBodyLimit, MatchedPath, Request},
+    extract::DefaultBodyLimit,
     http::{HeaderName, HeaderValue, Method},
-    middleware::{self, Next},
-    response::{IntoResponse, Response},
+    response::IntoResponse,
     Router,
 };
 use tower_http::{
@@ -48,8 +46,8 @@ pub fn router(state: Shared) -> Router {
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
-        .layer(cors)
-        .layer(middleware::from_fn(track_metrics))
+        .layer(tower::util::option_layer(cors))
+        .layer(metrics::HttpMetricsLayer::default())
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::Internal(anyhow::anyhow!("handler panicked")).into_response()
         }))
@@ -58,35 +56,23 @@ pub fn router(state: Shared) -> Router {
         .with_state(state)
 }
 
-fn cors(origins: &[String]) -> CorsLayer {
+/// No layer at all without `CORS_ORIGINS`: browsers then get no CORS
+/// headers, and the consume path pays nothing for the check.
+fn cors(origins: &[String]) -> Option<CorsLayer> {
     let origins: Vec<HeaderValue> = origins.iter().filter_map(|o| o.parse().ok()).collect();
-    CorsLayer::new()
-        .allow_origin(AllowOrigin::list(origins))
-        .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
-        .allow_headers([
-            axum::http::header::AUTHORIZATION,
-            axum::http::header::CONTENT_TYPE,
-            HeaderName::from_static("x-api-key"),
-            HeaderName::from_static("idempotency-key"),
-        ])
-        .expose_headers([REQUEST_ID, HeaderName::from_static("idempotent-replayed")])
-}
-
-/// `http_requests_total` and `http_request_duration_seconds`, labelled by
-/// the matched route (not the raw path, which would explode the series).
-async fn track_metrics(req: Request, next: Next) -> Response {
-    let start = Instant::now();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let method = req.method().as_str().to_owned();
-    let response = next.run(req).await;
-    let status = response.status().as_u16().to_string();
-    let labels = [("method", method), ("route", route), ("status", status)];
-    metrics::counter!("http_requests_total", &labels).increment(1);
-    metrics::histogram!("http_request_duration_seconds", &labels)
-        .record(start.elapsed().as_secs_f64());
-    response
+    if origins.is_empty() {
+        return None;
+    }
+    Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
+            .allow_headers([
+                axum::http::header::AUTHORIZATION,
+                axum::http::header::CONTENT_TYPE,
+                HeaderName::from_static("x-api-key"),
+                HeaderName::from_static("idempotency-key"),
+            ])
+            .expose_headers([REQUEST_ID, HeaderName::from_static("idempotent-replayed")]),
+    )
 }

@@ -78,7 +78,7 @@ impl Flusher {
     pub async fn ensure_groups(&self) -> anyhow::Result<()> {
         for stream in self.keys.usage_streams() {
             let created: Result<Value, _> =
-                self.redis.xgroup_create(&stream, GROUP, "0", true).await;
+                self.redis.xgroup_create(stream, GROUP, "0", true).await;
             match created {
                 Ok(_) => {}
                 Err(e) if e.details().starts_with("BUSYGROUP") => {}
@@ -147,7 +147,7 @@ impl Flusher {
         }
         let ids: Vec<String> = entries.into_iter().map(|(id, _)| id).collect();
         let acked = ids.len();
-        let _: i64 = self.redis.xack(&stream, GROUP, ids).await?;
+        let _: i64 = self.redis.xack(stream, GROUP, ids).await?;
         metrics::counter!("flusher_events_persisted_total").increment(inserted.len() as u64);
         metrics::counter!("flusher_events_duplicate_total")
             .increment((rows.len() - inserted.len()) as u64);
@@ -207,7 +207,7 @@ impl Flusher {
     /// delivered. Never MAXLEN, which could drop undelivered entries.
     pub async fn trim(&self) -> anyhow::Result<()> {
         for stream in self.keys.usage_streams() {
-            let pending: Value = self.redis.xpending(&stream, GROUP, ()).await?;
+            let pending: Value = self.redis.xpending(stream, GROUP, ()).await?;
             let oldest_pending = match &pending {
                 Value::Array(v) if v.len() >= 2 => v[1].as_string(),
                 _ => None,
@@ -336,6 +336,17 @@ fn parse_xread(reply: Value) -> Vec<Entry> {
     out
 }
 
+/// The `d` field of an event, as [`crate::hot::charge::EventDetails`] writes it.
+#[derive(serde::Deserialize)]
+struct Details {
+    e: Uuid,
+    c: Uuid,
+    a: Uuid,
+    s: Option<String>,
+    k: Option<Uuid>,
+    m: Option<serde_json::Value>,
+}
+
 /// Decodes one event as `lua/consume.lua` writes it.
 pub fn decode(fields: &[(String, String)]) -> Result<usage::UsageRow, String> {
     let get = |name: &str| {
@@ -344,16 +355,13 @@ pub fn decode(fields: &[(String, String)]) -> Result<usage::UsageRow, String> {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     };
-    let uuid = |name: &str| -> Result<Uuid, String> {
-        get(name)
-            .and_then(|v| Uuid::parse_str(v).ok())
-            .ok_or_else(|| format!("field `{name}` is not a UUID"))
-    };
     let int = |name: &str| -> Result<i64, String> {
         get(name)
             .and_then(|v| v.parse().ok())
             .ok_or_else(|| format!("field `{name}` is not an integer"))
     };
+    let details: Details = serde_json::from_str(get("d").ok_or("field `d` is missing")?)
+        .map_err(|e| format!("field `d` is not an event: {e}"))?;
     let tokens = int("t")?;
     let purchased = int("p")?;
     if tokens < 1 || tokens > i64::from(i32::MAX) || purchased < 0 || purchased > tokens {
@@ -363,12 +371,7 @@ pub fn decode(fields: &[(String, String)]) -> Result<usage::UsageRow, String> {
         .timestamp_millis_opt(int("ts")?)
         .single()
         .ok_or("field `ts` is not a time")?;
-    let metadata: serde_json::Value = match get("m") {
-        None | Some("") => serde_json::json!({}),
-        Some(text) => {
-            serde_json::from_str(text).map_err(|e| format!("metadata is not JSON: {e}"))?
-        }
-    };
+    let metadata = details.m.unwrap_or_else(|| serde_json::json!({}));
     if !metadata.is_object() {
         return Err("metadata is not an object".into());
     }
@@ -382,19 +385,16 @@ pub fn decode(fields: &[(String, String)]) -> Result<usage::UsageRow, String> {
         .and_then(|v| v.as_str())
         .map(str::to_owned);
     Ok(usage::UsageRow {
-        id: uuid("e")?,
-        customer_id: uuid("c")?,
-        app_id: uuid("a")?,
+        id: details.e,
+        customer_id: details.c,
+        app_id: details.a,
         tokens: tokens as i32,
         purchased_tokens: purchased as i32,
-        session_id: get("s").filter(|s| !s.is_empty()).map(str::to_owned),
+        session_id: details.s,
         metadata,
         ip_address,
         user_agent,
-        embed_key_id: match get("k") {
-            None | Some("") => None,
-            Some(_) => Some(uuid("k")?),
-        },
+        embed_key_id: details.k,
         created_at,
     })
 }
@@ -413,16 +413,14 @@ mod tests {
     #[test]
     fn an_event_decodes_into_a_usage_row() {
         let id = Uuid::now_v7();
+        let details = format!(
+            r#"{{"e":"{id}","c":"0193a000-0000-7000-8000-000000000001","a":"0193a000-0000-7000-8000-000000000002","s":"sess-1","k":null,"m":{{"ip_address":"10.0.0.1","user_agent":"UA"}}}}"#
+        );
         let row = decode(&fields(&[
-            ("e", &id.to_string()),
-            ("c", "0193a000-0000-7000-8000-000000000001"),
-            ("a", "0193a000-0000-7000-8000-000000000002"),
+            ("d", &details),
             ("t", "5"),
             ("p", "2"),
             ("ts", "1764150000000"),
-            ("s", "sess-1"),
-            ("k", ""),
-            ("m", r#"{"ip_address":"10.0.0.1","user_agent":"UA"}"#),
         ]))
         .unwrap();
         assert_eq!(row.id, id);
@@ -435,7 +433,7 @@ mod tests {
 
     #[test]
     fn a_malformed_event_is_refused_with_a_reason() {
-        let err = decode(&fields(&[("e", "nope")])).unwrap_err();
-        assert!(err.contains('t') || err.contains('e'), "{err}");
+        let err = decode(&fields(&[("d", "{}"), ("t", "1")])).unwrap_err();
+        assert!(err.contains("`d`"), "{err}");
     }
 }

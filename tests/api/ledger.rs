@@ -110,7 +110,7 @@ async fn a_redelivered_batch_changes_nothing() {
     // Replay the persisted events as if XACK had been lost after the commit.
     let streams = app.state.hot.keys().usage_streams();
     for stream in streams {
-        let _: fred::types::Value = fred::interfaces::KeysInterface::del(&app.redis, &stream)
+        let _: fred::types::Value = fred::interfaces::KeysInterface::del(&app.redis, stream)
             .await
             .unwrap();
     }
@@ -132,19 +132,15 @@ async fn a_redelivered_batch_changes_nothing() {
         .keys()
         .usage_stream(app.state.hot.keys().shard_of(shop.id));
     for (id, customer, app_id, tokens, at) in rows {
+        let details = serde_json::json!({"e": id, "c": customer, "a": app_id, "s": null, "k": null, "m": null});
         let fields = vec![
-            ("e", id.to_string()),
-            ("c", customer.to_string()),
-            ("a", app_id.to_string()),
+            ("d", details.to_string()),
             ("t", tokens.to_string()),
             ("p", "0".into()),
             ("ts", at.timestamp_millis().to_string()),
-            ("s", "".into()),
-            ("k", "".into()),
-            ("m", "".into()),
         ];
         let _: String =
-            fred::interfaces::StreamsInterface::xadd(&app.redis, &stream, false, None, "*", fields)
+            fred::interfaces::StreamsInterface::xadd(&app.redis, stream, false, None, "*", fields)
                 .await
                 .unwrap();
     }

@@ -222,8 +222,8 @@ async fn run_case(
                             ttl_secs: 60,
                         },
                     ),
-                    session_id: "s",
-                    metadata: "",
+                    session_id: Some("s"),
+                    metadata: None,
                 };
                 let got = comparable(hot.charge(&charge).await.unwrap());
                 let expected = model.consume(app, tokens, key, idem);
