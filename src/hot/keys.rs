@@ -105,7 +105,7 @@ mod tests {
         let idem = keys.idempotency(customer, "retry-1");
         let stream = keys.usage_stream(shard);
         assert_eq!(tag(&account), tag(&idem));
-        assert_eq!(tag(&account), tag(&stream));
+        assert_eq!(tag(&account), tag(stream));
     }
 
     #[test]

@@ -104,9 +104,9 @@ impl Flusher {
 
     async fn flush_shard(&mut self, shard: u16) -> anyhow::Result<usize> {
         let stream = self.keys.usage_stream(shard);
-        let mut entries = self.read(&stream, "0").await?;
+        let mut entries = self.read(stream, "0").await?;
         if entries.is_empty() {
-            entries = self.read(&stream, ">").await?;
+            entries = self.read(stream, ">").await?;
         }
         if entries.is_empty() {
             return Ok(0);
@@ -214,7 +214,7 @@ impl Flusher {
             };
             let floor = match oldest_pending {
                 Some(id) => id,
-                None => match last_delivered(&self.redis, &stream).await? {
+                None => match last_delivered(&self.redis, stream).await? {
                     Some(id) => id,
                     None => continue,
                 },
