@@ -2,10 +2,10 @@
 //! every request passes through.
 //!
 //! Layers, outermost first: a request id (`x-request-id`, taken from the
-//! caller or made up, and echoed on the response), panic catching (a panic
-//! is a 500 in the contract's shape, never a dropped connection), request
-//! metrics by matched route, CORS (`CORS_ORIGINS`, when set), and the 64 KiB body
-//! limit. Handlers are thin: extract and authorise, call the domain, map
+//! caller or made up, and echoed on the response), the edge layer (request
+//! metrics by matched route, and a panic turned into a 500 in the contract's
+//! shape, never a dropped connection), CORS (`CORS_ORIGINS`, when set), and
+//! the 64 KiB body limit. Handlers are thin: extract and authorise, call the domain, map
 //! the result.
 
 pub mod activations;
@@ -13,19 +13,17 @@ pub mod admin;
 pub mod api_keys;
 pub mod auth;
 pub mod consume;
+pub mod edge;
 pub mod extract;
 pub mod health;
-pub mod metrics;
 pub mod openapi;
 
 use axum::{
     extract::DefaultBodyLimit,
     http::{HeaderName, HeaderValue, Method},
-    response::IntoResponse,
     Router,
 };
 use tower_http::{
-    catch_panic::CatchPanicLayer,
     cors::{AllowOrigin, CorsLayer},
     request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
 };
@@ -47,10 +45,7 @@ pub fn router(state: Shared) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
         .layer(tower::util::option_layer(cors))
-        .layer(metrics::HttpMetricsLayer::default())
-        .layer(CatchPanicLayer::custom(|_| {
-            ApiError::Internal(anyhow::anyhow!("handler panicked")).into_response()
-        }))
+        .layer(edge::EdgeLayer::default())
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
         .with_state(state)

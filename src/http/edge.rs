@@ -1,14 +1,20 @@
-//! Request metrics by matched route: `http_requests_total` and
-//! `http_request_duration_seconds{method, route, status}`.
+//! The edge layer: request metrics by matched route
+//! (`http_requests_total` and `http_request_duration_seconds{method,
+//! route, status}`), and panics turned into 500s in the contract's shape.
 //!
-//! A tower layer rather than `middleware::from_fn`, and with the metric
-//! handles kept per route, method and status: looking labelled metrics up
-//! by name, with freshly allocated label strings, on every request cost
-//! the consume endpoint about a tenth of its throughput (benches/RESULTS.md).
+//! One hand-written tower layer, because it sits on the consume hot path:
+//! `middleware::from_fn` boxes every future, looking labelled metrics up by
+//! name allocates label strings per request, and tower-http's
+//! `CatchPanicLayer` boxes every response body; together they cost the
+//! consume endpoint a fifth of its throughput (benches/RESULTS.md). Here the
+//! metric handles are kept per route, method and status, and a panic is
+//! caught around each poll of the handler's future, which costs nothing
+//! until one happens.
 
 use std::{
     collections::HashMap,
     future::Future,
+    panic::{catch_unwind, AssertUnwindSafe},
     pin::Pin,
     sync::{Arc, RwLock},
     task::{Context, Poll},
@@ -18,10 +24,12 @@ use std::{
 use axum::{
     extract::{MatchedPath, Request},
     http::Method,
-    response::Response,
+    response::{IntoResponse, Response},
 };
 use metrics::{Counter, Histogram};
 use tower::{Layer, Service};
+
+use crate::error::ApiError;
 
 #[derive(Clone)]
 struct Handles {
@@ -32,15 +40,15 @@ struct Handles {
 type ByRoute = HashMap<String, HashMap<(Method, u16), Handles>>;
 
 #[derive(Clone, Default)]
-pub struct HttpMetricsLayer {
+pub struct EdgeLayer {
     handles: Arc<RwLock<ByRoute>>,
 }
 
-impl<S> Layer<S> for HttpMetricsLayer {
-    type Service = HttpMetrics<S>;
+impl<S> Layer<S> for EdgeLayer {
+    type Service = Edge<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        HttpMetrics {
+        Edge {
             inner,
             handles: self.handles.clone(),
         }
@@ -48,12 +56,12 @@ impl<S> Layer<S> for HttpMetricsLayer {
 }
 
 #[derive(Clone)]
-pub struct HttpMetrics<S> {
+pub struct Edge<S> {
     inner: S,
     handles: Arc<RwLock<ByRoute>>,
 }
 
-impl<S> Service<Request> for HttpMetrics<S>
+impl<S> Service<Request> for Edge<S>
 where
     S: Service<Request, Response = Response>,
 {
@@ -97,7 +105,14 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let result = std::task::ready!(this.inner.poll(cx));
+        let inner = this.inner;
+        let result = match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(result)) => result,
+            Err(_) => {
+                Ok(ApiError::Internal(anyhow::anyhow!("request handler panicked")).into_response())
+            }
+        };
         if let Ok(response) = &result {
             let route = this.route.as_ref().map_or("unmatched", MatchedPath::as_str);
             let handles = handles_for(this.handles, route, this.method, response.status().as_u16());
