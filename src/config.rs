@@ -237,7 +237,7 @@ impl Settings {
             },
             redis: RedisSettings {
                 url: Secret::new(redis_url),
-                pool_size: env.parse("REDIS_POOL_SIZE", 4)?,
+                pool_size: env.parse("REDIS_POOL_SIZE", 1)?,
                 key_prefix,
                 stream_shards: shards,
                 timeout: Duration::from_millis(positive(&env, "REDIS_TIMEOUT_MS", timeout_ms)?),

@@ -136,7 +136,7 @@ impl HotStore {
         let args: Vec<Value> = vec![
             charge.app_slug.into(),
             charge.tokens.into(),
-            charge.event_id.to_string().into(),
+            Value::from(&*charge.event_id.hyphenated().encode_lower(&mut [0u8; 36])),
             charge
                 .embed_key
                 .map(|k| k.to_string())

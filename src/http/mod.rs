@@ -25,7 +25,7 @@ use axum::{
 };
 use tower_http::{
     cors::{AllowOrigin, CorsLayer},
-    request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer},
+    request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer},
 };
 
 use crate::{error::ApiError, state::Shared};
@@ -47,12 +47,26 @@ pub fn router(state: Shared) -> Router {
         .layer(tower::util::option_layer(cors))
         .layer(edge::EdgeLayer::default())
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, FastRequestUuid))
         .with_state(state)
 }
 
 /// No layer at all without `CORS_ORIGINS`: browsers then get no CORS
 /// headers, and the consume path pays nothing for the check.
+/// A UUIDv4 request id, written straight into the header value: the same
+/// ids as tower-http's `MakeRequestUuid` without formatting to a `String`
+/// and parsing it back on every request.
+#[derive(Clone, Copy)]
+struct FastRequestUuid;
+
+impl MakeRequestId for FastRequestUuid {
+    fn make_request_id<B>(&mut self, _request: &axum::http::Request<B>) -> Option<RequestId> {
+        let mut buffer = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buffer);
+        HeaderValue::from_str(id).ok().map(RequestId::new)
+    }
+}
+
 fn cors(origins: &[String]) -> Option<CorsLayer> {
     let origins: Vec<HeaderValue> = origins.iter().filter_map(|o| o.parse().ok()).collect();
     if origins.is_empty() {
