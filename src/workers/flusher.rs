@@ -2,8 +2,9 @@
 //!
 //! Each shard stream is read through the consumer group `flusher`
 //! (XREADGROUP), so several flusher processes share the work and an entry
-//! stays pending until it is acknowledged. Per batch, one Postgres
-//! transaction inserts the rows in one statement (idempotent by event id)
+//! stays pending until it is acknowledged. A batch takes entries from the
+//! shards in turn, up to `FLUSH_BATCH_SIZE`; one Postgres transaction
+//! inserts its rows in one statement (idempotent by event id)
 //! and brings the balances in step with exactly the rows it inserted; the
 //! entries are acknowledged (XACK) only after the commit. A crash between
 //! commit and XACK redelivers entries whose rows exist: the insert skips
@@ -31,8 +32,6 @@ use crate::{
 
 pub const GROUP: &str = "flusher";
 
-/// Pause between passes when every stream is empty.
-const IDLE_WAIT: Duration = Duration::from_millis(100);
 /// How often acknowledged entries are trimmed from the streams.
 const TRIM_EVERY: Duration = Duration::from_secs(5);
 
@@ -88,52 +87,61 @@ impl Flusher {
         Ok(())
     }
 
-    /// One pass over every shard: this consumer's pending entries first
-    /// (left by a crash before XACK), then new ones, up to the batch size
-    /// per shard. Returns how many entries were persisted.
+    /// One batch: this consumer's pending entries first (left by a failed
+    /// or crashed attempt before XACK), then new ones, over the shards in
+    /// turn, up to the batch size in all; persisted in one transaction,
+    /// then acknowledged. Returns how many entries it took.
     pub async fn step(&mut self) -> anyhow::Result<usize> {
         let shards = self.keys.shards();
-        let mut total = 0;
+        let budget = self.settings.batch_size;
+        let mut batch: Vec<(u16, Vec<Entry>)> = Vec::new();
+        let mut taken = 0;
         for i in 0..shards {
+            if taken >= budget {
+                break;
+            }
             let shard = (self.next_shard + i) % shards;
-            total += self.flush_shard(shard).await?;
+            let stream = self.keys.usage_stream(shard);
+            let mut entries = self.read(stream, "0", budget - taken).await?;
+            if entries.is_empty() {
+                entries = self.read(stream, ">", budget - taken).await?;
+            }
+            if !entries.is_empty() {
+                taken += entries.len();
+                batch.push((shard, entries));
+            }
         }
         self.next_shard = (self.next_shard + 1) % shards;
-        Ok(total)
+        if taken > 0 {
+            self.persist(&batch).await?;
+        }
+        Ok(taken)
     }
 
-    async fn flush_shard(&mut self, shard: u16) -> anyhow::Result<usize> {
-        let stream = self.keys.usage_stream(shard);
-        let mut entries = self.read(stream, "0").await?;
-        if entries.is_empty() {
-            entries = self.read(stream, ">").await?;
-        }
-        if entries.is_empty() {
-            return Ok(0);
-        }
-
-        let mut rows = Vec::with_capacity(entries.len());
-        let mut seen = HashSet::with_capacity(entries.len());
+    async fn persist(&mut self, batch: &[(u16, Vec<Entry>)]) -> anyhow::Result<()> {
+        let mut rows = Vec::new();
+        let mut seen = HashSet::new();
         let mut dead = Vec::new();
-        for (id, fields) in &entries {
-            match fields.as_deref().map(decode) {
-                Some(Ok(row)) if seen.insert((row.id, row.created_at)) => rows.push(row),
-                // A duplicate inside the batch.
-                Some(Ok(_)) => {}
-                Some(Err(reason)) => {
-                    dead.push((id.clone(), fields.clone().unwrap_or_default(), reason))
+        for (shard, entries) in batch {
+            for (id, fields) in entries {
+                match fields.as_deref().map(decode) {
+                    Some(Ok(row)) if seen.insert((row.id, row.created_at)) => rows.push(row),
+                    // A duplicate inside the batch.
+                    Some(Ok(_)) => {}
+                    Some(Err(reason)) => {
+                        dead.push((*shard, id, fields.as_deref().unwrap_or_default(), reason))
+                    }
+                    // Deleted while pending: nothing left to persist.
+                    None => {}
                 }
-                // Deleted while pending: nothing left to persist.
-                None => {}
             }
         }
 
-        for month in rows
-            .iter()
-            .map(|r| partitions::month_of(r.created_at.date_naive()))
-        {
-            if self.partitions.insert(month) {
+        for row in &rows {
+            let month = partitions::month_of(row.created_at.date_naive());
+            if !self.partitions.contains(&month) {
                 partitions::ensure_month(&self.db, month).await?;
+                self.partitions.insert(month);
             }
         }
 
@@ -142,25 +150,29 @@ impl Flusher {
         usage::apply_to_balances(&mut tx, &inserted).await?;
         tx.commit().await?;
 
-        for (id, fields, reason) in &dead {
-            self.dead_letter(shard, id, fields, reason).await?;
+        for (shard, id, fields, reason) in &dead {
+            self.dead_letter(*shard, id, fields, reason).await?;
         }
-        let ids: Vec<String> = entries.into_iter().map(|(id, _)| id).collect();
-        let acked = ids.len();
-        let _: i64 = self.redis.xack(stream, GROUP, ids).await?;
+        for (shard, entries) in batch {
+            let ids: Vec<&str> = entries.iter().map(|(id, _)| id.as_str()).collect();
+            let _: i64 = self
+                .redis
+                .xack(self.keys.usage_stream(*shard), GROUP, ids)
+                .await?;
+        }
         metrics::counter!("flusher_events_persisted_total").increment(inserted.len() as u64);
         metrics::counter!("flusher_events_duplicate_total")
             .increment((rows.len() - inserted.len()) as u64);
-        Ok(acked)
+        Ok(())
     }
 
-    async fn read(&self, stream: &str, from: &str) -> anyhow::Result<Vec<Entry>> {
+    async fn read(&self, stream: &str, from: &str, count: usize) -> anyhow::Result<Vec<Entry>> {
         let reply: Value = self
             .redis
             .xreadgroup(
                 GROUP,
                 &self.settings.consumer_name,
-                Some(self.settings.batch_size as u64),
+                Some(count as u64),
                 None,
                 false,
                 stream,
@@ -239,10 +251,16 @@ impl Flusher {
                 break;
             }
             let wait = match self.step().await {
-                Ok(0) => IDLE_WAIT,
-                Ok(_) => {
+                // A full batch: more is waiting.
+                Ok(n) if n >= self.settings.batch_size => {
                     backoff = Duration::from_millis(100);
                     Duration::ZERO
+                }
+                // A partial batch: let the next one fill up, for at most
+                // FLUSH_MAX_AGE_MS, so batches stay large at any load.
+                Ok(_) => {
+                    backoff = Duration::from_millis(100);
+                    self.settings.max_batch_age
                 }
                 Err(e) => {
                     tracing::warn!(error = ?e, retry_in = ?backoff, "flush failed; the events stay pending");
