@@ -11,13 +11,13 @@ and the event are one step.
 
 KEYS
   1  account hash   <prefix>:v1:{s<shard>}:c:<customer>:acct   (src/hot/keys.rs)
-  2  idempotency    <prefix>:v1:{s<shard>}:c:<customer>:idem:<sha256(Idempotency-Key)>
-                    (with no Idempotency-Key, any key of the slot: it is not touched)
+  2  outcome record <prefix>:v1:{s<shard>}:c:<customer>:idem:<sha256(Idempotency-Key)>,
+                    or without Idempotency-Key <prefix>:v1:{s<shard>}:c:<customer>:ev:<event id>
   3  usage stream   <prefix>:v1:{s<shard>}:usage
 
 ARGV
   1  app slug                       5  request fingerprint, or "" without Idempotency-Key
-  2  tokens to charge (>= 1)        6  idempotency TTL in seconds
+  2  tokens to charge (>= 1)        6  TTL of the outcome record in seconds
   3  event id (UUIDv7)              7  the event's details as JSON, written as is
   4  embed key id, or "" (JWT)      8  deadline in epoch ms on Redis's clock, 0 = none
 
@@ -56,9 +56,9 @@ end
 if ARGV[1] == '' or ARGV[3] == '' or ARGV[7] == '' then
   return redis.error_reply('ERR app, event id and event details are required')
 end
-local idem_ttl = tonumber(ARGV[6])
-if ARGV[5] ~= '' and (not idem_ttl or idem_ttl < 1) then
-  return redis.error_reply('ERR idempotency TTL must be a positive integer')
+local record_ttl = tonumber(ARGV[6])
+if not record_ttl or record_ttl < 1 or record_ttl % 1 ~= 0 then
+  return redis.error_reply('ERR the outcome record TTL must be a positive integer')
 end
 
 -- 1. Idempotency: a retry of a charged request gets the first answer back.
@@ -136,9 +136,9 @@ if allowance >= 0 then
   remaining = math.max(allowance - used, 0) + purchased
 end
 
-if ARGV[5] ~= '' then
-  redis.call('SET', KEYS[2], ARGV[5] .. '|' .. ARGV[3] .. '|' .. tokens .. '|' .. remaining,
-    'EX', idem_ttl)
-end
+-- The outcome record: what an Idempotency-Key retry replays, and what a
+-- caller whose reply was late reads to learn whether it was charged.
+redis.call('SET', KEYS[2], ARGV[5] .. '|' .. ARGV[3] .. '|' .. tokens .. '|' .. remaining,
+  'EX', record_ttl)
 
 return { 1, remaining, from_purchased, now_ms }

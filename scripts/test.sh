@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 export TEST_REDIS_URL=${TEST_REDIS_URL:-redis://127.0.0.1:6379/0}
 export TEST_DATABASE_URL=${TEST_DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/postgres}
 REDIS_URL=$TEST_REDIS_URL DATABASE_URL=$TEST_DATABASE_URL scripts/services.sh
-cargo test --locked --all-targets -- --test-threads "${TEST_THREADS:-4}"
+RUST_TEST_THREADS=${RUST_TEST_THREADS:-4} cargo test --locked --all-targets

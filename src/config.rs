@@ -118,9 +118,13 @@ pub struct RedisSettings {
     /// Usage streams the events are spread over. Fixed for the life of a
     /// deployment: it decides which slot holds each customer's keys.
     pub stream_shards: u16,
-    /// Deadline for one Redis round trip on a request path. Past it the
-    /// request fails with 503 `unavailable`.
+    /// Deadline for an answer from Redis on a request path. Past it the
+    /// request fails with 503 `unavailable` (see `hot/charge.rs` for how a
+    /// consume splits it).
     pub timeout: Duration,
+    /// How long a consume whose reply was late waits to read its outcome
+    /// record; default 40 % of `timeout`.
+    pub settle_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -241,6 +245,9 @@ impl Settings {
                 key_prefix,
                 stream_shards: shards,
                 timeout: Duration::from_millis(positive(&env, "REDIS_TIMEOUT_MS", timeout_ms)?),
+                settle_timeout: Duration::from_millis(
+                    env.parse("REDIS_SETTLE_TIMEOUT_MS", (timeout_ms * 2 / 5).max(1))?,
+                ),
             },
             auth: AuthSettings {
                 jwt_secret: Secret::new(jwt_secret),

@@ -1,13 +1,30 @@
 //! Charging one use of an app: the Rust side of `lua/consume.lua`.
 //!
-//! The script's deadline: the request path gives Redis `REDIS_TIMEOUT_MS`
-//! to answer and then replies 503, promising that nothing was charged. A
-//! script that only reaches the front of Redis's queue after that would
-//! still charge. So the script is told a deadline on Redis's own clock
-//! (60 % of the timeout, leaving the rest for the reply to travel back)
-//! and refuses to charge past it.
+//! A 503 promises that nothing was charged, and it must come within
+//! `REDIS_TIMEOUT_MS`. Two mechanisms keep that promise when Redis is slow:
+//!
+//! - The script is given a deadline on Redis's own clock (40 % of the
+//!   timeout) and refuses to charge past it, so a script that reaches the
+//!   front of Redis's queue after the caller gave up charges nothing. The
+//!   caller waits for the reply until 60 % of the timeout.
+//! - A reply that does not arrive in time leaves the outcome in doubt: the
+//!   script may have charged before its deadline while the reply was still
+//!   on its way. Every charge writes an outcome record (the idempotency
+//!   record, or one keyed by the event id), so the caller, once the
+//!   deadline has passed on Redis's clock, reads it over a second
+//!   connection: found, the request was charged and is answered 200;
+//!   absent, it never will be (any later run of the script is past its
+//!   deadline), and 503 is the truth. The read has the rest of the budget
+//!   (`REDIS_SETTLE_TIMEOUT_MS`, 40 %); only when it fails too (Redis down)
+//!   is a 503 given without proof, and counted in
+//!   `consume_outcome_unknown_total`.
 
-use fred::{interfaces::LuaInterface, types::Value};
+use std::time::Duration;
+
+use fred::{
+    interfaces::{KeysInterface, LuaInterface},
+    types::Value,
+};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use uuid::Uuid;
@@ -82,48 +99,117 @@ pub enum ChargeOutcome {
     InsufficientTokens {
         tokens_remaining: i64,
     },
-    /// Redis ran the script after the caller's deadline; nothing charged.
+    /// Redis ran the script after the caller's deadline, or never will;
+    /// nothing charged.
     DeadlinePassed,
 }
+
+/// How long the outcome record of a consume without `Idempotency-Key`
+/// lives: longer than any caller waits for it, short enough that at tens
+/// of thousands of consumes a second the records stay a few megabytes.
+const CHARGE_RECORD_TTL_SECS: i64 = 10;
 
 impl HotStore {
     pub async fn charge(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, HotError> {
         let script = &self.scripts.consume;
-        let (keys, args) = self.charge_command(charge);
+        let deadline = self.redis_now_ms() + (self.timeout.as_millis() as i64) * 2 / 5;
+        let (keys, args) = self.charge_command(charge, deadline);
+        let record = keys[1].clone();
         // EVALSHA, and on NOSCRIPT (a restarted or flushed Redis) load the
         // script and send it once more. Written out rather than fred's
         // `evalsha_with_reload`, which clones every argument up front for
         // the rare retry.
-        let reply: Vec<Value> = match self
+        let reply: Result<Vec<Value>, fred::error::Error> = match self
             .client()
             .evalsha(script.sha1().clone(), keys, args)
             .await
         {
             Err(e) if e.details().starts_with("NOSCRIPT") => {
                 script.load(self.client()).await?;
-                let (keys, args) = self.charge_command(charge);
+                let (keys, args) = self.charge_command(charge, deadline);
                 self.client()
                     .evalsha(script.sha1().clone(), keys, args)
-                    .await?
+                    .await
             }
-            reply => reply?,
+            reply => reply,
         };
-        parse_reply(&reply)
+        match reply {
+            Ok(reply) => parse_reply(&reply),
+            Err(e) if in_doubt(&e) => self.settle_in_doubt(charge, &record, deadline, e).await,
+            Err(e) => Err(e.into()),
+        }
     }
 
-    fn charge_command(&self, charge: &Charge<'_>) -> (Vec<String>, Vec<Value>) {
+    /// The reply did not come back: read the outcome record once the
+    /// deadline has passed on Redis's clock.
+    async fn settle_in_doubt(
+        &self,
+        charge: &Charge<'_>,
+        record: &str,
+        deadline: i64,
+        cause: fred::error::Error,
+    ) -> Result<ChargeOutcome, HotError> {
+        // A millisecond past the deadline, plus the clock estimate's error.
+        let wait = deadline - self.redis_now_ms() + 2;
+        if wait > 0 {
+            tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+        }
+        let found: Option<String> = match self.side.get(record).await {
+            Ok(found) => found,
+            Err(e) => {
+                metrics::counter!("consume_outcome_unknown_total").increment(1);
+                tracing::warn!(error = ?e, first = ?cause, "consume outcome unknown: redis did not answer");
+                return Err(HotError::Unavailable(cause.into()));
+            }
+        };
+        let Some(found) = found else {
+            return Ok(ChargeOutcome::DeadlinePassed);
+        };
+        let fields: Vec<&str> = found.split('|').collect();
+        let (event, tokens, remaining) = match fields.as_slice() {
+            [_, event, tokens, remaining] => (
+                Uuid::parse_str(event).ok(),
+                tokens.parse::<i64>().ok(),
+                remaining.parse::<i64>().ok(),
+            ),
+            _ => (None, None, None),
+        };
+        match (event, tokens, remaining) {
+            (Some(event), _, Some(tokens_remaining)) if event == charge.event_id => {
+                metrics::counter!("consume_settled_after_timeout_total").increment(1);
+                Ok(ChargeOutcome::Charged {
+                    tokens_remaining,
+                    from_purchased: 0,
+                    at_ms: 0,
+                })
+            }
+            // The record of an earlier request with the same Idempotency-Key:
+            // this one was a replay.
+            (Some(event_id), Some(tokens), Some(tokens_remaining)) => Ok(ChargeOutcome::Replayed {
+                event_id,
+                tokens,
+                tokens_remaining,
+            }),
+            _ => Err(HotError::Internal(anyhow::anyhow!(
+                "malformed outcome record {found:?}"
+            ))),
+        }
+    }
+
+    fn charge_command(&self, charge: &Charge<'_>, deadline: i64) -> (Vec<String>, Vec<Value>) {
         let shard = self.keys.shard_of(charge.customer);
         let account = self.keys.account(charge.customer);
-        // KEYS[2] must name a key in the same slot even when unused.
-        let idempotency_key = match charge.idempotency {
-            Some(idem) => self.keys.idempotency(charge.customer, idem.key),
-            None => account.clone(),
+        let (record, record_ttl) = match charge.idempotency {
+            Some(idem) => (
+                self.keys.idempotency(charge.customer, idem.key),
+                idem.ttl_secs as i64,
+            ),
+            None => (
+                self.keys.charge_record(charge.customer, charge.event_id),
+                CHARGE_RECORD_TTL_SECS,
+            ),
         };
-        let keys = vec![
-            account,
-            idempotency_key,
-            self.keys.usage_stream(shard).to_owned(),
-        ];
+        let keys = vec![account, record, self.keys.usage_stream(shard).to_owned()];
         let details = EventDetails {
             e: charge.event_id,
             c: charge.customer,
@@ -132,7 +218,6 @@ impl HotStore {
             k: charge.embed_key,
             m: charge.metadata,
         };
-        let deadline = self.redis_now_ms() + (self.timeout.as_millis() as i64) * 6 / 10;
         let args: Vec<Value> = vec![
             charge.app_slug.into(),
             charge.tokens.into(),
@@ -147,7 +232,7 @@ impl HotStore {
                 .map(|i| i.fingerprint)
                 .unwrap_or_default()
                 .into(),
-            charge.idempotency.map_or(0, |i| i.ttl_secs as i64).into(),
+            record_ttl.into(),
             serde_json::to_string(&details)
                 .expect("event details serialize")
                 .into(),
@@ -155,6 +240,12 @@ impl HotStore {
         ];
         (keys, args)
     }
+}
+
+/// Errors after which the script may or may not have run.
+fn in_doubt(e: &fred::error::Error) -> bool {
+    use fred::error::ErrorKind::*;
+    matches!(e.kind(), Timeout | IO | Canceled)
 }
 
 fn parse_reply(reply: &[Value]) -> Result<ChargeOutcome, HotError> {

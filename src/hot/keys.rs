@@ -14,6 +14,7 @@
 //! | --- | --- | --- | --- |
 //! | `…:{s<n>}:c:<customer>:acct` | hash | the customer's hot state: allowance, usage this period, purchased tokens, subscription status, active apps, live embed keys (fields in `lua/consume.lua`) | none: it is the live balance; rebuilt from Postgres when missing |
 //! | `…:{s<n>}:c:<customer>:idem:<sha256>` | string | the first answer to a consume sent with an `Idempotency-Key` (hashed, so any 255 characters make a short, safe key) | `IDEMPOTENCY_TTL_SECS`, 24 h |
+//! | `…:{s<n>}:c:<customer>:ev:<event>` | string | the outcome of a consume sent without `Idempotency-Key`, read only when its reply was late (see `hot/charge.rs`) | 10 s |
 //! | `…:{s<n>}:usage` | stream | usage events waiting for the flusher (consumer group `flusher`) | none: trimmed by the flusher once persisted |
 
 use sha2::{Digest, Sha256};
@@ -69,6 +70,16 @@ impl Keys {
             self.shard_of(customer),
             customer,
             hex::encode(digest)
+        )
+    }
+
+    pub fn charge_record(&self, customer: Uuid, event: Uuid) -> String {
+        format!(
+            "{}:{{s{}}}:c:{}:ev:{}",
+            self.root,
+            self.shard_of(customer),
+            customer,
+            event
         )
     }
 

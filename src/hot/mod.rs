@@ -52,6 +52,9 @@ impl Scripts {
 #[derive(Clone)]
 pub struct HotStore {
     pool: Pool,
+    /// A connection of its own, to learn the outcome of a consume whose
+    /// reply is stuck behind others on the pool's connections.
+    side: Client,
     keys: Keys,
     scripts: Arc<Scripts>,
     timeout: Duration,
@@ -110,9 +113,13 @@ impl HotStore {
     /// pool keeps reconnecting, requests get 503 meanwhile, and
     /// `/health/ready` says so.
     pub async fn connect(settings: &RedisSettings) -> anyhow::Result<Self> {
-        let pool = builder(settings.url.expose(), settings.timeout)?
+        // The pool's commands get 60 % of the budget; a consume whose reply
+        // is late spends the rest learning its outcome (hot/charge.rs).
+        let pool = builder(settings.url.expose(), settings.timeout * 3 / 5)?
             .build_pool(settings.pool_size.max(1))?;
+        let side = builder(settings.url.expose(), settings.settle_timeout)?.build()?;
         pool.connect();
+        side.connect();
         if tokio::time::timeout(Duration::from_secs(5), pool.wait_for_connect())
             .await
             .is_err()
@@ -121,6 +128,7 @@ impl HotStore {
         }
         let store = Self {
             pool,
+            side,
             keys: Keys::new(&settings.key_prefix, settings.stream_shards),
             scripts: Arc::new(Scripts::new()),
             timeout: settings.timeout,
@@ -175,6 +183,7 @@ impl HotStore {
 
     pub async fn quit(&self) {
         let _ = self.pool.quit().await;
+        let _ = self.side.quit().await;
     }
 }
 

@@ -78,3 +78,56 @@ async fn idempotent_retries_raced_concurrently_charge_once_and_answer_alike() {
     app.drain_usage().await;
     assert_eq!(app.usage_rows(shop.id).await, (1, 5));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_that_miss_the_redis_deadline_are_503_and_charge_nothing() {
+    // A deadline so short that, under this burst, many scripts reach Redis
+    // only after their caller has given up.
+    // The outcome read gets all the time it needs: what is tested is that a
+    // 503 it confirms was never charged.
+    let app = crate::helpers::spawn_app_with(&[
+        ("REDIS_TIMEOUT_MS", "20"),
+        ("REDIS_SETTLE_TIMEOUT_MS", "5000"),
+    ])
+    .await;
+    let shop = app.create_customer(Some("enterprise")).await;
+    // Setting up talks to Redis too, under the same short deadline: retry it.
+    while app
+        .http
+        .post(app.url("/api/v1/customer/apps/rec-001/activate"))
+        .bearer_auth(&shop.token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        != 200
+    {}
+    // Load the hot state first, so the burst measures charging alone.
+    while app
+        .consume(&shop.token, json!({"app_id": "rec-001"}))
+        .await
+        .0
+        != 200
+    {}
+
+    let results =
+        join_all((0..600).map(|_| app.consume(&shop.token, json!({"app_id": "rec-001"})))).await;
+
+    let charged = results.iter().filter(|(s, _)| *s == 200).count() as i64;
+    let unavailable = results
+        .iter()
+        .filter(|(s, b)| *s == 503 && b["error"]["code"] == "unavailable")
+        .count() as i64;
+    assert_eq!(
+        charged + unavailable,
+        600,
+        "every request was charged or refused with 503"
+    );
+    let (used, _) = app.hot_balance(shop.id).await.unwrap();
+    assert_eq!(used, 2 * (charged + 1), "a 503 never charged");
+    app.drain_usage().await;
+    assert_eq!(
+        app.usage_rows(shop.id).await,
+        (charged + 1, 2 * (charged + 1))
+    );
+}

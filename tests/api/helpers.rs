@@ -57,6 +57,9 @@ fn settings_for(db_name: &str, prefix: &str, extra: &[(&str, &str)]) -> Settings
         ("DATABASE_MAX_CONNECTIONS", "10".into()),
         ("FLUSHER_CONSUMER", "test-flusher".into()),
         ("LOG_LEVEL", "warn".into()),
+        // Tests run many instances at once on a debug build; a slow answer
+        // is not what they test (the deadline test sets its own).
+        ("REDIS_TIMEOUT_MS", "3000".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
