@@ -99,15 +99,11 @@ impl Application {
         let workers_stop = CancellationToken::new();
         let mut workers = JoinSet::new();
 
-        if self.roles.flusher {
-            let flusher = Flusher::connect(
-                &state.settings.redis,
-                state.db.clone(),
-                state.settings.flusher.clone(),
-            )
-            .await?;
-            workers.spawn(flusher.run(workers_stop.clone()));
-        }
+        let flusher = if self.roles.flusher {
+            Some(spawn_flusher(state.settings.clone(), workers_stop.clone()).await?)
+        } else {
+            None
+        };
         if self.roles.scheduler {
             let scheduler = Scheduler::new(
                 state.db.clone(),
@@ -136,10 +132,57 @@ impl Application {
 
         workers_stop.cancel();
         while workers.join_next().await.is_some() {}
+        if let Some(flusher) = flusher {
+            let _ = tokio::task::spawn_blocking(move || flusher.join()).await;
+        }
         state.hot.quit().await;
         state.db.close().await;
         Ok(())
     }
+}
+
+/// Runs the flusher on a thread and runtime of its own, with its own
+/// connections: decoding and writing a batch of thousands of events takes
+/// milliseconds of CPU, which on the API's runtime would stall requests
+/// queued behind it. Returns once the flusher has connected.
+async fn spawn_flusher(
+    settings: Arc<Settings>,
+    stop: CancellationToken,
+) -> anyhow::Result<std::thread::JoinHandle<()>> {
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
+    let thread = std::thread::Builder::new()
+        .name("flusher".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.into()));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let connected = async {
+                    let db = ledger::pool(&settings.database)?;
+                    Flusher::connect(&settings.redis, db, settings.flusher.clone()).await
+                };
+                match connected.await {
+                    Ok(flusher) => {
+                        let _ = ready_tx.send(Ok(()));
+                        flusher.run(stop).await;
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            });
+        })?;
+    ready_rx
+        .await
+        .map_err(|_| anyhow::anyhow!("the flusher thread ended before connecting"))??;
+    Ok(thread)
 }
 
 async fn housekeeping(state: Arc<AppState>, shutdown: CancellationToken) {
