@@ -1,28 +1,30 @@
 //! The operator bootstrap.
 
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::helpers::spawn_app;
+use crate::helpers::{spawn_app, Customer};
+
+const CUSTOMERS: &str = "/api/v1/admin/customers";
 
 #[tokio::test]
 async fn an_operator_creates_a_customer_on_a_plan_who_can_consume_at_once() {
     let app = spawn_app().await;
 
-    let response = app
-        .http
-        .post(app.url("/api/v1/admin/customers"))
-        .bearer_auth(app.admin_token())
-        .json(&json!({"name": "Clear Sight Optics", "email": "owner@clearsight.example", "plan_id": "starter"}))
-        .send()
-        .await
-        .unwrap();
+    let (status, body) = app
+        .post_json(
+            CUSTOMERS,
+            &app.admin_token(),
+            json!({"name": "Clear Sight Optics", "email": "owner@clearsight.example", "plan_id": "starter"}),
+        )
+        .await;
 
-    assert_eq!(response.status(), 201);
-    let body: Value = response.json().await.unwrap();
+    assert_eq!(status, 201);
     assert_eq!(body["plan_id"], "starter");
     let id: uuid::Uuid = body["id"].as_str().unwrap().parse().unwrap();
-    let token = app.token_for(id, &["apps:activate", "tokens:consume"]);
-    let shop = crate::helpers::Customer { id, token };
+    let shop = Customer {
+        id,
+        token: app.token_for(id, &["apps:activate", "tokens:consume"]),
+    };
     app.activate(&shop, "rec-001").await;
     let (status, body) = app.consume(&shop.token, json!({"app_id": "rec-001"})).await;
     assert_eq!(
@@ -34,19 +36,17 @@ async fn an_operator_creates_a_customer_on_a_plan_who_can_consume_at_once() {
 #[tokio::test]
 async fn a_second_customer_with_the_same_email_is_a_409() {
     let app = spawn_app().await;
-    let create = || {
-        app.http
-            .post(app.url("/api/v1/admin/customers"))
-            .bearer_auth(app.admin_token())
-            .json(&json!({"name": "Shop", "email": "Same@Shop.example"}))
-            .send()
-    };
-    assert_eq!(create().await.unwrap().status(), 201);
+    let customer = json!({"name": "Shop", "email": "Same@Shop.example"});
+    assert_eq!(
+        app.post_json(CUSTOMERS, &app.admin_token(), customer.clone())
+            .await
+            .0,
+        201
+    );
 
-    let response = create().await.unwrap();
+    let (status, body) = app.post_json(CUSTOMERS, &app.admin_token(), customer).await;
 
-    assert_eq!(response.status(), 409);
-    let body: Value = response.json().await.unwrap();
+    assert_eq!(status, 409);
     assert_eq!(body["error"]["code"], "conflict");
 }
 
@@ -54,16 +54,15 @@ async fn a_second_customer_with_the_same_email_is_a_409() {
 async fn an_unknown_plan_is_a_404_and_creates_nothing() {
     let app = spawn_app().await;
 
-    let response = app
-        .http
-        .post(app.url("/api/v1/admin/customers"))
-        .bearer_auth(app.admin_token())
-        .json(&json!({"name": "Shop", "email": "a@b.example", "plan_id": "platinum"}))
-        .send()
-        .await
-        .unwrap();
+    let (status, _) = app
+        .post_json(
+            CUSTOMERS,
+            &app.admin_token(),
+            json!({"name": "Shop", "email": "a@b.example", "plan_id": "platinum"}),
+        )
+        .await;
 
-    assert_eq!(response.status(), 404);
+    assert_eq!(status, 404);
     let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM customers")
         .fetch_one(&app.db)
         .await
@@ -76,17 +75,15 @@ async fn admin_routes_need_the_admin_scope() {
     let app = spawn_app().await;
     let shop = app.create_customer(None).await;
 
-    let response = app
-        .http
-        .post(app.url(&format!("/api/v1/admin/customers/{}/grants", shop.id)))
-        .bearer_auth(&shop.token)
-        .json(&json!({"tokens": 1000, "reason": "self-service?"}))
-        .send()
-        .await
-        .unwrap();
+    let (status, body) = app
+        .post_json(
+            &format!("{CUSTOMERS}/{}/grants", shop.id),
+            &shop.token,
+            json!({"tokens": 1000, "reason": "self-service?"}),
+        )
+        .await;
 
-    assert_eq!(response.status(), 403);
-    let body: Value = response.json().await.unwrap();
+    assert_eq!(status, 403);
     assert_eq!(body["error"]["code"], "insufficient_scope");
 }
 
@@ -108,17 +105,15 @@ async fn a_grant_to_a_customer_without_a_plan_is_spendable_at_once() {
 async fn invalid_customer_fields_are_422_with_details() {
     let app = spawn_app().await;
 
-    let response = app
-        .http
-        .post(app.url("/api/v1/admin/customers"))
-        .bearer_auth(app.admin_token())
-        .json(&json!({"name": "", "email": "not-an-email"}))
-        .send()
-        .await
-        .unwrap();
+    let (status, body) = app
+        .post_json(
+            CUSTOMERS,
+            &app.admin_token(),
+            json!({"name": "", "email": "not-an-email"}),
+        )
+        .await;
 
-    assert_eq!(response.status(), 422);
-    let body: Value = response.json().await.unwrap();
+    assert_eq!(status, 422);
     let fields: Vec<&str> = body["error"]["details"]
         .as_array()
         .unwrap()
@@ -132,7 +127,7 @@ async fn invalid_customer_fields_are_422_with_details() {
 async fn the_openapi_document_and_probes_are_served() {
     let app = spawn_app().await;
 
-    let spec: Value = app
+    let spec: serde_json::Value = app
         .http
         .get(app.url("/openapi.json"))
         .send()
@@ -151,7 +146,7 @@ async fn the_openapi_document_and_probes_are_served() {
             .status(),
         200
     );
-    let ready: Value = app
+    let ready: serde_json::Value = app
         .http
         .get(app.url("/health/ready"))
         .send()

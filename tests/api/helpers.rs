@@ -123,6 +123,20 @@ impl TestApp {
         format!("{}{}", self.address, path)
     }
 
+    /// POSTs a JSON body with a bearer credential; returns status and body.
+    pub async fn post_json(&self, path: &str, credential: &str, body: Value) -> (u16, Value) {
+        let response = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(credential)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
     pub fn admin_token(&self) -> String {
         self.state
             .jwt
@@ -142,16 +156,10 @@ impl TestApp {
         if let Some(plan) = plan {
             body["plan_id"] = json!(plan);
         }
-        let response = self
-            .http
-            .post(self.url("/api/v1/admin/customers"))
-            .bearer_auth(self.admin_token())
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
-        let created: Value = response.json().await.unwrap();
+        let (status, created) = self
+            .post_json("/api/v1/admin/customers", &self.admin_token(), body)
+            .await;
+        assert_eq!(status, 201, "{created}");
         let id: Uuid = created["id"].as_str().unwrap().parse().unwrap();
         let token = self.token_for(
             id,
@@ -176,27 +184,16 @@ impl TestApp {
     }
 
     pub async fn activate(&self, customer: &Customer, app: &str) {
-        let response = self
-            .http
-            .post(self.url(&format!("/api/v1/customer/apps/{app}/activate")))
-            .bearer_auth(&customer.token)
-            .json(&json!({}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+        let path = format!("/api/v1/customer/apps/{app}/activate");
+        let (status, body) = self.post_json(&path, &customer.token, json!({})).await;
+        assert_eq!(status, 200, "{body}");
     }
 
     pub async fn grant(&self, customer: Uuid, tokens: i64) {
-        let response = self
-            .http
-            .post(self.url(&format!("/api/v1/admin/customers/{customer}/grants")))
-            .bearer_auth(self.admin_token())
-            .json(&json!({"tokens": tokens, "reason": "test credit"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
+        let path = format!("/api/v1/admin/customers/{customer}/grants");
+        let body = json!({"tokens": tokens, "reason": "test credit"});
+        let (status, body) = self.post_json(&path, &self.admin_token(), body).await;
+        assert_eq!(status, 201, "{body}");
     }
 
     pub async fn post_consume(&self, credential: &str, body: Value) -> reqwest::Response {
@@ -211,22 +208,15 @@ impl TestApp {
 
     /// Consumes and returns status and body.
     pub async fn consume(&self, credential: &str, body: Value) -> (u16, Value) {
-        let response = self.post_consume(credential, body).await;
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
+        self.post_json("/api/v1/customer/tokens/consume", credential, body)
+            .await
     }
 
     pub async fn create_embed_key(&self, customer: &Customer, body: Value) -> (Uuid, String) {
-        let response = self
-            .http
-            .post(self.url("/api/v1/customer/api-keys"))
-            .bearer_auth(&customer.token)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 201, "{}", response.text().await.unwrap());
-        let created: Value = response.json().await.unwrap();
+        let (status, created) = self
+            .post_json("/api/v1/customer/api-keys", &customer.token, body)
+            .await;
+        assert_eq!(status, 201, "{created}");
         (
             created["id"].as_str().unwrap().parse().unwrap(),
             created["key"].as_str().unwrap().to_owned(),
