@@ -121,6 +121,10 @@ impl Application {
             let housekeeping = tokio::spawn(housekeeping(state.clone(), shutdown.clone()));
             tracing::info!(address = %listener.local_addr()?, "serving the API");
             let app = crate::http::router(state.clone());
+            // Responses go out at once, not held back by Nagle's algorithm.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             axum::serve(listener, app)
                 .with_graceful_shutdown(shutdown.clone().cancelled_owned())
                 .await?;

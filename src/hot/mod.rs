@@ -95,6 +95,8 @@ pub fn builder(url: &str, command_timeout: Duration) -> anyhow::Result<Builder> 
     builder
         .with_connection_config(|c| {
             c.connection_timeout = Duration::from_secs(2);
+            // Commands are small and latency-bound: no Nagle delay.
+            c.tcp.nodelay = Some(true);
             // A command is never sent twice: a consume that reached Redis
             // before the connection dropped must not be charged again.
             c.max_command_attempts = 1;
