@@ -244,7 +244,7 @@ impl Settings {
                 pool_size: env.parse("REDIS_POOL_SIZE", 1)?,
                 key_prefix,
                 stream_shards: shards,
-                timeout: Duration::from_millis(positive(&env, "REDIS_TIMEOUT_MS", timeout_ms)?),
+                timeout: Duration::from_millis(positive("REDIS_TIMEOUT_MS", timeout_ms)?),
                 settle_timeout: Duration::from_millis(
                     env.parse("REDIS_SETTLE_TIMEOUT_MS", (timeout_ms * 2 / 5).max(1))?,
                 ),
@@ -280,7 +280,7 @@ impl Settings {
     }
 }
 
-fn positive(_env: &Env, name: &str, value: u64) -> Result<u64, ConfigError> {
+fn positive(name: &str, value: u64) -> Result<u64, ConfigError> {
     if value == 0 {
         return Err(ConfigError::new(name, "must be greater than zero"));
     }
