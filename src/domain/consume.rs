@@ -54,18 +54,20 @@ struct RawRequest<'a> {
 }
 
 /// The metadata fields the service reads; others are kept but not checked.
+/// Deserializing checks each field's type; the string fields are read
+/// later, from the stored event, so here only their type matters.
 #[derive(Deserialize)]
 struct KnownMetadata {
     #[serde(default)]
     ip_address: Option<String>,
-    #[serde(default)]
-    user_agent: Option<String>,
-    #[serde(default)]
-    product_id: Option<String>,
+    #[serde(default, rename = "user_agent")]
+    _user_agent: Option<String>,
+    #[serde(default, rename = "product_id")]
+    _product_id: Option<String>,
     #[serde(default)]
     processing_time_ms: Option<f64>,
-    #[serde(default)]
-    visitor_id: Option<String>,
+    #[serde(default, rename = "visitor_id")]
+    _visitor_id: Option<String>,
 }
 
 impl<'a> ConsumeRequest<'a> {
@@ -155,7 +157,6 @@ fn check_metadata(raw: &RawValue, problems: &mut Vec<FieldError>) {
             ));
         }
     }
-    let _ = (&known.user_agent, &known.product_id, &known.visitor_id);
 }
 
 /// Who is charging: a customer's backend (JWT) or a shopper's browser
