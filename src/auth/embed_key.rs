@@ -137,11 +137,6 @@ impl EmbedKeys {
         self.cache.insert(digest, (Instant::now(), record.clone()));
         Ok(record)
     }
-
-    /// Drops a key from this process's cache (after revocation).
-    pub fn forget(&self, key_hash: &[u8; 32]) {
-        self.cache.remove(key_hash);
-    }
 }
 
 #[cfg(test)]

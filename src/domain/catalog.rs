@@ -85,11 +85,4 @@ impl Catalog {
     pub fn get(&self, slug: &str) -> Option<Arc<CatalogApp>> {
         self.current.load().by_slug.get(slug).cloned()
     }
-
-    /// All apps, by name.
-    pub fn all(&self) -> Vec<Arc<CatalogApp>> {
-        let mut apps: Vec<_> = self.current.load().by_slug.values().cloned().collect();
-        apps.sort_by(|a, b| a.row.name.cmp(&b.row.name));
-        apps
-    }
 }

@@ -40,16 +40,6 @@ pub enum SubscriptionStatus {
 }
 
 impl SubscriptionStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::Active => "active",
-            Self::PastDue => "past_due",
-            Self::Canceled => "canceled",
-            Self::Unpaid => "unpaid",
-        }
-    }
-
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "none" => Self::None,

@@ -114,7 +114,6 @@ impl HotStore {
         let script = &self.scripts.consume;
         let deadline = self.redis_now_ms() + (self.timeout.as_millis() as i64) * 2 / 5;
         let (keys, args) = self.charge_command(charge, deadline);
-        let record = keys[1].clone();
         // EVALSHA, and on NOSCRIPT (a restarted or flushed Redis) load the
         // script and send it once more. Written out rather than fred's
         // `evalsha_with_reload`, which clones every argument up front for
@@ -135,7 +134,7 @@ impl HotStore {
         };
         match reply {
             Ok(reply) => parse_reply(&reply),
-            Err(e) if in_doubt(&e) => self.settle_in_doubt(charge, &record, deadline, e).await,
+            Err(e) if in_doubt(&e) => self.settle_in_doubt(charge, deadline, e).await,
             Err(e) => Err(e.into()),
         }
     }
@@ -145,16 +144,16 @@ impl HotStore {
     async fn settle_in_doubt(
         &self,
         charge: &Charge<'_>,
-        record: &str,
         deadline: i64,
         cause: fred::error::Error,
     ) -> Result<ChargeOutcome, HotError> {
+        let (record, _) = self.outcome_record(charge);
         // A millisecond past the deadline, plus the clock estimate's error.
         let wait = deadline - self.redis_now_ms() + 2;
         if wait > 0 {
             tokio::time::sleep(Duration::from_millis(wait as u64)).await;
         }
-        let found: Option<String> = match self.side.get(record).await {
+        let found: Option<String> = match self.side.get(&record).await {
             Ok(found) => found,
             Err(e) => {
                 metrics::counter!("consume_outcome_unknown_total").increment(1);
@@ -196,10 +195,10 @@ impl HotStore {
         }
     }
 
-    fn charge_command(&self, charge: &Charge<'_>, deadline: i64) -> (Vec<String>, Vec<Value>) {
-        let shard = self.keys.shard_of(charge.customer);
-        let account = self.keys.account(charge.customer);
-        let (record, record_ttl) = match charge.idempotency {
+    /// The key and TTL of the record the script leaves of a charge: the
+    /// idempotency record, or one keyed by the event id.
+    fn outcome_record(&self, charge: &Charge<'_>) -> (String, i64) {
+        match charge.idempotency {
             Some(idem) => (
                 self.keys.idempotency(charge.customer, idem.key),
                 idem.ttl_secs as i64,
@@ -208,7 +207,13 @@ impl HotStore {
                 self.keys.charge_record(charge.customer, charge.event_id),
                 CHARGE_RECORD_TTL_SECS,
             ),
-        };
+        }
+    }
+
+    fn charge_command(&self, charge: &Charge<'_>, deadline: i64) -> (Vec<String>, Vec<Value>) {
+        let shard = self.keys.shard_of(charge.customer);
+        let account = self.keys.account(charge.customer);
+        let (record, record_ttl) = self.outcome_record(charge);
         let keys = vec![account, record, self.keys.usage_stream(shard).to_owned()];
         let details = EventDetails {
             e: charge.event_id,

@@ -146,10 +146,6 @@ impl HotStore {
         &self.keys
     }
 
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
-
     pub(crate) fn client(&self) -> &Client {
         self.pool.next()
     }

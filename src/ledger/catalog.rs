@@ -33,13 +33,6 @@ pub async fn all_apps(pool: &PgPool) -> sqlx::Result<Vec<AppRow>> {
         .await
 }
 
-pub async fn app_by_slug(conn: &mut PgConnection, slug: &str) -> sqlx::Result<Option<AppRow>> {
-    sqlx::query_as(&format!("SELECT {APP_COLUMNS} FROM apps WHERE slug = $1"))
-        .bind(slug)
-        .fetch_optional(conn)
-        .await
-}
-
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct PlanRow {
     pub id: String,

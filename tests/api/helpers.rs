@@ -24,6 +24,18 @@ pub fn redis_url() -> String {
     std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
 }
 
+/// Deletes every key matching `pattern` (test keyspaces are small, so
+/// KEYS is fine here). Errors are ignored: this is clean-up.
+pub async fn delete_keys(redis: &Client, pattern: &str) {
+    let keys: Vec<String> = redis
+        .custom(fred::cmd!("KEYS"), vec![pattern.to_owned()])
+        .await
+        .unwrap_or_default();
+    if !keys.is_empty() {
+        let _: Result<i64, _> = redis.del(keys).await;
+    }
+}
+
 pub const JWT_SECRET: &str = "test-secret-for-the-suite-0123456789abcdef";
 
 pub struct TestApp {
@@ -237,18 +249,7 @@ impl TestApp {
     /// Deletes every Redis key of this instance, as a Redis restart without
     /// persistence would.
     pub async fn wipe_redis(&self) {
-        let pattern = self.state.hot.keys().pattern();
-        loop {
-            let keys: Vec<String> = self
-                .redis
-                .custom(fred::cmd!("KEYS"), vec![pattern.clone()])
-                .await
-                .unwrap();
-            if keys.is_empty() {
-                break;
-            }
-            let _: i64 = self.redis.del(keys).await.unwrap();
-        }
+        delete_keys(&self.redis, &self.state.hot.keys().pattern()).await;
     }
 
     pub async fn flusher(&self) -> Flusher {
@@ -310,13 +311,7 @@ impl Drop for TestApp {
                     .build()
                     .unwrap();
                 if redis.init().await.is_ok() {
-                    let keys: Vec<String> = redis
-                        .custom(fred::cmd!("KEYS"), vec![pattern])
-                        .await
-                        .unwrap_or_default();
-                    if !keys.is_empty() {
-                        let _: Result<i64, _> = redis.del(keys).await;
-                    }
+                    delete_keys(&redis, &pattern).await;
                     let _ = redis.quit().await;
                 }
             });

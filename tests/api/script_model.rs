@@ -283,12 +283,6 @@ fn the_consume_script_agrees_with_the_model_on_random_operation_sequences() {
             .build()
             .unwrap();
         redis.init().await.unwrap();
-        let keys: Vec<String> = redis
-            .custom(fred::cmd!("KEYS"), vec![format!("{prefix}:*")])
-            .await
-            .unwrap();
-        if !keys.is_empty() {
-            let _: i64 = redis.del(keys).await.unwrap();
-        }
+        crate::helpers::delete_keys(&redis, &format!("{prefix}:*")).await;
     });
 }
