@@ -107,6 +107,9 @@ pub struct DatabaseSettings {
     pub migrate_on_start: bool,
     /// Monthly `token_usage` partitions kept ready beyond the current month.
     pub partitions_ahead_months: u32,
+    /// Raw usage rows older than this many days are dropped, a month's
+    /// partition at a time; the daily aggregates are kept.
+    pub usage_retention_days: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -145,8 +148,16 @@ pub struct ConsumeSettings {
 #[derive(Debug, Clone)]
 pub struct FlusherSettings {
     pub batch_size: usize,
+    /// How long a partial batch waits to fill up.
     pub max_batch_age: Duration,
+    /// This process's name in the consumer group.
     pub consumer_name: String,
+    /// An entry pending this long with another consumer is taken over
+    /// (XAUTOCLAIM): its consumer is presumed dead.
+    pub claim_idle: Duration,
+    /// Deliveries after which an entry that cannot be decoded or written
+    /// goes to the dead-letter stream.
+    pub max_deliveries: u64,
 }
 
 const DEV_JWT_SECRET: &str = "development-only-jwt-secret-change-me-0123456789";
@@ -238,6 +249,10 @@ impl Settings {
                 max_connections: env.parse("DATABASE_MAX_CONNECTIONS", 10)?,
                 migrate_on_start: env.parse("MIGRATE_ON_START", true)?,
                 partitions_ahead_months: env.parse("USAGE_PARTITIONS_AHEAD_MONTHS", 3)?,
+                usage_retention_days: positive(
+                    "USAGE_RETENTION_DAYS",
+                    env.parse::<u32>("USAGE_RETENTION_DAYS", 400)?.into(),
+                )? as u32,
             },
             redis: RedisSettings {
                 url: Secret::new(redis_url),
@@ -271,6 +286,11 @@ impl Settings {
                     .get("FLUSHER_CONSUMER")
                     .map(str::to_owned)
                     .unwrap_or_else(|| format!("flusher-{}", uuid::Uuid::new_v4().simple())),
+                claim_idle: Duration::from_millis(env.parse("FLUSH_CLAIM_IDLE_MS", 30_000)?),
+                max_deliveries: positive(
+                    "FLUSH_MAX_DELIVERIES",
+                    env.parse("FLUSH_MAX_DELIVERIES", 5)?,
+                )?,
             },
             cors_origins,
             log_level,

@@ -108,6 +108,7 @@ impl Application {
             let scheduler = Scheduler::new(
                 state.db.clone(),
                 state.settings.database.partitions_ahead_months,
+                state.settings.database.usage_retention_days,
             );
             let stop = workers_stop.clone();
             workers.spawn(async move {

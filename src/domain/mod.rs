@@ -4,8 +4,10 @@
 //! - [`consume`]: validating a consume and charging it.
 //! - [`accounts`]: keeping the hot state and the ledger in step.
 //! - [`embed`]: the `embed_code` merchants paste into their shops.
+//! - [`usage`]: daily aggregates of usage, and the dashboards' report.
 
 pub mod accounts;
 pub mod catalog;
 pub mod consume;
 pub mod embed;
+pub mod usage;

@@ -16,6 +16,7 @@
 //! | `…:{s<n>}:c:<customer>:idem:<sha256>` | string | the first answer to a consume sent with an `Idempotency-Key` (hashed, so any 255 characters make a short, safe key) | `IDEMPOTENCY_TTL_SECS`, 24 h |
 //! | `…:{s<n>}:c:<customer>:ev:<event>` | string | the outcome of a consume sent without `Idempotency-Key`, read only when its reply was late (see `hot/charge.rs`) | 10 s |
 //! | `…:{s<n>}:usage` | stream | usage events waiting for the flusher (consumer group `flusher`) | none: trimmed by the flusher once persisted |
+//! | `…:{s<n>}:usage:dead` | stream | entries the flusher could not decode or write after `FLUSH_MAX_DELIVERIES` attempts, with `source_id`, `reason`, `deliveries` and the original fields, for an operator to inspect and replay | none: an operator deletes what they have dealt with |
 
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -89,6 +90,11 @@ impl Keys {
 
     pub fn usage_streams(&self) -> &[String] {
         &self.streams
+    }
+
+    /// The dead-letter stream beside a shard's usage stream.
+    pub fn dead_letter_stream(&self, shard: u16) -> String {
+        format!("{}:dead", self.streams[usize::from(shard)])
     }
 
     /// Every key of this layout, for SCAN-based clean-up in tests and tools.

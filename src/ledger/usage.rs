@@ -1,10 +1,13 @@
-//! Usage rows: the flusher's writes, and the sums a rebuild reads.
+//! Usage rows and daily aggregates: the flusher's writes, the sums a
+//! rebuild reads, and the dashboards' queries.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::{types::ipnetwork::IpNetwork, PgConnection};
 use uuid::Uuid;
+
+use crate::domain::usage::{DayKey, DayTotals, Identity, Sighting};
 
 /// One usage event, as decoded from the stream.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,23 +25,13 @@ pub struct UsageRow {
     pub created_at: DateTime<Utc>,
 }
 
-/// A row that this call inserted (not one already there).
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct InsertedRow {
-    pub customer_id: Uuid,
-    pub app_id: Uuid,
-    pub tokens_consumed: i32,
-    pub purchased_tokens_consumed: i32,
-    pub created_at: DateTime<Utc>,
-}
-
 /// Inserts the rows in one statement; rows already present (a redelivered
-/// event) are skipped. Returns exactly the rows newly inserted, so the
+/// event) are skipped. Returns the ids of the rows newly inserted, so the
 /// caller adds to balances and aggregates only once per event.
 pub async fn insert_batch(
     conn: &mut PgConnection,
-    rows: &[UsageRow],
-) -> sqlx::Result<Vec<InsertedRow>> {
+    rows: &[&UsageRow],
+) -> sqlx::Result<HashSet<Uuid>> {
     let n = rows.len();
     let mut ids = Vec::with_capacity(n);
     let mut customers = Vec::with_capacity(n);
@@ -57,21 +50,21 @@ pub async fn insert_batch(
         apps.push(r.app_id);
         tokens.push(r.tokens);
         purchased.push(r.purchased_tokens);
-        sessions.push(r.session_id.clone());
-        metadata.push(r.metadata.clone());
+        sessions.push(r.session_id.as_deref());
+        metadata.push(sqlx::types::Json(&r.metadata));
         ips.push(r.ip_address);
-        agents.push(r.user_agent.clone());
+        agents.push(r.user_agent.as_deref());
         keys.push(r.embed_key_id);
         times.push(r.created_at);
     }
-    sqlx::query_as(
+    let inserted: Vec<Uuid> = sqlx::query_scalar(
         r#"
         INSERT INTO token_usage (id, customer_id, app_id, tokens_consumed, purchased_tokens_consumed,
                                  session_id, metadata, ip_address, user_agent, embed_key_id, created_at)
         SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::int4[], $5::int4[],
                              $6::text[], $7::jsonb[], $8::inet[], $9::text[], $10::uuid[], $11::timestamptz[])
         ON CONFLICT (id, created_at) DO NOTHING
-        RETURNING customer_id, app_id, tokens_consumed, purchased_tokens_consumed, created_at
+        RETURNING id
         "#,
     )
     .bind(ids)
@@ -86,7 +79,130 @@ pub async fn insert_batch(
     .bind(keys)
     .bind(times)
     .fetch_all(conn)
-    .await
+    .await?;
+    Ok(inserted.into_iter().collect())
+}
+
+/// Records the sessions and visitors of new rows; returns, per day, how
+/// many of them were seen for the first time that day.
+pub async fn record_sightings(
+    conn: &mut PgConnection,
+    sightings: &BTreeSet<Sighting>,
+) -> sqlx::Result<BTreeMap<(DayKey, Identity), i64>> {
+    let mut firsts = BTreeMap::new();
+    if sightings.is_empty() {
+        return Ok(firsts);
+    }
+    let n = sightings.len();
+    let (mut customers, mut apps, mut dates, mut kinds, mut hashes) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    // Sorted (a BTreeSet), so two flushers take the key locks in one order.
+    for s in sightings {
+        customers.push(s.day.customer_id);
+        apps.push(s.day.app_id);
+        dates.push(s.day.date);
+        kinds.push(s.kind.code());
+        hashes.push(&s.hash[..]);
+    }
+    let new: Vec<(Uuid, Uuid, NaiveDate, i8)> = sqlx::query_as(
+        r#"
+        INSERT INTO usage_daily_distinct (customer_id, app_id, date, kind, value)
+        SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::date[], $4::"char"[], $5::bytea[])
+        ON CONFLICT DO NOTHING
+        RETURNING customer_id, app_id, date, kind
+        "#,
+    )
+    .bind(customers)
+    .bind(apps)
+    .bind(dates)
+    .bind(kinds)
+    .bind(hashes)
+    .fetch_all(conn)
+    .await?;
+    for (customer_id, app_id, date, kind) in new {
+        let day = DayKey {
+            customer_id,
+            app_id,
+            date,
+        };
+        if let Some(kind) = Identity::from_code(kind) {
+            *firsts.entry((day, kind)).or_default() += 1;
+        }
+    }
+    Ok(firsts)
+}
+
+/// Adds new rows' totals to `usage_analytics_daily`, in key order so two
+/// flushers lock the same rows in the same order.
+pub async fn add_to_daily(
+    conn: &mut PgConnection,
+    days: &BTreeMap<DayKey, DayTotals>,
+) -> sqlx::Result<()> {
+    if days.is_empty() {
+        return Ok(());
+    }
+    let n = days.len();
+    let mut customers = Vec::with_capacity(n);
+    let mut apps = Vec::with_capacity(n);
+    let mut dates = Vec::with_capacity(n);
+    let mut tokens = Vec::with_capacity(n);
+    let mut events = Vec::with_capacity(n);
+    let mut sessions = Vec::with_capacity(n);
+    let mut visitors = Vec::with_capacity(n);
+    let mut time_us = Vec::with_capacity(n);
+    let mut samples = Vec::with_capacity(n);
+    for (day, t) in days {
+        customers.push(day.customer_id);
+        apps.push(day.app_id);
+        dates.push(day.date);
+        tokens.push(t.tokens);
+        events.push(t.events);
+        sessions.push(t.sessions);
+        visitors.push(t.visitors);
+        time_us.push(t.processing_time_us);
+        samples.push(t.processing_time_samples);
+    }
+    sqlx::query(
+        r#"
+        INSERT INTO usage_analytics_daily AS d
+            (customer_id, app_id, date, tokens_consumed, events_count, sessions_count, unique_users,
+             processing_time_total_us, processing_time_samples, avg_processing_time_ms)
+        SELECT c, a, dt, t, e, s, v, us, n,
+               CASE WHEN n > 0 THEN ROUND(us::numeric / n / 1000, 2) END
+        FROM UNNEST($1::uuid[], $2::uuid[], $3::date[], $4::int8[], $5::int8[], $6::int8[],
+                    $7::int8[], $8::int8[], $9::int8[]) AS u(c, a, dt, t, e, s, v, us, n)
+        ON CONFLICT (customer_id, app_id, date) DO UPDATE SET
+            tokens_consumed = d.tokens_consumed + EXCLUDED.tokens_consumed,
+            events_count = d.events_count + EXCLUDED.events_count,
+            sessions_count = d.sessions_count + EXCLUDED.sessions_count,
+            unique_users = d.unique_users + EXCLUDED.unique_users,
+            processing_time_total_us = d.processing_time_total_us + EXCLUDED.processing_time_total_us,
+            processing_time_samples = d.processing_time_samples + EXCLUDED.processing_time_samples,
+            avg_processing_time_ms = CASE
+                WHEN d.processing_time_samples + EXCLUDED.processing_time_samples > 0 THEN ROUND(
+                    (d.processing_time_total_us + EXCLUDED.processing_time_total_us)::numeric
+                    / (d.processing_time_samples + EXCLUDED.processing_time_samples) / 1000, 2)
+                END,
+            updated_at = NOW()
+        "#,
+    )
+    .bind(customers)
+    .bind(apps)
+    .bind(dates)
+    .bind(tokens)
+    .bind(events)
+    .bind(sessions)
+    .bind(visitors)
+    .bind(time_us)
+    .bind(samples)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Keeps the balances in Postgres in step with newly inserted rows:
@@ -94,18 +210,15 @@ pub async fn insert_batch(
 /// allowance drawn in the current period) and `customer_apps.last_used_at`.
 /// Should two flushers deadlock on these rows, Postgres aborts one
 /// transaction; its entries stay pending and the next pass retries them.
-pub async fn apply_to_balances(
-    conn: &mut PgConnection,
-    inserted: &[InsertedRow],
-) -> sqlx::Result<()> {
+pub async fn apply_to_balances(conn: &mut PgConnection, rows: &[&UsageRow]) -> sqlx::Result<()> {
     let mut purchased: BTreeMap<Uuid, i64> = BTreeMap::new();
     let mut last_used: BTreeMap<(Uuid, Uuid), DateTime<Utc>> = BTreeMap::new();
     // The allowance part of each row, with its time: only rows inside the
     // customer's current period count towards `tokens_used`.
     let (mut ids, mut amounts, mut times) = (Vec::new(), Vec::new(), Vec::new());
-    for row in inserted {
-        *purchased.entry(row.customer_id).or_default() += i64::from(row.purchased_tokens_consumed);
-        let from_allowance = i64::from(row.tokens_consumed - row.purchased_tokens_consumed);
+    for row in rows {
+        *purchased.entry(row.customer_id).or_default() += i64::from(row.purchased_tokens);
+        let from_allowance = i64::from(row.tokens - row.purchased_tokens);
         if from_allowance > 0 {
             ids.push(row.customer_id);
             amounts.push(from_allowance);

@@ -1,12 +1,17 @@
-//! Scheduled jobs (tokio-cron-scheduler).
+//! Scheduled jobs (tokio-cron-scheduler), daily at 03:00 UTC and once at
+//! start:
 //!
-//! - `usage-partitions`, daily at 03:00 UTC and once at start: creates the
-//!   `token_usage` partitions of the coming months. It is idempotent
-//!   (`CREATE TABLE IF NOT EXISTS`), so replicas running it at once need
-//!   no lock.
+//! - `usage-partitions`: creates the partitions of the coming months;
+//! - `usage-retention`: drops raw usage partitions whose month ended more
+//!   than `USAGE_RETENTION_DAYS` ago (default 400). The daily aggregates
+//!   are kept.
+//!
+//! Both are idempotent (`CREATE TABLE IF NOT EXISTS`, `DROP TABLE IF
+//! EXISTS`), so replicas running them at once need no lock.
 
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::sync::CancellationToken;
@@ -16,36 +21,53 @@ use crate::ledger::partitions;
 pub struct Scheduler {
     db: PgPool,
     months_ahead: u32,
+    retention_days: u32,
 }
 
 impl Scheduler {
-    pub fn new(db: PgPool, months_ahead: u32) -> Self {
-        Self { db, months_ahead }
+    pub fn new(db: PgPool, months_ahead: u32, retention_days: u32) -> Self {
+        Self {
+            db,
+            months_ahead,
+            retention_days,
+        }
     }
 
     /// Makes sure the coming months' partitions exist.
     pub async fn ensure_partitions(&self) -> anyhow::Result<()> {
-        partitions::ensure_months_ahead(&self.db, chrono::Utc::now(), self.months_ahead).await?;
+        partitions::ensure_months_ahead(&self.db, Utc::now(), self.months_ahead).await?;
         Ok(())
+    }
+
+    /// Drops the raw usage older than the retention period, as of `now`;
+    /// returns the partitions dropped.
+    pub async fn apply_retention(&self, now: DateTime<Utc>) -> anyhow::Result<Vec<String>> {
+        let cutoff = now.date_naive() - chrono::Days::new(u64::from(self.retention_days));
+        Ok(partitions::drop_before(&self.db, cutoff).await?)
+    }
+
+    async fn daily(&self) {
+        match self.ensure_partitions().await {
+            Ok(()) => tracing::info!("usage partitions ensured"),
+            Err(e) => tracing::error!(error = ?e, "usage partition job failed"),
+        }
+        match self.apply_retention(Utc::now()).await {
+            Ok(dropped) if dropped.is_empty() => {}
+            Ok(dropped) => tracing::info!(?dropped, "usage past retention dropped"),
+            Err(e) => tracing::error!(error = ?e, "usage retention job failed"),
+        }
     }
 
     /// Runs the jobs until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        if let Err(e) = self.ensure_partitions().await {
-            tracing::warn!(error = ?e, "could not create usage partitions at start; retrying on schedule");
-        }
+        self.daily().await;
         let this = Arc::new(self);
         let mut scheduler = JobScheduler::new().await?;
         let job_state = this.clone();
         scheduler
             .add(Job::new_async("0 0 3 * * *", move |_id, _lock| {
                 let job_state = job_state.clone();
-                Box::pin(async move {
-                    match job_state.ensure_partitions().await {
-                        Ok(()) => tracing::info!("usage partitions ensured"),
-                        Err(e) => tracing::error!(error = ?e, "usage partition job failed"),
-                    }
-                })
+                Box::pin(async move { job_state.daily().await })
             })?)
             .await?;
         scheduler.start().await?;

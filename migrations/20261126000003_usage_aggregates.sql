@@ -1,0 +1,38 @@
+-- Daily aggregates kept exact by the flusher.
+--
+-- `usage_analytics_daily` gains what an exact running update needs: the
+-- number of events, and the processing-time sum and sample count from which
+-- `avg_processing_time_ms` is derived (an average of averages would drift).
+-- `tokens_consumed` widens to BIGINT: an unlimited plan can pass 2^31
+-- tokens of one app in a day.
+ALTER TABLE usage_analytics_daily
+    ALTER COLUMN tokens_consumed TYPE BIGINT,
+    ALTER COLUMN tokens_consumed SET NOT NULL,
+    ALTER COLUMN sessions_count SET NOT NULL,
+    ALTER COLUMN unique_users SET NOT NULL,
+    ADD COLUMN events_count INTEGER NOT NULL DEFAULT 0,
+    -- Sum of metadata.processing_time_ms, in microseconds, and how many
+    -- events carried it.
+    ADD COLUMN processing_time_total_us BIGINT NOT NULL DEFAULT 0,
+    ADD COLUMN processing_time_samples INTEGER NOT NULL DEFAULT 0,
+    ADD COLUMN updated_at TIMESTAMP WITH TIME ZONE NOT NULL DEFAULT NOW();
+
+-- The distinct sessions and visitors already counted for a customer, app
+-- and (UTC) day, so a session seen again in a later batch is not counted
+-- twice. `kind` is 's' (session_id) or 'v' (visitor: metadata.visitor_id,
+-- else IP address and user agent); `value` is the first 16 bytes of the
+-- SHA-256 of the identity. The primary key makes two flushers racing over
+-- the same identity count it once: the second insert waits for the first
+-- to commit, then does nothing.
+--
+-- Partitioned by month like token_usage and dropped with it by the
+-- retention job: an event older than the retention period is never
+-- flushed late, so its day's sets are no longer needed.
+CREATE TABLE usage_daily_distinct (
+    customer_id UUID NOT NULL,
+    app_id UUID NOT NULL,
+    date DATE NOT NULL,
+    kind "char" NOT NULL CHECK (kind IN ('s', 'v')),
+    value BYTEA NOT NULL CHECK (length(value) = 16),
+    PRIMARY KEY (customer_id, app_id, date, kind, value)
+) PARTITION BY RANGE (date);
