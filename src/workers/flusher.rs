@@ -356,9 +356,7 @@ impl Flusher {
                 from,
             )
             .await?;
-        for (id, fields) in parse_xread(reply) {
-            batch.entries.push(Entry { shard, id, fields });
-        }
+        parse_xread(reply, shard, batch);
         Ok(())
     }
 
@@ -700,11 +698,11 @@ fn id_lt(a: &str, b: &str) -> bool {
 }
 
 /// XREADGROUP's reply for one stream: `[[stream, [[id, [f, v, …] | nil], …]]]`.
-fn parse_xread(reply: Value) -> Vec<(String, Option<Vec<(String, String)>>)> {
+/// Appends its entries to `batch`.
+fn parse_xread(reply: Value, shard: u16, batch: &mut Batch) {
     let Value::Array(streams) = reply else {
-        return Vec::new();
+        return;
     };
-    let mut out = Vec::new();
     for stream in streams {
         let Value::Array(mut parts) = stream else {
             continue;
@@ -734,10 +732,9 @@ fn parse_xread(reply: Value) -> Vec<(String, Option<Vec<(String, String)>>)> {
                 ),
                 _ => None,
             };
-            out.push((id, fields));
+            batch.entries.push(Entry { shard, id, fields });
         }
     }
-    out
 }
 
 /// The `d` field of an event, as [`crate::hot::charge::EventDetails`] writes it.
