@@ -36,3 +36,19 @@ CREATE TABLE usage_daily_distinct (
     value BYTEA NOT NULL CHECK (length(value) = 16),
     PRIMARY KEY (customer_id, app_id, date, kind, value)
 ) PARTITION BY RANGE (date);
+
+-- token_usage takes every consume, tens of thousands a second; each index
+-- and foreign key costs the flusher on every row (together about half of
+-- the insert, measured in benches/RESULTS.md).
+-- - The foreign keys go: the flusher writes only events that the consume
+--   script charged to a loaded customer for an app of the catalog, and a
+--   ledger keeps its usage rows when a customer is deleted.
+-- - `idx_token_usage_created_at` goes: time ranges are served by partition
+--   pruning and `idx_token_usage_customer_created`, and retention drops
+--   whole partitions.
+-- - `idx_token_usage_session` goes: sessions are counted in the daily
+--   aggregates; a session's events are found by customer and time.
+ALTER TABLE token_usage DROP CONSTRAINT token_usage_customer_id_fkey;
+ALTER TABLE token_usage DROP CONSTRAINT token_usage_app_id_fkey;
+DROP INDEX idx_token_usage_created_at;
+DROP INDEX idx_token_usage_session;

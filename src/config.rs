@@ -158,6 +158,13 @@ pub struct FlusherSettings {
     /// Deliveries after which an entry that cannot be decoded or written
     /// goes to the dead-letter stream.
     pub max_deliveries: u64,
+    /// Flushers this process runs side by side, each its own consumer
+    /// (`<consumer_name>-<n>`) with its own Postgres connection, so one
+    /// batch is written while the next is read and decoded.
+    pub workers: usize,
+    /// Whether this flusher trims the streams, claims abandoned entries and
+    /// exports the backlog (one per process does).
+    pub upkeep: bool,
 }
 
 const DEV_JWT_SECRET: &str = "development-only-jwt-secret-change-me-0123456789";
@@ -291,6 +298,8 @@ impl Settings {
                     "FLUSH_MAX_DELIVERIES",
                     env.parse("FLUSH_MAX_DELIVERIES", 5)?,
                 )?,
+                workers: positive("FLUSHER_WORKERS", env.parse("FLUSHER_WORKERS", 2)?)? as usize,
+                upkeep: true,
             },
             cors_origins,
             log_level,

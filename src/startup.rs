@@ -30,7 +30,7 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(5);
 pub struct Application {
     state: Arc<AppState>,
     roles: Roles,
-    listener: Option<TcpListener>,
+    listener: TcpListener,
     port: u16,
 }
 
@@ -70,13 +70,10 @@ impl Application {
             metering,
             metrics,
         });
-        let (listener, port) = if roles.api {
-            let listener = TcpListener::bind(settings.bind).await?;
-            let port = listener.local_addr()?.port();
-            (Some(listener), port)
-        } else {
-            (None, 0)
-        };
+        // Every process listens: without the API role it still answers
+        // the probes and `/metrics` (a flusher exports the backlog there).
+        let listener = TcpListener::bind(settings.bind).await?;
+        let port = listener.local_addr()?.port();
         Ok(Self {
             state,
             roles,
@@ -85,7 +82,7 @@ impl Application {
         })
     }
 
-    /// The bound port (0 when the API role is off).
+    /// The bound port.
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -118,22 +115,24 @@ impl Application {
             });
         }
 
-        if let Some(listener) = self.listener {
-            let housekeeping = tokio::spawn(housekeeping(state.clone(), shutdown.clone()));
+        let housekeeping = tokio::spawn(housekeeping(state.clone(), shutdown.clone()));
+        let listener = self.listener;
+        let app = if self.roles.api {
             tracing::info!(address = %listener.local_addr()?, "serving the API");
-            let app = crate::http::router(state.clone());
-            // Responses go out at once, not held back by Nagle's algorithm.
-            let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-                .await?;
-            housekeeping.abort();
-            tracing::info!("API stopped; in-flight requests finished");
+            crate::http::router(state.clone())
         } else {
-            shutdown.cancelled().await;
-        }
+            tracing::info!(address = %listener.local_addr()?, "serving probes and metrics");
+            crate::http::ops_router(state.clone())
+        };
+        // Responses go out at once, not held back by Nagle's algorithm.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .await?;
+        housekeeping.abort();
+        tracing::info!("HTTP stopped; in-flight requests finished");
 
         workers_stop.cancel();
         while workers.join_next().await.is_some() {}
@@ -146,10 +145,12 @@ impl Application {
     }
 }
 
-/// Runs the flusher on a thread and runtime of its own, with its own
+/// Runs the flushers on a thread and runtime of their own, with their own
 /// connections: decoding and writing a batch of thousands of events takes
 /// milliseconds of CPU, which on the API's runtime would stall requests
-/// queued behind it. Returns once the flusher has connected.
+/// queued behind it. `FLUSHER_WORKERS` flushers share the thread; each has
+/// a Postgres connection, so their transactions run side by side. Returns
+/// once they have connected.
 async fn spawn_flusher(
     settings: Arc<Settings>,
     stop: CancellationToken,
@@ -171,12 +172,24 @@ async fn spawn_flusher(
             runtime.block_on(async move {
                 let connected = async {
                     let db = ledger::pool(&settings.database)?;
-                    Flusher::connect(&settings.redis, db, settings.flusher.clone()).await
+                    let mut flushers = Vec::with_capacity(settings.flusher.workers);
+                    for n in 0..settings.flusher.workers {
+                        let mut worker = settings.flusher.clone();
+                        worker.consumer_name = format!("{}-{n}", worker.consumer_name);
+                        // One worker trims, claims and measures for all.
+                        worker.upkeep = n == 0;
+                        flushers.push(Flusher::connect(&settings.redis, db.clone(), worker).await?);
+                    }
+                    anyhow::Ok(flushers)
                 };
                 match connected.await {
-                    Ok(flusher) => {
+                    Ok(flushers) => {
                         let _ = ready_tx.send(Ok(()));
-                        flusher.run(stop).await;
+                        let mut running = tokio::task::JoinSet::new();
+                        for flusher in flushers {
+                            running.spawn(flusher.run(stop.clone()));
+                        }
+                        while running.join_next().await.is_some() {}
                     }
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));

@@ -1,4 +1,5 @@
-//! What a batch of new usage rows adds to the daily aggregates.
+//! Usage: what a batch of new usage rows adds to the daily aggregates, and
+//! the report the merchants' dashboards read.
 //!
 //! Aggregates are per customer, app and UTC day:
 //!
@@ -20,11 +21,21 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use chrono::NaiveDate;
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use serde::Serialize;
 use sha2::{Digest, Sha256};
+use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::ledger::usage::UsageRow;
+use crate::{
+    domain::accounts::Accounts,
+    error::{ApiError, FieldError},
+    hot::HotStore,
+    ledger::usage::{self as ledger_usage, UsageRow},
+};
+
+/// The longest range of days one report covers.
+pub const MAX_REPORT_DAYS: i64 = 366;
 
 /// One row of `usage_analytics_daily`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -93,7 +104,7 @@ pub fn summarize<'a>(
         let totals = days.entry(day).or_default();
         totals.tokens += i64::from(row.tokens);
         totals.events += 1;
-        if let Some(us) = processing_time_us(&row.metadata) {
+        if let Some(us) = row.processing_time_ms.and_then(processing_time_us) {
             totals.processing_time_us += us;
             totals.processing_time_samples += 1;
         }
@@ -117,8 +128,7 @@ pub fn summarize<'a>(
 
 /// `metadata.processing_time_ms` in whole microseconds. The API accepted
 /// only numbers from 0 to 86,400,000, so anything else is not a sample.
-fn processing_time_us(metadata: &serde_json::Value) -> Option<i64> {
-    let ms = metadata.get("processing_time_ms")?.as_f64()?;
+fn processing_time_us(ms: f64) -> Option<i64> {
     (0.0..=86_400_000.0)
         .contains(&ms)
         .then(|| (ms * 1000.0).round() as i64)
@@ -127,12 +137,7 @@ fn processing_time_us(metadata: &serde_json::Value) -> Option<i64> {
 /// Who used the app: `visitor_id` when the embed sends one, else the IP
 /// address and user agent together.
 fn visitor_identity(row: &UsageRow) -> Option<String> {
-    if let Some(visitor) = row
-        .metadata
-        .get("visitor_id")
-        .and_then(|v| v.as_str())
-        .filter(|v| !v.is_empty())
-    {
+    if let Some(visitor) = row.visitor_id.as_deref().filter(|v| !v.is_empty()) {
         return Some(format!("v:{visitor}"));
     }
     if row.ip_address.is_none() && row.user_agent.is_none() {
@@ -152,6 +157,169 @@ fn hash(identity: &[u8]) -> [u8; 16] {
     let mut out = [0u8; 16];
     out.copy_from_slice(&digest[..16]);
     out
+}
+
+/// `GET /api/v1/customer/tokens/usage`, as in the specification.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct UsageReport {
+    pub current_period: CurrentPeriod,
+    pub usage_by_app: Vec<AppUsage>,
+    pub daily_usage: Vec<DayUsage>,
+}
+
+/// The billing period, live from the hot store.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct CurrentPeriod {
+    /// The period's first instant; `null` without a subscription.
+    pub start_date: Option<DateTime<Utc>>,
+    /// The period's last second (it ends one second later); `null` without
+    /// a subscription.
+    pub end_date: Option<DateTime<Utc>>,
+    /// Tokens drawn from the plan's allowance this period.
+    pub tokens_used: i64,
+    /// Tokens that can still be consumed: the allowance left plus purchased
+    /// tokens, as `consume` reports it; -1 on an unlimited plan.
+    pub tokens_remaining: i64,
+    /// The allowance plus the purchased tokens left (`tokens_used +
+    /// tokens_remaining` while the allowance lasts); -1 on an unlimited plan.
+    pub tokens_total: i64,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct AppUsage {
+    /// The app's slug, e.g. `vto-001`.
+    pub app_id: String,
+    pub app_name: String,
+    pub tokens_consumed: i64,
+    /// Distinct `session_id`s per day, summed over the range.
+    pub sessions: i64,
+    /// `tokens_consumed / sessions`, to two decimals; `null` without
+    /// sessions.
+    pub avg_tokens_per_session: Option<f64>,
+}
+
+/// One day of the range (UTC), every day present, zero when unused.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DayUsage {
+    pub date: NaiveDate,
+    pub tokens: i64,
+}
+
+/// Where a report's data comes from.
+pub struct Reports<'a> {
+    pub hot: &'a HotStore,
+    pub accounts: &'a Accounts,
+    pub db: &'a PgPool,
+}
+
+impl Reports<'_> {
+    /// The usage report for `from..=to`, each defaulting to the current
+    /// period's first and last day (the calendar month without a
+    /// subscription).
+    pub async fn usage(
+        &self,
+        customer: Uuid,
+        from: Option<NaiveDate>,
+        to: Option<NaiveDate>,
+    ) -> Result<UsageReport, ApiError> {
+        let mut conn = self.db.acquire().await?;
+        let period = ledger_usage::current_period(&mut conn, customer).await?;
+        let balance = match self.hot.balance(customer).await? {
+            Some(balance) => balance,
+            None => {
+                self.accounts.rebuild(customer).await?;
+                self.hot.balance(customer).await?.ok_or_else(|| {
+                    ApiError::Unavailable(anyhow::anyhow!("the account was not loaded"))
+                })?
+            }
+        };
+        let (from, to) = report_range(period, from, to, Utc::now())?;
+        let lines = ledger_usage::report(&mut conn, customer, from, to).await?;
+
+        let mut usage_by_app = Vec::new();
+        let mut days: BTreeMap<NaiveDate, i64> = BTreeMap::new();
+        for line in lines {
+            match (line.slug, line.name, line.date) {
+                (Some(slug), Some(name), None) => usage_by_app.push(AppUsage {
+                    app_id: slug,
+                    app_name: name,
+                    tokens_consumed: line.tokens,
+                    sessions: line.sessions,
+                    avg_tokens_per_session: (line.sessions > 0).then(|| {
+                        (line.tokens as f64 / line.sessions as f64 * 100.0).round() / 100.0
+                    }),
+                }),
+                (None, None, Some(date)) => {
+                    days.insert(date, line.tokens);
+                }
+                _ => {}
+            }
+        }
+        let daily_usage = from
+            .iter_days()
+            .take_while(|d| *d <= to)
+            .map(|date| DayUsage {
+                date,
+                tokens: days.get(&date).copied().unwrap_or(0),
+            })
+            .collect();
+
+        let unlimited = balance.allowance < 0;
+        let left = (balance.allowance - balance.used).max(0) + balance.purchased;
+        Ok(UsageReport {
+            current_period: CurrentPeriod {
+                start_date: period.map(|(start, _)| start),
+                end_date: period.map(|(_, end)| end - chrono::Duration::seconds(1)),
+                tokens_used: balance.used,
+                tokens_remaining: if unlimited { -1 } else { left },
+                tokens_total: if unlimited {
+                    -1
+                } else {
+                    balance.allowance.max(balance.used) + balance.purchased
+                },
+            },
+            usage_by_app,
+            daily_usage,
+        })
+    }
+}
+
+/// The days a report covers: the query's `from` and `to`, or the period's.
+fn report_range(
+    period: Option<(DateTime<Utc>, DateTime<Utc>)>,
+    from: Option<NaiveDate>,
+    to: Option<NaiveDate>,
+    now: DateTime<Utc>,
+) -> Result<(NaiveDate, NaiveDate), ApiError> {
+    let (first, last) = match period {
+        Some((start, end)) => (
+            start.date_naive(),
+            (end - chrono::Duration::milliseconds(1)).date_naive(),
+        ),
+        None => {
+            let today = now.date_naive();
+            let first = today.with_day(1).unwrap_or(today);
+            let last = first
+                .checked_add_months(chrono::Months::new(1))
+                .and_then(|d| d.pred_opt())
+                .unwrap_or(today);
+            (first, last)
+        }
+    };
+    let (from, to) = (from.unwrap_or(first), to.unwrap_or(last));
+    if from > to {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "from",
+            "must not be after `to`",
+        )]));
+    }
+    if (to - from).num_days() >= MAX_REPORT_DAYS {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "to",
+            "a report covers at most 366 days",
+        )]));
+    }
+    Ok((from, to))
 }
 
 #[cfg(test)]
@@ -177,7 +345,12 @@ mod tests {
                 .get("user_agent")
                 .and_then(|v| v.as_str())
                 .map(str::to_owned),
-            metadata,
+            visitor_id: metadata
+                .get("visitor_id")
+                .and_then(|v| v.as_str())
+                .map(str::to_owned),
+            processing_time_ms: metadata.get("processing_time_ms").and_then(|v| v.as_f64()),
+            metadata: serde_json::value::to_raw_value(&metadata).unwrap(),
             embed_key_id: None,
             created_at: Utc.with_ymd_and_hms(2026, 11, 26, hour, 0, 0).unwrap(),
         }
@@ -229,6 +402,34 @@ mod tests {
 
         let dates: Vec<_> = days.keys().map(|k| k.date.to_string()).collect();
         assert_eq!(dates, ["2026-11-26", "2026-11-27"]);
+    }
+
+    fn date(s: &str) -> NaiveDate {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_report_covers_the_billing_period_by_default() {
+        let start = Utc.with_ymd_and_hms(2026, 11, 10, 0, 0, 0).unwrap();
+        let end = Utc.with_ymd_and_hms(2026, 12, 10, 0, 0, 0).unwrap();
+        let range = report_range(Some((start, end)), None, None, Utc::now()).unwrap();
+        assert_eq!(range, (date("2026-11-10"), date("2026-12-09")));
+    }
+
+    #[test]
+    fn without_a_subscription_a_report_covers_the_calendar_month() {
+        let now = Utc.with_ymd_and_hms(2028, 2, 10, 12, 0, 0).unwrap();
+        let range = report_range(None, None, None, now).unwrap();
+        assert_eq!(range, (date("2028-02-01"), date("2028-02-29")));
+    }
+
+    #[test]
+    fn a_report_range_is_ordered_and_at_most_366_days() {
+        let from = Some(date("2026-01-01"));
+        assert!(report_range(None, from, Some(date("2026-12-31")), Utc::now()).is_ok());
+        assert!(report_range(None, from, Some(date("2027-01-01")), Utc::now()).is_ok());
+        assert!(report_range(None, from, Some(date("2027-01-02")), Utc::now()).is_err());
+        assert!(report_range(None, from, Some(date("2025-12-31")), Utc::now()).is_err());
     }
 
     #[test]

@@ -29,6 +29,17 @@ pub struct AccountState {
     pub embed_keys: Vec<(Uuid, i64)>,
 }
 
+/// The balance part of the hot state, as the consume script sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Balance {
+    /// Tokens per period; -1 = unlimited.
+    pub allowance: i64,
+    /// Allowance drawn this period.
+    pub used: i64,
+    /// Purchased tokens left.
+    pub purchased: i64,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubscriptionStatus {
     /// No subscription: only purchased tokens can be spent.
@@ -143,6 +154,26 @@ impl HotStore {
             .evalsha_with_reload(self.client(), vec![self.keys.account(customer)], args)
             .await?;
         Ok(applied == 1)
+    }
+
+    /// The live balance, or `None` when the account is not loaded.
+    pub async fn balance(&self, customer: Uuid) -> Result<Option<Balance>, HotError> {
+        use fred::prelude::*;
+        let fields: Vec<Option<i64>> = self
+            .client()
+            .hmget(
+                self.keys.account(customer),
+                vec!["allowance", "used", "purchased"],
+            )
+            .await?;
+        Ok(match fields[..] {
+            [Some(allowance), Some(used), Some(purchased)] => Some(Balance {
+                allowance,
+                used,
+                purchased,
+            }),
+            _ => None,
+        })
     }
 
     pub async fn is_loaded(&self, customer: Uuid) -> Result<bool, HotError> {

@@ -51,6 +51,26 @@ impl<S: Send + Sync> FromRequest<S> for Body {
     }
 }
 
+/// The query string, with a malformed one answered 422 in the contract's
+/// shape.
+pub struct Query<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for Query<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(v)| Query(v))
+            .map_err(|rejection| {
+                ApiError::Validation(vec![crate::error::FieldError::new(
+                    "query",
+                    rejection.body_text(),
+                )])
+            })
+    }
+}
+
 /// One path parameter. A value that does not parse (a malformed UUID) names
 /// nothing that exists, so it is a 404, as for any unknown resource.
 pub struct PathParam<T>(pub T);

@@ -17,6 +17,7 @@ pub mod edge;
 pub mod extract;
 pub mod health;
 pub mod openapi;
+pub mod usage;
 
 use axum::{
     extract::DefaultBodyLimit,
@@ -39,6 +40,7 @@ pub fn router(state: Shared) -> Router {
         .merge(activations::router())
         .merge(api_keys::router())
         .merge(admin::router())
+        .merge(usage::router())
         .merge(health::router())
         .merge(openapi::router())
         .fallback(|| async { ApiError::NotFound("route") })
@@ -48,6 +50,16 @@ pub fn router(state: Shared) -> Router {
         .layer(edge::EdgeLayer::default())
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, FastRequestUuid))
+        .with_state(state)
+}
+
+/// What a process without the API role serves: the probes and `/metrics`.
+pub fn ops_router(state: Shared) -> Router {
+    Router::new()
+        .merge(health::router())
+        .fallback(|| async { ApiError::NotFound("route") })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(edge::EdgeLayer::default())
         .with_state(state)
 }
 

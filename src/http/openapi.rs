@@ -27,6 +27,7 @@ use crate::state::Shared;
         super::api_keys::revoke_key,
         super::admin::create_customer,
         super::admin::grant_tokens,
+        super::usage::usage,
     ),
     components(schemas(crate::error::FieldError)),
     modifiers(&Security)

@@ -1,16 +1,17 @@
-//! Usage rows and daily aggregates: the flusher's writes, the sums a
-//! rebuild reads, and the dashboards' queries.
+//! Usage rows and daily aggregates: the flusher's writes and the
+//! dashboards' queries.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use chrono::{DateTime, NaiveDate, Utc};
+use serde_json::value::RawValue;
 use sqlx::{types::ipnetwork::IpNetwork, PgConnection};
 use uuid::Uuid;
 
 use crate::domain::usage::{DayKey, DayTotals, Identity, Sighting};
 
 /// One usage event, as decoded from the stream.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct UsageRow {
     pub id: Uuid,
     pub customer_id: Uuid,
@@ -18,9 +19,14 @@ pub struct UsageRow {
     pub tokens: i32,
     pub purchased_tokens: i32,
     pub session_id: Option<String>,
-    pub metadata: serde_json::Value,
+    /// The request's metadata object as it came (`{}` when there was none),
+    /// stored without being rebuilt.
+    pub metadata: Box<RawValue>,
+    /// Read from the metadata, for the columns and the aggregates.
     pub ip_address: Option<IpNetwork>,
     pub user_agent: Option<String>,
+    pub visitor_id: Option<String>,
+    pub processing_time_ms: Option<f64>,
     pub embed_key_id: Option<Uuid>,
     pub created_at: DateTime<Utc>,
 }
@@ -51,7 +57,7 @@ pub async fn insert_batch(
         tokens.push(r.tokens);
         purchased.push(r.purchased_tokens);
         sessions.push(r.session_id.as_deref());
-        metadata.push(sqlx::types::Json(&r.metadata));
+        metadata.push(sqlx::types::Json(&*r.metadata));
         ips.push(r.ip_address);
         agents.push(r.user_agent.as_deref());
         keys.push(r.embed_key_id);
@@ -283,4 +289,54 @@ pub async fn apply_to_balances(conn: &mut PgConnection, rows: &[&UsageRow]) -> s
         .await?;
     }
     Ok(())
+}
+
+/// The customer's billing period `[start, end)`, if subscribed.
+pub async fn current_period(
+    conn: &mut PgConnection,
+    customer: Uuid,
+) -> sqlx::Result<Option<(DateTime<Utc>, DateTime<Utc>)>> {
+    sqlx::query_as(
+        "SELECT billing_cycle_start, billing_cycle_end FROM customer_billing WHERE customer_id = $1",
+    )
+    .bind(customer)
+    .fetch_optional(conn)
+    .await
+}
+
+/// One line of the usage report: an app's totals over the range (`date`
+/// is `None`), or a day's totals over all apps (`slug` is `None`).
+#[derive(Debug, sqlx::FromRow)]
+pub struct ReportLine {
+    pub slug: Option<String>,
+    pub name: Option<String>,
+    pub date: Option<NaiveDate>,
+    pub tokens: i64,
+    pub sessions: i64,
+}
+
+/// The customer's daily aggregates from `from` to `to` (inclusive), summed
+/// per app and per day in one pass (GROUPING SETS) over the index on
+/// `(customer_id, date)`.
+pub async fn report(
+    conn: &mut PgConnection,
+    customer: Uuid,
+    from: NaiveDate,
+    to: NaiveDate,
+) -> sqlx::Result<Vec<ReportLine>> {
+    sqlx::query_as(
+        r#"
+        SELECT a.slug, a.name, d.date,
+               SUM(d.tokens_consumed)::int8 AS tokens, SUM(d.sessions_count)::int8 AS sessions
+        FROM usage_analytics_daily d JOIN apps a ON a.id = d.app_id
+        WHERE d.customer_id = $1 AND d.date BETWEEN $2 AND $3
+        GROUP BY GROUPING SETS ((a.slug, a.name), (d.date))
+        ORDER BY a.slug, d.date
+        "#,
+    )
+    .bind(customer)
+    .bind(from)
+    .bind(to)
+    .fetch_all(conn)
+    .await
 }

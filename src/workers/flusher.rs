@@ -38,13 +38,15 @@
 //! can stop between them as a crash would.
 
 use std::{
+    borrow::Cow,
     collections::HashSet,
     net::IpAddr,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use fred::{prelude::*, types::Value};
+use serde_json::value::RawValue;
 use sqlx::{types::ipnetwork::IpNetwork, PgPool};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -60,6 +62,11 @@ use crate::{
 };
 
 pub const GROUP: &str = "flusher";
+
+/// Entries asked for per XREADGROUP. Replies of thousands of entries run
+/// to megabytes; smaller ones are decoded without growing and re-scanning
+/// a large buffer.
+const READ_CHUNK: usize = 500;
 
 /// How often the flusher trims, claims abandoned entries and measures
 /// the backlog.
@@ -173,10 +180,12 @@ impl Flusher {
     /// One pass: take a batch, write it, acknowledge it. Returns how many
     /// entries it took.
     pub async fn step(&mut self) -> anyhow::Result<usize> {
+        let started = Instant::now();
         let batch = self.take().await?;
         if batch.is_empty() {
             return Ok(0);
         }
+        let taken = Instant::now();
         let written = match self.write(&batch).await {
             Ok(written) => written,
             Err(e) => {
@@ -186,7 +195,15 @@ impl Flusher {
                 return Err(e);
             }
         };
+        let committed = Instant::now();
         self.acknowledge(&batch, &written).await?;
+        metrics::histogram!("flusher_phase_duration_seconds", "phase" => "take")
+            .record(taken.duration_since(started));
+        metrics::histogram!("flusher_phase_duration_seconds", "phase" => "write")
+            .record(committed.duration_since(taken));
+        metrics::histogram!("flusher_phase_duration_seconds", "phase" => "acknowledge")
+            .record(committed.elapsed());
+        metrics::histogram!("flusher_batch_entries").record(batch.len() as f64);
         Ok(batch.len())
     }
 
@@ -209,9 +226,14 @@ impl Flusher {
                     self.own_pending[usize::from(shard)] = false;
                 }
             }
-            if batch.len() < budget {
-                self.read(shard, ">", budget - batch.len(), &mut batch)
-                    .await?;
+            // New entries, in reads of at most READ_CHUNK.
+            while batch.len() < budget {
+                let before = batch.len();
+                let want = (budget - before).min(READ_CHUNK);
+                self.read(shard, ">", want, &mut batch).await?;
+                if batch.len() - before < want {
+                    break;
+                }
             }
         }
         self.next_shard = (self.next_shard + 1) % shards;
@@ -572,7 +594,7 @@ impl Flusher {
             if shutdown.is_cancelled() {
                 break;
             }
-            if last_upkeep.is_none_or(|t| t.elapsed() >= UPKEEP_EVERY) {
+            if self.settings.upkeep && last_upkeep.is_none_or(|t| t.elapsed() >= UPKEEP_EVERY) {
                 self.upkeep().await;
                 last_upkeep = Some(tokio::time::Instant::now());
             }
@@ -745,7 +767,20 @@ struct Details {
     a: Uuid,
     s: Option<String>,
     k: Option<Uuid>,
-    m: Option<serde_json::Value>,
+    m: Option<Box<RawValue>>,
+}
+
+/// The metadata fields the ledger reads (the API checked their types).
+#[derive(serde::Deserialize)]
+struct KnownMetadata<'a> {
+    #[serde(default, borrow)]
+    ip_address: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    user_agent: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    visitor_id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    processing_time_ms: Option<f64>,
 }
 
 /// Decodes one event as `lua/consume.lua` writes it.
@@ -772,19 +807,19 @@ pub fn decode(fields: &[(String, String)]) -> Result<UsageRow, String> {
         .timestamp_millis_opt(int("ts")?)
         .single()
         .ok_or("field `ts` is not a time")?;
-    let metadata = details.m.unwrap_or_else(|| serde_json::json!({}));
-    if !metadata.is_object() {
-        return Err("metadata is not an object".into());
-    }
-    let ip_address = metadata
-        .get("ip_address")
-        .and_then(|v| v.as_str())
+    let metadata = match details.m {
+        Some(m) => m,
+        None => RawValue::from_string("{}".into()).map_err(|e| e.to_string())?,
+    };
+    let known: KnownMetadata = serde_json::from_str(metadata.get())
+        .map_err(|e| format!("metadata is not an object of the expected types: {e}"))?;
+    let ip_address = known
+        .ip_address
         .and_then(|s| s.parse::<IpAddr>().ok())
         .map(IpNetwork::from);
-    let user_agent = metadata
-        .get("user_agent")
-        .and_then(|v| v.as_str())
-        .map(str::to_owned);
+    let user_agent = known.user_agent.map(Cow::into_owned);
+    let visitor_id = known.visitor_id.map(Cow::into_owned);
+    let processing_time_ms = known.processing_time_ms;
     Ok(UsageRow {
         id: details.e,
         customer_id: details.c,
@@ -795,6 +830,8 @@ pub fn decode(fields: &[(String, String)]) -> Result<UsageRow, String> {
         metadata,
         ip_address,
         user_agent,
+        visitor_id,
+        processing_time_ms,
         embed_key_id: details.k,
         created_at,
     })
