@@ -1,7 +1,11 @@
 //! A real instance per test: its own Postgres database and Redis key
 //! prefix, served on a free port, dropped when the test ends.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use connected_apps::{
     config::{Roles, Settings},
@@ -273,6 +277,144 @@ impl TestApp {
             }
             total += n;
         }
+    }
+
+    /// A flusher under another consumer name, with `extra` settings.
+    pub async fn flusher_named(&self, name: &str, claim_idle_ms: u64) -> Flusher {
+        let mut settings = self.settings.flusher.clone();
+        settings.consumer_name = name.to_owned();
+        settings.claim_idle = Duration::from_millis(claim_idle_ms);
+        Flusher::connect(&self.settings.redis, self.db.clone(), settings)
+            .await
+            .expect("flusher connects")
+    }
+
+    /// Charges `count` consumes of `app` through the API, spread over a few
+    /// sessions and visitors with processing times, `parallel` at a time.
+    /// Returns the event ids of those that were charged (200).
+    pub async fn consume_many(
+        &self,
+        customer: &Customer,
+        app: &str,
+        count: usize,
+        parallel: usize,
+    ) -> HashSet<Uuid> {
+        let mut charged = HashSet::new();
+        let mut in_flight = tokio::task::JoinSet::new();
+        for i in 0..count {
+            if in_flight.len() >= parallel {
+                charged.extend(in_flight.join_next().await.unwrap().unwrap());
+            }
+            let (http, url, token) = (
+                self.http.clone(),
+                self.url("/api/v1/customer/tokens/consume"),
+                customer.token.clone(),
+            );
+            let body = json!({
+                "app_id": app,
+                "session_id": format!("sess-{}", i % 7),
+                "metadata": {
+                    "visitor_id": format!("visitor-{}", i % 5),
+                    "processing_time_ms": 100.0 + (i % 13) as f64 * 10.5,
+                },
+            });
+            in_flight.spawn(async move {
+                let response = http
+                    .post(url)
+                    .bearer_auth(token)
+                    .json(&body)
+                    .send()
+                    .await
+                    .ok()?;
+                if response.status() != 200 {
+                    return None;
+                }
+                let body: Value = response.json().await.ok()?;
+                body["event_id"].as_str()?.parse::<Uuid>().ok()
+            });
+        }
+        while let Some(done) = in_flight.join_next().await {
+            charged.extend(done.unwrap());
+        }
+        charged
+    }
+
+    /// The ledger after any recovery: its rows are exactly the charged
+    /// events, once each, and every daily aggregate and balance equals the
+    /// sums over the rows.
+    pub async fn assert_ledger_exact(&self, charged: &HashSet<Uuid>) {
+        let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM token_usage")
+            .fetch_all(&self.db)
+            .await
+            .unwrap();
+        let distinct: HashSet<Uuid> = ids.iter().copied().collect();
+        assert_eq!(ids.len(), distinct.len(), "no event has two rows");
+        assert_eq!(
+            &distinct, charged,
+            "the rows are exactly the charged events"
+        );
+
+        let aggregate_mismatches: Vec<(String,)> = sqlx::query_as(
+            r#"
+            WITH rows AS (
+                SELECT customer_id, app_id, (created_at AT TIME ZONE 'UTC')::date AS date,
+                       SUM(tokens_consumed)::int8 AS tokens, COUNT(*)::int4 AS events,
+                       COUNT(DISTINCT session_id)::int4 AS sessions,
+                       COUNT(DISTINCT COALESCE('v:' || NULLIF(metadata->>'visitor_id', ''),
+                           CASE WHEN ip_address IS NOT NULL OR user_agent IS NOT NULL
+                                THEN 'a:' || COALESCE(host(ip_address), '') || '|' || COALESCE(user_agent, '') END))::int4 AS visitors,
+                       ROUND(AVG(ROUND((metadata->>'processing_time_ms')::numeric * 1000)) / 1000, 2) AS avg_ms
+                FROM token_usage GROUP BY 1, 2, 3
+            )
+            SELECT format('%s/%s/%s: rows %s, aggregate %s', r.customer_id, r.app_id, r.date, row(r.tokens, r.events, r.sessions, r.visitors, r.avg_ms),
+                          row(d.tokens_consumed, d.events_count, d.sessions_count, d.unique_users, d.avg_processing_time_ms))
+            FROM rows r FULL JOIN usage_analytics_daily d
+                 ON d.customer_id = r.customer_id AND d.app_id = r.app_id AND d.date = r.date
+            WHERE row(r.tokens, r.events, r.sessions, r.visitors, r.avg_ms)
+                  IS DISTINCT FROM row(d.tokens_consumed, d.events_count, d.sessions_count, d.unique_users, d.avg_processing_time_ms)
+            "#,
+        )
+        .fetch_all(&self.db)
+        .await
+        .unwrap();
+        assert!(
+            aggregate_mismatches.is_empty(),
+            "aggregates differ from the rows: {aggregate_mismatches:?}"
+        );
+
+        let balance_mismatches: Vec<(Uuid,)> = sqlx::query_as(
+            r#"
+            SELECT c.id FROM customers c LEFT JOIN customer_billing b ON b.customer_id = c.id
+            WHERE c.purchased_tokens_used IS DISTINCT FROM
+                  (SELECT COALESCE(SUM(purchased_tokens_consumed), 0) FROM token_usage u WHERE u.customer_id = c.id)
+               OR (b.customer_id IS NOT NULL AND b.tokens_used IS DISTINCT FROM
+                  (SELECT COALESCE(SUM(tokens_consumed - purchased_tokens_consumed), 0) FROM token_usage u
+                   WHERE u.customer_id = c.id AND u.created_at >= b.billing_cycle_start AND u.created_at < b.billing_cycle_end)::int4)
+            "#,
+        )
+        .fetch_all(&self.db)
+        .await
+        .unwrap();
+        assert!(
+            balance_mismatches.is_empty(),
+            "balances differ from the rows: {balance_mismatches:?}"
+        );
+    }
+
+    /// Entries delivered to a flusher and not yet acknowledged, all shards.
+    pub async fn pending_entries(&self) -> u64 {
+        let mut pending = 0;
+        for stream in self.state.hot.keys().usage_streams() {
+            let summary: fred::types::Value = self
+                .redis
+                .xpending(stream, connected_apps::workers::flusher::GROUP, ())
+                .await
+                .unwrap_or(fred::types::Value::Null);
+            if let fred::types::Value::Array(v) = summary {
+                pending += v.first().and_then(|c| c.as_u64()).unwrap_or(0);
+            }
+        }
+        pending
     }
 
     pub async fn usage_rows(&self, customer: Uuid) -> (i64, i64) {
