@@ -74,7 +74,7 @@ fn settings(database: &str, prefix: &str) -> Settings {
         ("REDIS_TIMEOUT_MS", "5000".to_owned()),
         (
             "FLUSH_BATCH_SIZE",
-            std::env::var("FLUSH_BATCH_SIZE").unwrap_or_else(|_| "2000".into()),
+            std::env::var("FLUSH_BATCH_SIZE").unwrap_or_else(|_| "8000".into()),
         ),
     ]
     .into_iter()

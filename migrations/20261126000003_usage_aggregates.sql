@@ -20,10 +20,11 @@ ALTER TABLE usage_analytics_daily
 -- The distinct sessions and visitors already counted for a customer, app
 -- and (UTC) day, so a session seen again in a later batch is not counted
 -- twice. `kind` is 's' (session_id) or 'v' (visitor: metadata.visitor_id,
--- else IP address and user agent); `value` is the first 16 bytes of the
--- SHA-256 of the identity. The primary key makes two flushers racing over
--- the same identity count it once: the second insert waits for the first
--- to commit, then does nothing.
+-- else IP address and user agent); `hash` is the first 16 bytes of the
+-- SHA-256 of the kind and identity, stored as a UUID: fixed width, so the
+-- key compares fast. The primary key makes two flushers racing over the
+-- same identity count it once: the second insert waits for the first to
+-- commit, then does nothing.
 --
 -- Partitioned by month like token_usage and dropped with it by the
 -- retention job: an event older than the retention period is never
@@ -32,9 +33,9 @@ CREATE TABLE usage_daily_distinct (
     customer_id UUID NOT NULL,
     app_id UUID NOT NULL,
     date DATE NOT NULL,
+    hash UUID NOT NULL,
     kind "char" NOT NULL CHECK (kind IN ('s', 'v')),
-    value BYTEA NOT NULL CHECK (length(value) = 16),
-    PRIMARY KEY (customer_id, app_id, date, kind, value)
+    PRIMARY KEY (customer_id, app_id, date, hash)
 ) PARTITION BY RANGE (date);
 
 -- token_usage takes every consume, tens of thousands a second; each index
@@ -48,7 +49,10 @@ CREATE TABLE usage_daily_distinct (
 --   whole partitions.
 -- - `idx_token_usage_session` goes: sessions are counted in the daily
 --   aggregates; a session's events are found by customer and time.
+-- - `idx_token_usage_app_created` goes: an app's usage over time is read
+--   from `usage_analytics_daily` (`idx_usage_analytics_app_date`).
 ALTER TABLE token_usage DROP CONSTRAINT token_usage_customer_id_fkey;
 ALTER TABLE token_usage DROP CONSTRAINT token_usage_app_id_fkey;
 DROP INDEX idx_token_usage_created_at;
 DROP INDEX idx_token_usage_session;
+DROP INDEX idx_token_usage_app_created;

@@ -233,7 +233,7 @@ impl Settings {
             ));
         }
         let timeout_ms: u64 = env.parse("REDIS_TIMEOUT_MS", 250)?;
-        let batch_size: usize = env.parse("FLUSH_BATCH_SIZE", 2000)?;
+        let batch_size: usize = env.parse("FLUSH_BATCH_SIZE", 8000)?;
         if batch_size == 0 || batch_size > 50_000 {
             return Err(ConfigError::new("FLUSH_BATCH_SIZE", "must be in 1..=50000"));
         }

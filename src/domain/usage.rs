@@ -62,7 +62,7 @@ pub struct DayTotals {
 pub struct Sighting {
     pub day: DayKey,
     pub kind: Identity,
-    pub hash: [u8; 16],
+    pub hash: Uuid,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -112,14 +112,14 @@ pub fn summarize<'a>(
             sightings.insert(Sighting {
                 day,
                 kind: Identity::Session,
-                hash: hash(session.as_bytes()),
+                hash: hash(b's', session.as_bytes()),
             });
         }
         if let Some(visitor) = visitor_identity(row) {
             sightings.insert(Sighting {
                 day,
                 kind: Identity::Visitor,
-                hash: hash(visitor.as_bytes()),
+                hash: hash(b'v', visitor.as_bytes()),
             });
         }
     }
@@ -152,11 +152,16 @@ fn visitor_identity(row: &UsageRow) -> Option<String> {
     ))
 }
 
-fn hash(identity: &[u8]) -> [u8; 16] {
-    let digest = Sha256::digest(identity);
+/// 128 bits of SHA-256 over the kind and the identity, as a UUID (the
+/// column's type).
+fn hash(kind: u8, identity: &[u8]) -> Uuid {
+    let digest = Sha256::new()
+        .chain_update([kind, b':'])
+        .chain_update(identity)
+        .finalize();
     let mut out = [0u8; 16];
     out.copy_from_slice(&digest[..16]);
-    out
+    Uuid::from_bytes(out)
 }
 
 /// `GET /api/v1/customer/tokens/usage`, as in the specification.

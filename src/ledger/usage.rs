@@ -113,12 +113,12 @@ pub async fn record_sightings(
         apps.push(s.day.app_id);
         dates.push(s.day.date);
         kinds.push(s.kind.code());
-        hashes.push(&s.hash[..]);
+        hashes.push(s.hash);
     }
     let new: Vec<(Uuid, Uuid, NaiveDate, i8)> = sqlx::query_as(
         r#"
-        INSERT INTO usage_daily_distinct (customer_id, app_id, date, kind, value)
-        SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::date[], $4::"char"[], $5::bytea[])
+        INSERT INTO usage_daily_distinct (customer_id, app_id, date, kind, hash)
+        SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::date[], $4::"char"[], $5::uuid[])
         ON CONFLICT DO NOTHING
         RETURNING customer_id, app_id, date, kind
         "#,

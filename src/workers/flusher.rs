@@ -68,9 +68,11 @@ pub const GROUP: &str = "flusher";
 /// a large buffer.
 const READ_CHUNK: usize = 500;
 
-/// How often the flusher trims, claims abandoned entries and measures
-/// the backlog.
+/// How often the flusher trims and claims abandoned entries.
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// How often the backlog gauges are refreshed.
+const OBSERVE_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Flusher {
     redis: Client,
@@ -580,23 +582,27 @@ impl Flusher {
         if let Err(e) = self.trim().await {
             tracing::warn!(error = ?e, "stream trim failed");
         }
-        if let Err(e) = self.observe().await {
-            tracing::warn!(error = ?e, "measuring the usage backlog failed");
-        }
     }
 
     /// Runs until `shutdown`. A batch in flight is written and acknowledged
     /// first: cancellation is only looked at between batches.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(100);
-        let mut last_upkeep: Option<tokio::time::Instant> = None;
+        let mut last_upkeep: Option<Instant> = None;
+        let mut last_observed: Option<Instant> = None;
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
             if self.settings.upkeep && last_upkeep.is_none_or(|t| t.elapsed() >= UPKEEP_EVERY) {
                 self.upkeep().await;
-                last_upkeep = Some(tokio::time::Instant::now());
+                last_upkeep = Some(Instant::now());
+            }
+            if self.settings.upkeep && last_observed.is_none_or(|t| t.elapsed() >= OBSERVE_EVERY) {
+                if let Err(e) = self.observe().await {
+                    tracing::warn!(error = ?e, "measuring the usage backlog failed");
+                }
+                last_observed = Some(Instant::now());
             }
             let wait = match self.step().await {
                 // A full batch: more is waiting.
@@ -746,12 +752,18 @@ fn parse_xread(reply: Value, shard: u16, batch: &mut Batch) {
             let Some(id) = pair[0].as_string() else {
                 continue;
             };
+            // Moved out, not copied: a batch holds megabytes of fields.
             let fields = match fields {
-                Value::Array(kv) => Some(
-                    kv.chunks(2)
-                        .filter_map(|c| Some((c[0].as_string()?, c.get(1)?.as_string()?)))
-                        .collect(),
-                ),
+                Value::Array(kv) => {
+                    let mut pairs = Vec::with_capacity(kv.len() / 2);
+                    let mut kv = kv.into_iter();
+                    while let (Some(k), Some(v)) = (kv.next(), kv.next()) {
+                        if let (Some(k), Some(v)) = (k.into_string(), v.into_string()) {
+                            pairs.push((k, v));
+                        }
+                    }
+                    Some(pairs)
+                }
                 _ => None,
             };
             batch.entries.push(Entry { shard, id, fields });
