@@ -316,8 +316,8 @@ pub struct ReportLine {
 }
 
 /// The customer's daily aggregates from `from` to `to` (inclusive), summed
-/// per app and per day in one pass (GROUPING SETS) over the index on
-/// `(customer_id, date)`.
+/// per app and per day in one pass (GROUPING SETS) over the covering index
+/// on `(customer_id, date)`; apps are joined to the few sums, not the rows.
 pub async fn report(
     conn: &mut PgConnection,
     customer: Uuid,
@@ -326,12 +326,16 @@ pub async fn report(
 ) -> sqlx::Result<Vec<ReportLine>> {
     sqlx::query_as(
         r#"
-        SELECT a.slug, a.name, d.date,
-               SUM(d.tokens_consumed)::int8 AS tokens, SUM(d.sessions_count)::int8 AS sessions
-        FROM usage_analytics_daily d JOIN apps a ON a.id = d.app_id
-        WHERE d.customer_id = $1 AND d.date BETWEEN $2 AND $3
-        GROUP BY GROUPING SETS ((a.slug, a.name), (d.date))
-        ORDER BY a.slug, d.date
+        WITH sums AS (
+            SELECT d.app_id, d.date,
+                   SUM(d.tokens_consumed)::int8 AS tokens, SUM(d.sessions_count)::int8 AS sessions
+            FROM usage_analytics_daily d
+            WHERE d.customer_id = $1 AND d.date BETWEEN $2 AND $3
+            GROUP BY GROUPING SETS ((d.app_id), (d.date))
+        )
+        SELECT a.slug, a.name, s.date, s.tokens, s.sessions
+        FROM sums s LEFT JOIN apps a ON a.id = s.app_id
+        ORDER BY a.slug, s.date
         "#,
     )
     .bind(customer)

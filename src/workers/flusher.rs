@@ -540,22 +540,20 @@ impl Flusher {
             if let Some(group) = group_info(&self.redis, stream).await? {
                 backlog.pending = group.pending;
                 // The first entry after the last delivered one is the oldest
-                // undelivered; counted by XRANGE when Redis does not know
-                // the lag (after deletions in the middle of the stream).
-                let undelivered: Value = self
+                // undelivered.
+                let first_undelivered: Value = self
                     .redis
-                    .xrange(
-                        stream,
-                        format!("({}", group.last_delivered),
-                        "+",
-                        group.lag.is_some().then_some(1),
-                    )
+                    .xrange(stream, format!("({}", group.last_delivered), "+", Some(1))
                     .await?;
-                let undelivered_ids = entry_ids(undelivered);
-                backlog.undelivered = group.lag.unwrap_or(undelivered_ids.len() as u64);
+                // When Redis does not know the lag (after deletions inside
+                // the stream), every entry not pending is counted: an upper
+                // bound, off by the acknowledged entries not yet trimmed.
+                backlog.undelivered = group
+                    .lag
+                    .unwrap_or_else(|| entries.saturating_sub(group.pending));
                 let oldest = match oldest_pending(&self.redis, stream).await? {
                     Some(id) => Some(id),
-                    None => undelivered_ids.into_iter().next(),
+                    None => entry_ids(first_undelivered).into_iter().next(),
                 };
                 if let Some(ms) = oldest.as_deref().and_then(id_millis) {
                     backlog.oldest_unflushed_ms = now_ms.saturating_sub(ms);
