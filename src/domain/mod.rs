@@ -1,6 +1,7 @@
 //! The rules of the product, apart from HTTP and storage.
 //!
 //! - [`catalog`]: the apps, in memory, and plan tiers.
+//! - [`configuration`]: an activation's settings against its app's schema.
 //! - [`consume`]: validating a consume and charging it.
 //! - [`accounts`]: keeping the hot state and the ledger in step.
 //! - [`embed`]: the `embed_code` merchants paste into their shops.
@@ -8,6 +9,7 @@
 
 pub mod accounts;
 pub mod catalog;
+pub mod configuration;
 pub mod consume;
 pub mod embed;
 pub mod usage;

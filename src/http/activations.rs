@@ -1,8 +1,9 @@
-//! Activating apps: activate, deactivate, and list one's own activations.
+//! Activating apps: activate, configure, pause and resume, deactivate, and
+//! list one's own activations.
 
 use axum::{
     extract::State,
-    routing::{get, post},
+    routing::{get, patch, post},
     Router,
 };
 use chrono::{DateTime, Utc};
@@ -15,7 +16,7 @@ use super::{
 };
 use crate::{
     auth::Scope,
-    domain::{catalog::Tier, embed::embed_code},
+    domain::{catalog::Tier, configuration, embed::embed_code},
     error::{decode_json, ApiError},
     hot::account::AccountChange,
     ledger::{activations, catalog},
@@ -26,6 +27,7 @@ pub fn router() -> Router<Shared> {
     Router::new()
         .route("/api/v1/customer/apps", get(list_activations))
         .route("/api/v1/customer/apps/{app_id}/activate", post(activate))
+        .route("/api/v1/customer/apps/{app_id}", patch(update))
         .route(
             "/api/v1/customer/apps/{app_id}/deactivate",
             post(deactivate),
@@ -77,7 +79,8 @@ impl From<activations::ActivationRow> for Activation {
     params(("app_id" = String, Path, description = "e.g. `vto-001`")), request_body = ActivateBody,
     responses((status = 200, body = Activation),
               (status = 403, description = "`plan_upgrade_required`", body = crate::error::ErrorBody),
-              (status = 404, body = crate::error::ErrorBody)),
+              (status = 404, body = crate::error::ErrorBody),
+              (status = 422, description = "`configuration` does not fit the app's `configuration_schema`: one detail per field (unknown fields, wrong types, a `select` value not among its options); omitted fields take their defaults", body = crate::error::ErrorBody)),
     security(("bearer" = ["apps:activate"])))]
 pub async fn activate(
     State(state): State<Shared>,
@@ -97,7 +100,11 @@ pub async fn activate(
     } else {
         decode_json(&body)?
     };
-    let configuration = serde_json::Value::Object(body.configuration.unwrap_or_default());
+    let configuration = configuration::validate(
+        &app.row.configuration_schema,
+        &body.configuration.unwrap_or_default(),
+    )
+    .map_err(ApiError::Validation)?;
     let customer = auth.customer;
     let row = state
         .accounts
@@ -153,6 +160,103 @@ pub async fn deactivate(
                     row,
                     vec![AccountChange::DeactivateApp(app.slug().to_owned())],
                 ))
+            })
+        })
+        .await?;
+    Ok(axum::Json(row.into()))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateBody {
+    /// The whole new configuration, checked against the app's schema;
+    /// omitted settings take their defaults.
+    #[serde(default)]
+    configuration: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    status: Option<UpdateStatus>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum UpdateStatus {
+    /// Consumes are accepted again (the plan's tier is checked again).
+    Active,
+    /// Consumes are refused with 403 `app_not_active` from this response on.
+    Paused,
+}
+
+#[utoipa::path(patch, path = "/api/v1/customer/apps/{app_id}", tag = "apps",
+    params(("app_id" = String, Path)), request_body = UpdateBody,
+    responses((status = 200, body = Activation),
+              (status = 403, description = "`plan_upgrade_required` when resuming an app above the plan's tier", body = crate::error::ErrorBody),
+              (status = 404, description = "No active or paused activation of this app", body = crate::error::ErrorBody),
+              (status = 422, body = crate::error::ErrorBody)),
+    security(("bearer" = ["apps:activate"])))]
+pub async fn update(
+    State(state): State<Shared>,
+    auth: CustomerAuth,
+    PathParam(app_id): PathParam<String>,
+    Body(body): Body,
+) -> Result<axum::Json<Activation>, ApiError> {
+    auth.require(Scope::AppsActivate)?;
+    let app = state
+        .catalog
+        .get(&app_id)
+        .ok_or(ApiError::NotFound("app"))?;
+    let body: UpdateBody = decode_json(&body)?;
+    if body.status == Some(UpdateStatus::Active) && app.is_disabled() {
+        return Err(ApiError::NotFound("app"));
+    }
+    let configuration = body
+        .configuration
+        .map(|c| configuration::validate(&app.row.configuration_schema, &c))
+        .transpose()
+        .map_err(ApiError::Validation)?;
+    let customer = auth.customer;
+    let row = state
+        .accounts
+        .change(customer, move |tx| {
+            Box::pin(async move {
+                if body.status == Some(UpdateStatus::Active) {
+                    let tier = catalog::customer_plan_tier(tx, customer).await?;
+                    let tier = tier
+                        .as_deref()
+                        .and_then(Tier::parse)
+                        .unwrap_or(Tier::Starter);
+                    if app.tier > tier {
+                        return Err(ApiError::PlanUpgradeRequired(app.slug().to_owned()));
+                    }
+                }
+                let code = configuration.as_ref().map(|c| {
+                    embed_code(
+                        app.row.embed_script_url.as_deref().unwrap_or(""),
+                        customer,
+                        app.slug(),
+                        c,
+                    )
+                });
+                let status = body.status.map(|s| match s {
+                    UpdateStatus::Active => "active",
+                    UpdateStatus::Paused => "paused",
+                });
+                let row = activations::update(
+                    tx,
+                    customer,
+                    app.row.id,
+                    status,
+                    configuration.as_ref().zip(code.as_deref()),
+                )
+                .await?
+                .ok_or(ApiError::NotFound("activation"))?;
+                // The hot state follows the status the row now has, in the
+                // same request: a pause refuses the very next consume.
+                let change = if row.status == "active" {
+                    AccountChange::ActivateApp(app.slug().to_owned())
+                } else {
+                    AccountChange::DeactivateApp(app.slug().to_owned())
+                };
+                Ok((row, vec![change]))
             })
         })
         .await?;

@@ -21,6 +21,7 @@ use crate::state::Shared;
         super::consume::consume,
         super::activations::activate,
         super::activations::deactivate,
+        super::activations::update,
         super::activations::list_activations,
         super::api_keys::create_key,
         super::api_keys::list_keys,

@@ -94,3 +94,31 @@ pub async fn set_status(
     }
     find(conn, customer, app).await
 }
+
+/// Changes an active or paused activation: its status, its configuration
+/// and embed code, or both. `None` when there is no such activation (or it
+/// was deactivated).
+pub async fn update(
+    conn: &mut PgConnection,
+    customer: Uuid,
+    app: Uuid,
+    status: Option<&str>,
+    configuration: Option<(&serde_json::Value, &str)>,
+) -> sqlx::Result<Option<ActivationRow>> {
+    let updated = sqlx::query(
+        "UPDATE customer_apps SET status = COALESCE($3, status), \
+           configuration = COALESCE($4, configuration), embed_code = COALESCE($5, embed_code) \
+         WHERE customer_id = $1 AND app_id = $2 AND status IN ('active', 'paused')",
+    )
+    .bind(customer)
+    .bind(app)
+    .bind(status)
+    .bind(configuration.map(|(c, _)| c))
+    .bind(configuration.map(|(_, code)| code))
+    .execute(&mut *conn)
+    .await?;
+    if updated.rows_affected() == 0 {
+        return Ok(None);
+    }
+    find(conn, customer, app).await
+}

@@ -1,6 +1,7 @@
 //! The API test suite: one binary, every test against a real instance with
 //! real Redis and Postgres (see `helpers`).
 
+mod activations;
 mod admin;
 mod auth;
 mod bad_input;
