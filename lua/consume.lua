@@ -14,6 +14,7 @@ KEYS
   2  outcome record <prefix>:v1:{s<shard>}:c:<customer>:idem:<sha256(Idempotency-Key)>,
                     or without Idempotency-Key <prefix>:v1:{s<shard>}:c:<customer>:ev:<event id>
   3  usage stream   <prefix>:v1:{s<shard>}:usage
+  4  disabled apps  <prefix>:v1:{s<shard>}:apps:disabled   set of slugs an operator disabled
 
 ARGV
   1  app slug                       5  request fingerprint, or "" without Idempotency-Key
@@ -27,7 +28,8 @@ Replies (an array, first element the outcome)
   { 3 }                                            Idempotency-Key reused with another body
   {-1 }                                            account not loaded: rebuild it, retry
   {-2 }                                            embed key revoked or expired
-  {-3 }                                            app not active for this customer
+  {-3 }                                            app not active for this customer,
+                                                   or disabled for everyone
   {-4 }                                            subscription inactive
   {-5, tokens_remaining }                          insufficient tokens
   {-6 }                                            past the deadline: the caller has
@@ -105,8 +107,9 @@ if ARGV[4] ~= '' then
   end
 end
 
--- 2. Activation.
-if acct[5] ~= '1' then
+-- 2. Activation, and the app not disabled by an operator (a set per
+-- shard, so every replica refuses it from the moment it is written).
+if acct[5] ~= '1' or redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 1 then
   return { -3 }
 end
 

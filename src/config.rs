@@ -93,6 +93,8 @@ pub struct Settings {
     pub consume: ConsumeSettings,
     pub flusher: FlusherSettings,
     pub cors_origins: Vec<String>,
+    /// `ENABLE_BETA_APPS`: beta apps are listed in the catalog.
+    pub enable_beta_apps: bool,
     pub log_level: String,
     pub log_json: bool,
     /// True when some setting fell back to a development default.
@@ -302,6 +304,7 @@ impl Settings {
                 upkeep: true,
             },
             cors_origins,
+            enable_beta_apps: env.parse("ENABLE_BETA_APPS", false)?,
             log_level,
             log_json: env.get("LOG_FORMAT").is_none_or(|f| f != "text"),
             uses_dev_defaults: dev_defaults,

@@ -214,7 +214,12 @@ impl HotStore {
         let shard = self.keys.shard_of(charge.customer);
         let account = self.keys.account(charge.customer);
         let (record, record_ttl) = self.outcome_record(charge);
-        let keys = vec![account, record, self.keys.usage_stream(shard).to_owned()];
+        let keys = vec![
+            account,
+            record,
+            self.keys.usage_stream(shard).to_owned(),
+            self.keys.disabled_apps(shard),
+        ];
         let details = EventDetails {
             e: charge.event_id,
             c: charge.customer,

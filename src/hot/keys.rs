@@ -16,6 +16,7 @@
 //! | `…:{s<n>}:c:<customer>:idem:<sha256>` | string | the first answer to a consume sent with an `Idempotency-Key` (hashed, so any 255 characters make a short, safe key) | `IDEMPOTENCY_TTL_SECS`, 24 h |
 //! | `…:{s<n>}:c:<customer>:ev:<event>` | string | the outcome of a consume sent without `Idempotency-Key`, read only when its reply was late (see `hot/charge.rs`) | 10 s |
 //! | `…:{s<n>}:usage` | stream | usage events waiting for the flusher (consumer group `flusher`) | none: trimmed by the flusher once persisted |
+//! | `…:{s<n>}:apps:disabled` | set | slugs of apps an operator disabled, one copy per shard so the consume script reads it in its own slot | none: written by `PATCH /api/v1/admin/apps/{id}` |
 //! | `…:{s<n>}:usage:dead` | stream | entries the flusher could not decode or write after `FLUSH_MAX_DELIVERIES` attempts, with `source_id`, `reason`, `deliveries` and the original fields, for an operator to inspect and replay | none: an operator deletes what they have dealt with |
 
 use sha2::{Digest, Sha256};
@@ -90,6 +91,11 @@ impl Keys {
 
     pub fn usage_streams(&self) -> &[String] {
         &self.streams
+    }
+
+    /// The shard's copy of the set of disabled apps.
+    pub fn disabled_apps(&self, shard: u16) -> String {
+        format!("{}:{{s{shard}}}:apps:disabled", self.root)
     }
 
     /// The dead-letter stream beside a shard's usage stream.

@@ -150,6 +150,20 @@ impl HotStore {
         self.pool.next()
     }
 
+    /// Disables an app for every customer at once (or enables it again),
+    /// in every shard's copy of the set the consume script reads.
+    pub async fn set_app_disabled(&self, slug: &str, disabled: bool) -> Result<(), HotError> {
+        for shard in 0..self.keys.shards() {
+            let key = self.keys.disabled_apps(shard);
+            let _: i64 = if disabled {
+                self.client().sadd(key, slug).await?
+            } else {
+                self.client().srem(key, slug).await?
+            };
+        }
+        Ok(())
+    }
+
     pub async fn ping(&self) -> Result<(), HotError> {
         let _: String = self.client().ping(None).await?;
         Ok(())

@@ -10,8 +10,10 @@
 
 pub mod activations;
 pub mod admin;
+pub mod admin_apps;
 pub mod api_keys;
 pub mod auth;
+pub mod catalog;
 pub mod consume;
 pub mod edge;
 pub mod extract;
@@ -37,9 +39,11 @@ pub fn router(state: Shared) -> Router {
     let cors = cors(&state.settings.cors_origins);
     Router::new()
         .merge(consume::router())
+        .merge(catalog::router())
         .merge(activations::router())
         .merge(api_keys::router())
         .merge(admin::router())
+        .merge(admin_apps::router())
         .merge(usage::router())
         .merge(health::router())
         .merge(openapi::router())

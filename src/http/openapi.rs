@@ -19,6 +19,7 @@ use crate::state::Shared;
     ),
     paths(
         super::consume::consume,
+        super::catalog::list_apps,
         super::activations::activate,
         super::activations::deactivate,
         super::activations::update,
@@ -28,6 +29,8 @@ use crate::state::Shared;
         super::api_keys::revoke_key,
         super::admin::create_customer,
         super::admin::grant_tokens,
+        super::admin_apps::create_app,
+        super::admin_apps::change_app,
         super::usage::usage,
     ),
     components(schemas(crate::error::FieldError)),

@@ -68,3 +68,58 @@ pub async fn customer_plan_tier(
     .fetch_optional(conn)
     .await
 }
+
+/// A new app for the catalog; `None` when the slug is taken.
+pub struct NewApp<'a> {
+    pub slug: &'a str,
+    pub name: &'a str,
+    pub description: Option<&'a str>,
+    pub category: &'a str,
+    pub token_cost: i32,
+    pub status: &'a str,
+    pub configuration_schema: &'a serde_json::Value,
+    pub features: &'a serde_json::Value,
+    pub documentation_url: Option<&'a str>,
+    pub icon_url: Option<&'a str>,
+    pub embed_script_url: Option<&'a str>,
+    pub pricing_tier: &'a str,
+}
+
+pub async fn insert_app(conn: &mut PgConnection, app: &NewApp<'_>) -> sqlx::Result<Option<AppRow>> {
+    sqlx::query_as(&format!(
+        "INSERT INTO apps (id, slug, name, description, category, token_cost, status, configuration_schema, \
+           features, documentation_url, icon_url, embed_script_url, pricing_tier) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+         ON CONFLICT (slug) DO NOTHING RETURNING {APP_COLUMNS}"
+    ))
+    .bind(Uuid::now_v7())
+    .bind(app.slug)
+    .bind(app.name)
+    .bind(app.description)
+    .bind(app.category)
+    .bind(app.token_cost)
+    .bind(app.status)
+    .bind(app.configuration_schema)
+    .bind(app.features)
+    .bind(app.documentation_url)
+    .bind(app.icon_url)
+    .bind(app.embed_script_url)
+    .bind(app.pricing_tier)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Sets an app's status; `None` for an unknown slug.
+pub async fn set_app_status(
+    conn: &mut PgConnection,
+    slug: &str,
+    status: &str,
+) -> sqlx::Result<Option<AppRow>> {
+    sqlx::query_as(&format!(
+        "UPDATE apps SET status = $2, updated_at = NOW() WHERE slug = $1 RETURNING {APP_COLUMNS}"
+    ))
+    .bind(slug)
+    .bind(status)
+    .fetch_optional(conn)
+    .await
+}

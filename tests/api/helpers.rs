@@ -129,12 +129,43 @@ pub async fn spawn_app_with(extra: &[(&str, &str)]) -> TestApp {
     }
 }
 
+/// A second instance of the same deployment: same database, same Redis
+/// keys, its own port and memory (catalog, caches). Stopped when dropped;
+/// the database belongs to the first instance.
+pub struct Replica {
+    pub address: String,
+    shutdown: CancellationToken,
+}
+
+impl Replica {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.address, path)
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
 pub struct Customer {
     pub id: Uuid,
     pub token: String,
 }
 
 impl TestApp {
+    /// Starts another API process of this deployment.
+    pub async fn replica(&self) -> Replica {
+        let app = Application::build(self.settings.clone(), Roles::API_ONLY)
+            .await
+            .expect("build the replica");
+        let address = format!("http://127.0.0.1:{}", app.port());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(app.run_until_stopped(shutdown.clone()));
+        Replica { address, shutdown }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.address, path)
     }
