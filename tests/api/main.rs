@@ -12,5 +12,6 @@ mod flusher;
 mod helpers;
 mod ledger;
 mod rebuild;
+mod replicas;
 mod script_model;
 mod usage;

@@ -1,0 +1,166 @@
+//! Two API processes of one deployment: what one changes, the other's very
+//! next consume obeys, whatever it holds in memory.
+
+use std::collections::HashSet;
+
+use serde_json::{json, Value};
+
+use crate::helpers::{spawn_app, Replica, TestApp};
+
+async fn consume_on(app: &TestApp, replica: &Replica, credential: &str) -> (u16, Value) {
+    let response = app
+        .http
+        .post(replica.url("/api/v1/customer/tokens/consume"))
+        // A JWT or an embed key: both go as a bearer credential.
+        .bearer_auth(credential)
+        .json(&json!({"app_id": "vto-001"}))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn a_key_revoked_on_one_process_is_refused_by_the_other_at_once() {
+    let app = spawn_app().await;
+    let replica = app.replica().await;
+    let shop = app.customer_with_apps("professional", &["vto-001"]).await;
+    let (key_id, key) = app
+        .create_embed_key(&shop, json!({"app_permissions": ["vto-001"]}))
+        .await;
+    // The replica has seen the key and holds it in its cache.
+    assert_eq!(consume_on(&app, &replica, &key).await.0, 200);
+
+    let revoked = app
+        .http
+        .delete(app.url(&format!("/api/v1/customer/api-keys/{key_id}")))
+        .bearer_auth(&shop.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+
+    let (status, body) = consume_on(&app, &replica, &key).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("invalid_api_key"))
+    );
+    assert_eq!(app.hot_balance(shop.id).await, Some((5, 0)), "charged once");
+}
+
+#[tokio::test]
+async fn consumes_racing_a_deactivation_are_each_charged_once_or_refused() {
+    let app = spawn_app().await;
+    let replica = app.replica().await;
+    let shop = app.customer_with_apps("enterprise", &["vto-001"]).await;
+    let token = shop.token.clone();
+
+    // Consumes on the replica while the first process deactivates the app.
+    let racing = {
+        let (http, url, token) = (
+            app.http.clone(),
+            replica.url("/api/v1/customer/tokens/consume"),
+            token.clone(),
+        );
+        tokio::spawn(async move {
+            let mut charged = HashSet::new();
+            let mut refused = 0;
+            let mut in_flight = tokio::task::JoinSet::new();
+            for _ in 0..1000 {
+                let (http, url, token) = (http.clone(), url.clone(), token.clone());
+                in_flight.spawn(async move {
+                    let response = http
+                        .post(url)
+                        .bearer_auth(token)
+                        .json(&json!({"app_id": "vto-001"}))
+                        .send()
+                        .await
+                        .unwrap();
+                    let status = response.status().as_u16();
+                    let body: Value = response.json().await.unwrap();
+                    (status, body)
+                });
+                if in_flight.len() >= 16 {
+                    let (status, body) = in_flight.join_next().await.unwrap().unwrap();
+                    match status {
+                        200 => {
+                            charged.insert(body["event_id"].as_str().unwrap().parse().unwrap());
+                        }
+                        403 => refused += 1,
+                        other => panic!("unexpected {other}: {body}"),
+                    }
+                }
+            }
+            while let Some(done) = in_flight.join_next().await {
+                let (status, body) = done.unwrap();
+                match status {
+                    200 => {
+                        charged.insert(body["event_id"].as_str().unwrap().parse().unwrap());
+                    }
+                    403 => refused += 1,
+                    other => panic!("unexpected {other}: {body}"),
+                }
+            }
+            (charged, refused)
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    let (status, _) = app
+        .post_json(
+            "/api/v1/customer/apps/vto-001/deactivate",
+            &token,
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    // From the moment the deactivation has answered, every consume is refused.
+    let (status, body) = consume_on(&app, &replica, &token).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("app_not_active"))
+    );
+
+    let (charged, refused): (HashSet<uuid::Uuid>, usize) = racing.await.unwrap();
+    assert_eq!(charged.len() + refused, 1000);
+    assert!(
+        !charged.is_empty() && refused > 0,
+        "the deactivation landed mid-way"
+    );
+    app.drain_usage().await;
+    app.assert_ledger_exact(&charged).await;
+}
+
+#[tokio::test]
+async fn configuration_values_cannot_break_out_of_the_embed_code() {
+    let app = spawn_app().await;
+    let shop = app.create_customer(Some("professional")).await;
+    for attack in [
+        r#""><script>alert(1)</script>"#,
+        "' onload='alert(1)",
+        "</script><img src=x onerror=alert(1)>",
+        "&quot; data-x=&quot;",
+    ] {
+        let (status, body) = app
+            .post_json(
+                "/api/v1/customer/apps/vto-001/activate",
+                &shop.token,
+                json!({"configuration": {"style_customization": {"button_text": attack, "button_color": attack}}}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let code = body["embed_code"].as_str().unwrap();
+        assert_eq!(code.matches("<script").count(), 1, "{code}");
+        assert_eq!(code.matches("</script>").count(), 1, "{code}");
+        assert_eq!(
+            code.matches('"').count(),
+            8,
+            "only the attribute delimiters: {code}"
+        );
+        assert!(!code.contains('\'') && !code.contains("<img"), "{code}");
+        assert_eq!(
+            body["configuration"]["style_customization"]["button_text"], attack,
+            "the value itself is kept as given"
+        );
+    }
+}
