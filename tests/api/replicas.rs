@@ -57,7 +57,9 @@ async fn consumes_racing_a_deactivation_are_each_charged_once_or_refused() {
     let token = shop.token.clone();
 
     // Consumes on the replica while the first process deactivates the app.
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let racing = {
+        let answered = answered.clone();
         let (http, url, token) = (
             app.http.clone(),
             replica.url("/api/v1/customer/tokens/consume"),
@@ -83,6 +85,7 @@ async fn consumes_racing_a_deactivation_are_each_charged_once_or_refused() {
                 });
                 if in_flight.len() >= 16 {
                     let (status, body) = in_flight.join_next().await.unwrap().unwrap();
+                    answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     match status {
                         200 => {
                             charged.insert(body["event_id"].as_str().unwrap().parse().unwrap());
@@ -105,7 +108,10 @@ async fn consumes_racing_a_deactivation_are_each_charged_once_or_refused() {
             (charged, refused)
         })
     };
-    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    // Deactivate once some have been charged and most are still to come.
+    while answered.load(std::sync::atomic::Ordering::Relaxed) < 20 {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
     let (status, _) = app
         .post_json(
             "/api/v1/customer/apps/vto-001/deactivate",
