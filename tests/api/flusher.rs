@@ -161,7 +161,7 @@ async fn a_poison_entry_is_dead_lettered_after_k_deliveries_while_the_rest_flow(
 async fn postgres_killed_mid_batch_then_down_then_back_loses_and_doubles_nothing() {
     let app = spawn_app_with(&[("FLUSH_BATCH_SIZE", "40")]).await;
     let shop = app.customer_with_apps("professional", &["vto-001"]).await;
-    let mut charged = app.consume_many(&shop, "vto-001", 400, 16).await;
+    let mut charged = app.consume_many(&shop, "vto-001", 800, 16).await;
     let database = app
         .settings
         .database
