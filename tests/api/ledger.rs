@@ -158,3 +158,76 @@ async fn a_redelivered_batch_changes_nothing() {
     assert_eq!(before, after);
     assert_eq!(after, (3, 6));
 }
+
+#[tokio::test]
+async fn retention_drops_raw_usage_months_past_the_period_and_keeps_the_aggregates() {
+    use chrono::{NaiveDate, TimeZone, Utc};
+    use connected_apps::{ledger::partitions, workers::scheduler::Scheduler};
+
+    let app = spawn_app().await;
+    let shop = app.customer_with_apps("starter", &["rec-001"]).await;
+    let old_month = NaiveDate::from_ymd_opt(2024, 1, 1).unwrap();
+    partitions::ensure_month(&app.db, old_month).await.unwrap();
+    sqlx::query(
+        "INSERT INTO token_usage (id, customer_id, app_id, tokens_consumed, created_at) \
+         SELECT $1, $2, id, 2, '2024-01-15T12:00:00Z' FROM apps WHERE slug = 'rec-001'",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .bind(shop.id)
+    .execute(&app.db)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO usage_analytics_daily (customer_id, app_id, date, tokens_consumed, events_count) \
+         SELECT $1, id, '2024-01-15', 2, 1 FROM apps WHERE slug = 'rec-001'",
+    )
+    .bind(shop.id)
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let partitions_now = || async {
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+             WHERE i.inhparent IN ('token_usage'::regclass, 'usage_daily_distinct'::regclass) ORDER BY 1",
+        )
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+        names
+    };
+    let before = partitions_now().await;
+
+    // A month goes once its last day is more than 400 days old: on
+    // 2025-03-06 the cut-off is 2024-01-31, still inside January; on
+    // 2025-03-07 it is 2024-02-01.
+    let scheduler = Scheduler::new(app.db.clone(), 3, 400);
+    let kept = scheduler
+        .apply_retention(Utc.with_ymd_and_hms(2025, 3, 6, 3, 0, 0).unwrap())
+        .await
+        .unwrap();
+    let dropped = scheduler
+        .apply_retention(Utc.with_ymd_and_hms(2025, 3, 7, 3, 0, 0).unwrap())
+        .await
+        .unwrap();
+
+    assert_eq!(
+        kept,
+        Vec::<String>::new(),
+        "January 2024 is not yet wholly past retention"
+    );
+    assert_eq!(
+        dropped,
+        ["token_usage_y2024m01", "usage_daily_distinct_y2024m01"]
+    );
+    let after = partitions_now().await;
+    assert_eq!(
+        after.len(),
+        before.len() - 2,
+        "only the old month went: {after:?}"
+    );
+    let aggregates: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM usage_analytics_daily")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(aggregates, 1, "aggregates are kept");
+}
