@@ -17,6 +17,9 @@ use crate::error::FieldError;
 /// merchant's page, and nothing an embed needs is longer.
 const MAX_STRING_CHARS: usize = 1000;
 
+/// The field types a schema may name.
+const FIELD_TYPES: [&str; 6] = ["select", "string", "integer", "number", "boolean", "object"];
+
 /// Checks `configuration` against `schema`; returns it with the defaults
 /// filled in, or one error per invalid field.
 pub fn validate(
@@ -29,6 +32,44 @@ pub fn validate(
         Ok(Value::Object(filled))
     } else {
         Err(problems)
+    }
+}
+
+/// Checks that `schema` is a `configuration_schema` in the format
+/// [`validate`] reads, adding one problem per malformed field.
+pub fn check_schema(schema: &serde_json::Value, path: &str, problems: &mut Vec<FieldError>) {
+    let Some(fields) = schema.as_object() else {
+        problems.push(FieldError::new(path, "must be an object of settings"));
+        return;
+    };
+    for (name, field) in fields {
+        let field_path = format!("{path}.{name}");
+        let kind = field.get("type").and_then(|t| t.as_str());
+        match kind {
+            Some(k) if FIELD_TYPES.contains(&k) => {}
+            _ => {
+                problems.push(FieldError::new(
+                    format!("{field_path}.type"),
+                    format!("must be one of: {}", FIELD_TYPES.join(", ")),
+                ));
+                continue;
+            }
+        }
+        if kind == Some("select")
+            && !field
+                .get("options")
+                .and_then(|o| o.as_array())
+                .is_some_and(|o| !o.is_empty() && o.iter().all(|v| v.is_string()))
+        {
+            problems.push(FieldError::new(
+                format!("{field_path}.options"),
+                "must be a non-empty list of strings",
+            ));
+        }
+        if kind == Some("object") {
+            let properties = field.get("properties").cloned().unwrap_or_default();
+            check_schema(&properties, &format!("{field_path}.properties"), problems);
+        }
     }
 }
 

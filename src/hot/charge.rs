@@ -218,7 +218,7 @@ impl HotStore {
             account,
             record,
             self.keys.usage_stream(shard).to_owned(),
-            self.keys.disabled_apps(shard),
+            self.keys.disabled_apps(shard).to_owned(),
         ];
         let details = EventDetails {
             e: charge.event_id,

@@ -29,6 +29,8 @@ pub struct Keys {
     shards: u16,
     /// The stream names, built once: every consume names one.
     streams: Vec<String>,
+    /// The disabled-apps sets, built once for the same reason.
+    disabled_apps: Vec<String>,
 }
 
 impl Keys {
@@ -38,10 +40,14 @@ impl Keys {
         let streams = (0..shards)
             .map(|s| format!("{root}:{{s{s}}}:usage"))
             .collect();
+        let disabled_apps = (0..shards)
+            .map(|s| format!("{root}:{{s{s}}}:apps:disabled"))
+            .collect();
         Self {
             root,
             shards,
             streams,
+            disabled_apps,
         }
     }
 
@@ -94,8 +100,8 @@ impl Keys {
     }
 
     /// The shard's copy of the set of disabled apps.
-    pub fn disabled_apps(&self, shard: u16) -> String {
-        format!("{}:{{s{shard}}}:apps:disabled", self.root)
+    pub fn disabled_apps(&self, shard: u16) -> &str {
+        &self.disabled_apps[usize::from(shard)]
     }
 
     /// The dead-letter stream beside a shard's usage stream.

@@ -16,7 +16,11 @@ use super::{
 };
 use crate::{
     auth::Scope,
-    domain::{catalog::Tier, configuration, embed::embed_code},
+    domain::{
+        catalog::{CatalogApp, Tier},
+        configuration,
+        embed::embed_code,
+    },
     error::{decode_json, ApiError},
     hot::account::AccountChange,
     ledger::{activations, catalog},
@@ -110,20 +114,8 @@ pub async fn activate(
         .accounts
         .change(customer, move |tx| {
             Box::pin(async move {
-                let tier = catalog::customer_plan_tier(tx, customer).await?;
-                let tier = tier
-                    .as_deref()
-                    .and_then(Tier::parse)
-                    .unwrap_or(Tier::Starter);
-                if app.tier > tier {
-                    return Err(ApiError::PlanUpgradeRequired(app.slug().to_owned()));
-                }
-                let code = embed_code(
-                    app.row.embed_script_url.as_deref().unwrap_or(""),
-                    customer,
-                    app.slug(),
-                    &configuration,
-                );
+                ensure_plan_opens(tx, customer, &app).await?;
+                let code = app_embed_code(&app, customer, &configuration);
                 let row =
                     activations::activate(tx, customer, app.row.id, &configuration, &code).await?;
                 Ok((row, vec![AccountChange::ActivateApp(app.slug().to_owned())]))
@@ -219,23 +211,11 @@ pub async fn update(
         .change(customer, move |tx| {
             Box::pin(async move {
                 if body.status == Some(UpdateStatus::Active) {
-                    let tier = catalog::customer_plan_tier(tx, customer).await?;
-                    let tier = tier
-                        .as_deref()
-                        .and_then(Tier::parse)
-                        .unwrap_or(Tier::Starter);
-                    if app.tier > tier {
-                        return Err(ApiError::PlanUpgradeRequired(app.slug().to_owned()));
-                    }
+                    ensure_plan_opens(tx, customer, &app).await?;
                 }
-                let code = configuration.as_ref().map(|c| {
-                    embed_code(
-                        app.row.embed_script_url.as_deref().unwrap_or(""),
-                        customer,
-                        app.slug(),
-                        c,
-                    )
-                });
+                let code = configuration
+                    .as_ref()
+                    .map(|c| app_embed_code(&app, customer, c));
                 let status = body.status.map(|s| match s {
                     UpdateStatus::Active => "active",
                     UpdateStatus::Paused => "paused",
@@ -261,6 +241,37 @@ pub async fn update(
         })
         .await?;
     Ok(axum::Json(row.into()))
+}
+
+/// 403 `plan_upgrade_required` unless the customer's plan (starter
+/// without one) opens the app's tier.
+async fn ensure_plan_opens(
+    tx: &mut sqlx::PgConnection,
+    customer: uuid::Uuid,
+    app: &CatalogApp,
+) -> Result<(), ApiError> {
+    let tier = catalog::customer_plan_tier(tx, customer)
+        .await?
+        .as_deref()
+        .and_then(Tier::parse)
+        .unwrap_or(Tier::Starter);
+    if app.tier > tier {
+        return Err(ApiError::PlanUpgradeRequired(app.slug().to_owned()));
+    }
+    Ok(())
+}
+
+fn app_embed_code(
+    app: &CatalogApp,
+    customer: uuid::Uuid,
+    configuration: &serde_json::Value,
+) -> String {
+    embed_code(
+        app.row.embed_script_url.as_deref().unwrap_or(""),
+        customer,
+        app.slug(),
+        configuration,
+    )
 }
 
 #[derive(Serialize, utoipa::ToSchema)]

@@ -15,6 +15,7 @@ use super::{
     extract::{Json, PathParam},
 };
 use crate::{
+    domain::{catalog::Tier, configuration},
     error::{ApiError, FieldError},
     ledger::catalog::{self, NewApp},
     state::Shared,
@@ -27,8 +28,6 @@ pub fn router() -> Router<Shared> {
 }
 
 const STATUSES: [&str; 4] = ["available", "beta", "deprecated", "disabled"];
-const TIERS: [&str; 3] = ["starter", "professional", "enterprise"];
-const FIELD_TYPES: [&str; 6] = ["select", "string", "integer", "number", "boolean", "object"];
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -90,14 +89,14 @@ pub async fn create_app(
         ));
     }
     let tier = body.pricing_tier.as_deref().unwrap_or("starter");
-    if !TIERS.contains(&tier) {
+    if Tier::parse(tier).is_none() {
         problems.push(FieldError::new(
             "pricing_tier",
-            format!("must be one of: {}", TIERS.join(", ")),
+            "must be one of: starter, professional, enterprise",
         ));
     }
     let schema = serde_json::Value::Object(body.configuration_schema.unwrap_or_default());
-    check_schema(&schema, "configuration_schema", &mut problems);
+    configuration::check_schema(&schema, "configuration_schema", &mut problems);
     for (field, url) in [
         ("documentation_url", &body.documentation_url),
         ("icon_url", &body.icon_url),
@@ -187,41 +186,4 @@ pub async fn change_app(
         .get(&row.slug)
         .ok_or(ApiError::NotFound("app"))?;
     Ok(axum::Json(AppListing::from(app.as_ref())))
-}
-
-/// A `configuration_schema` in the format `domain::configuration` reads.
-fn check_schema(schema: &serde_json::Value, path: &str, problems: &mut Vec<FieldError>) {
-    let Some(fields) = schema.as_object() else {
-        problems.push(FieldError::new(path, "must be an object of settings"));
-        return;
-    };
-    for (name, field) in fields {
-        let field_path = format!("{path}.{name}");
-        let kind = field.get("type").and_then(|t| t.as_str());
-        match kind {
-            Some(k) if FIELD_TYPES.contains(&k) => {}
-            _ => {
-                problems.push(FieldError::new(
-                    format!("{field_path}.type"),
-                    format!("must be one of: {}", FIELD_TYPES.join(", ")),
-                ));
-                continue;
-            }
-        }
-        if kind == Some("select")
-            && !field
-                .get("options")
-                .and_then(|o| o.as_array())
-                .is_some_and(|o| !o.is_empty() && o.iter().all(|v| v.is_string()))
-        {
-            problems.push(FieldError::new(
-                format!("{field_path}.options"),
-                "must be a non-empty list of strings",
-            ));
-        }
-        if kind == Some("object") {
-            let properties = field.get("properties").cloned().unwrap_or_default();
-            check_schema(&properties, &format!("{field_path}.properties"), problems);
-        }
-    }
 }

@@ -39,7 +39,7 @@
 
 use std::{
     borrow::Cow,
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     net::IpAddr,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -335,20 +335,17 @@ impl Flusher {
                 self.own_pending[usize::from(entry.shard)] = true;
             }
         }
-        for shard in 0..self.keys.shards() {
-            let ids: Vec<&str> = batch
-                .entries
-                .iter()
-                .zip(&keep)
-                .filter(|(e, kept)| e.shard == shard && !**kept)
-                .map(|(e, _)| e.id.as_str())
-                .collect();
-            if !ids.is_empty() {
-                let _: i64 = self
-                    .redis
-                    .xack(self.keys.usage_stream(shard), GROUP, ids)
-                    .await?;
+        let mut by_shard: BTreeMap<u16, Vec<&str>> = BTreeMap::new();
+        for (entry, kept) in batch.entries.iter().zip(&keep) {
+            if !kept {
+                by_shard.entry(entry.shard).or_default().push(&entry.id);
             }
+        }
+        for (shard, ids) in by_shard {
+            let _: i64 = self
+                .redis
+                .xack(self.keys.usage_stream(shard), GROUP, ids)
+                .await?;
         }
         metrics::counter!("flusher_events_persisted_total").increment(written.inserted as u64);
         metrics::counter!("flusher_events_duplicate_total").increment(written.duplicates as u64);
@@ -709,18 +706,20 @@ fn entry_ids(reply: Value) -> Vec<String> {
         .collect()
 }
 
-/// The milliseconds part of a stream id (`<ms>-<seq>`).
+/// A stream id (`<ms>-<seq>`) as numbers.
+fn parse_id(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
+
+/// The milliseconds part of a stream id.
 fn id_millis(id: &str) -> Option<u64> {
-    id.split_once('-').map_or(id, |(ms, _)| ms).parse().ok()
+    Some(parse_id(id).0).filter(|ms| *ms > 0)
 }
 
 /// Whether stream id `a` sorts before `b`.
 fn id_lt(a: &str, b: &str) -> bool {
-    let parse = |id: &str| -> (u64, u64) {
-        let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-        (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
-    };
-    parse(a) < parse(b)
+    parse_id(a) < parse_id(b)
 }
 
 /// XREADGROUP's reply for one stream: `[[stream, [[id, [f, v, …] | nil], …]]]`.

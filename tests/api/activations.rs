@@ -3,19 +3,11 @@
 
 use serde_json::{json, Value};
 
-use crate::helpers::{spawn_app, Customer, TestApp};
+use crate::helpers::{detail_fields, spawn_app, Customer, TestApp};
 
 async fn patch(app: &TestApp, shop: &Customer, slug: &str, body: Value) -> (u16, Value) {
-    let response = app
-        .http
-        .patch(app.url(&format!("/api/v1/customer/apps/{slug}")))
-        .bearer_auth(&shop.token)
-        .json(&body)
-        .send()
+    app.patch_json(&format!("/api/v1/customer/apps/{slug}"), &shop.token, body)
         .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
 }
 
 #[tokio::test]
@@ -55,12 +47,7 @@ async fn a_configuration_that_does_not_fit_the_schema_is_422_per_field_and_activ
 
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["error"]["code"], "validation_failed");
-    let fields: Vec<&str> = body["error"]["details"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["field"].as_str().unwrap())
-        .collect();
+    let fields = detail_fields(&body);
     assert_eq!(
         fields,
         [

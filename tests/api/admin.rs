@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use crate::helpers::{spawn_app, Customer};
+use crate::helpers::{detail_fields, spawn_app, Customer};
 
 const CUSTOMERS: &str = "/api/v1/admin/customers";
 
@@ -114,12 +114,7 @@ async fn invalid_customer_fields_are_422_with_details() {
         .await;
 
     assert_eq!(status, 422);
-    let fields: Vec<&str> = body["error"]["details"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["field"].as_str().unwrap())
-        .collect();
+    let fields = detail_fields(&body);
     assert_eq!(fields, ["name", "email"]);
 }
 
@@ -157,14 +152,6 @@ async fn the_openapi_document_and_probes_are_served() {
         .unwrap();
     assert_eq!(ready["checks"]["redis"], "ok");
     assert_eq!(ready["checks"]["postgres"], "ok");
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(metrics.contains("http_requests_total"), "{metrics}");
 }

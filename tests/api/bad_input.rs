@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use crate::helpers::{spawn_app, TestApp};
+use crate::helpers::{detail_fields, spawn_app, TestApp};
 
 async fn send_raw(app: &TestApp, token: &str, body: Vec<u8>) -> (u16, Value) {
     let response = app
@@ -184,12 +184,7 @@ async fn a_422_lists_one_detail_per_invalid_field() {
         .await;
 
     assert_eq!(status, 422);
-    let fields: Vec<&str> = body["error"]["details"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["field"].as_str().unwrap())
-        .collect();
+    let fields = detail_fields(&body);
     assert_eq!(
         fields,
         [

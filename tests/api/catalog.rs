@@ -3,18 +3,10 @@
 
 use serde_json::{json, Value};
 
-use crate::helpers::{spawn_app, spawn_app_with, TestApp};
+use crate::helpers::{detail_fields, spawn_app, spawn_app_with, TestApp};
 
 async fn list(app: &TestApp, token: &str, query: &str) -> (u16, Value) {
-    let response = app
-        .http
-        .get(app.url(&format!("/api/v1/apps{query}")))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
+    app.get_json(&format!("/api/v1/apps{query}"), token).await
 }
 
 fn ids(body: &Value) -> Vec<&str> {
@@ -164,12 +156,7 @@ async fn a_malformed_app_is_422_per_field() {
         )
         .await;
     assert_eq!(status, 422, "{body}");
-    let fields: Vec<&str> = body["error"]["details"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["field"].as_str().unwrap())
-        .collect();
+    let fields = detail_fields(&body);
     assert_eq!(
         fields,
         [
@@ -188,29 +175,18 @@ async fn a_disabled_app_is_refused_at_once_by_every_replica_and_leaves_the_listi
     let app = spawn_app().await;
     let replica = app.replica().await;
     let shop = app.customer_with_apps("professional", &["vto-001"]).await;
-    let consume_on_replica = || async {
-        let response = app
-            .http
-            .post(replica.url("/api/v1/customer/tokens/consume"))
-            .bearer_auth(&shop.token)
-            .json(&json!({"app_id": "vto-001"}))
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        (status, response.json::<Value>().await.unwrap())
-    };
+    let consume_on_replica =
+        || replica.consume(&app.http, &shop.token, json!({"app_id": "vto-001"}));
     assert_eq!(consume_on_replica().await.0, 200);
 
-    let disable = app
-        .http
-        .patch(app.url("/api/v1/admin/apps/vto-001"))
-        .bearer_auth(app.admin_token())
-        .json(&json!({"status": "disabled"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(disable.status(), 200);
+    let (status, _) = app
+        .patch_json(
+            "/api/v1/admin/apps/vto-001",
+            &app.admin_token(),
+            json!({"status": "disabled"}),
+        )
+        .await;
+    assert_eq!(status, 200);
 
     let (status, body) = consume_on_replica().await;
     assert_eq!(
@@ -221,15 +197,14 @@ async fn a_disabled_app_is_refused_at_once_by_every_replica_and_leaves_the_listi
     let (_, listed) = list(&app, &shop.token, "?per_page=100").await;
     assert!(!ids(&listed).contains(&"vto-001"));
 
-    let enable = app
-        .http
-        .patch(app.url("/api/v1/admin/apps/vto-001"))
-        .bearer_auth(app.admin_token())
-        .json(&json!({"status": "available"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(enable.status(), 200);
+    let (status, _) = app
+        .patch_json(
+            "/api/v1/admin/apps/vto-001",
+            &app.admin_token(),
+            json!({"status": "available"}),
+        )
+        .await;
+    assert_eq!(status, 200);
     assert_eq!(consume_on_replica().await.0, 200);
     app.drain_usage().await;
     assert_eq!(

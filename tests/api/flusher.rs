@@ -144,15 +144,7 @@ async fn a_poison_entry_is_dead_lettered_after_k_deliveries_while_the_rest_flow(
         assert!(field("reason").is_some_and(|r| !r.is_empty()));
         assert!(field("source_id").is_some());
     }
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics_text().await;
     assert!(metrics.contains("flusher_dead_letters_total"));
     app.assert_ledger_exact(&charged).await;
 }

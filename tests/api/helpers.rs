@@ -141,6 +141,39 @@ impl Replica {
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.address, path)
     }
+
+    /// Consumes through this replica with a bearer credential (a JWT or an
+    /// embed key).
+    pub async fn consume(
+        &self,
+        http: &reqwest::Client,
+        credential: &str,
+        body: Value,
+    ) -> (u16, Value) {
+        answer(
+            http.post(self.url("/api/v1/customer/tokens/consume"))
+                .bearer_auth(credential)
+                .json(&body),
+        )
+        .await
+    }
+}
+
+/// Sends a request; returns its status and JSON body (null when none).
+async fn answer(request: reqwest::RequestBuilder) -> (u16, Value) {
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// The `field` of each entry of a 422 body's `details`, in order.
+pub fn detail_fields(body: &Value) -> Vec<&str> {
+    body["error"]["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["field"].as_str().unwrap())
+        .collect()
 }
 
 impl Drop for Replica {
@@ -172,16 +205,41 @@ impl TestApp {
 
     /// POSTs a JSON body with a bearer credential; returns status and body.
     pub async fn post_json(&self, path: &str, credential: &str, body: Value) -> (u16, Value) {
-        let response = self
-            .http
-            .post(self.url(path))
-            .bearer_auth(credential)
-            .json(&body)
+        answer(
+            self.http
+                .post(self.url(path))
+                .bearer_auth(credential)
+                .json(&body),
+        )
+        .await
+    }
+
+    /// PATCHes a JSON body with a bearer credential; returns status and body.
+    pub async fn patch_json(&self, path: &str, credential: &str, body: Value) -> (u16, Value) {
+        answer(
+            self.http
+                .patch(self.url(path))
+                .bearer_auth(credential)
+                .json(&body),
+        )
+        .await
+    }
+
+    /// GETs with a bearer credential; returns status and body.
+    pub async fn get_json(&self, path: &str, credential: &str) -> (u16, Value) {
+        answer(self.http.get(self.url(path)).bearer_auth(credential)).await
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics_text(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
             .send()
             .await
-            .unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     pub fn admin_token(&self) -> String {

@@ -7,18 +7,11 @@ use serde_json::{json, Value};
 
 use crate::helpers::{spawn_app, Replica, TestApp};
 
+/// A consume of vto-001 through `replica`, with a JWT or an embed key.
 async fn consume_on(app: &TestApp, replica: &Replica, credential: &str) -> (u16, Value) {
-    let response = app
-        .http
-        .post(replica.url("/api/v1/customer/tokens/consume"))
-        // A JWT or an embed key: both go as a bearer credential.
-        .bearer_auth(credential)
-        .json(&json!({"app_id": "vto-001"}))
-        .send()
+    replica
+        .consume(&app.http, credential, json!({"app_id": "vto-001"}))
         .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
 }
 
 #[tokio::test]

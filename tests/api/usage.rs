@@ -7,15 +7,8 @@ use uuid::Uuid;
 use crate::helpers::{spawn_app, TestApp};
 
 async fn usage(app: &TestApp, token: &str, query: &str) -> (u16, Value) {
-    let response = app
-        .http
-        .get(app.url(&format!("/api/v1/customer/tokens/usage{query}")))
-        .bearer_auth(token)
-        .send()
+    app.get_json(&format!("/api/v1/customer/tokens/usage{query}"), token)
         .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap())
 }
 
 #[tokio::test]
