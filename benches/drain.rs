@@ -21,7 +21,7 @@ use std::{
 
 use chrono::Utc;
 use connected_apps::{
-    config::Settings,
+    config::{Limit, Settings},
     hot::{
         account::{AccountState, SubscriptionStatus},
         charge::{Charge, ChargeOutcome},
@@ -179,6 +179,8 @@ async fn run(options: &Options, settings: &Settings) -> anyhow::Result<()> {
                     idempotency: None,
                     session_id: Some(&session),
                     metadata: Some(&metadata),
+                    customer_limit: Limit::NONE,
+                    key_limit: Limit::NONE,
                 };
                 let outcome = hot.charge(&charge).await.expect("charge");
                 assert!(matches!(outcome, ChargeOutcome::Charged { .. }), "{outcome:?}");

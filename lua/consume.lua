@@ -1,12 +1,13 @@
 --[[
 consume.lua: charge one use of an app, atomically, in one round trip.
+Runs after gcra.lua (the rate-limit arithmetic), prepended by src/hot/mod.rs.
 
 The hot path of the service. Redis runs the whole script without
 interleaving another command, so the check and the decrement cannot race.
 There is no rollback, so every argument and every value read is validated
 before the first write, and the writes are ordered so none can fail once
 another has happened: the XADD first (it fails only on a key of another
-type), then integer increments, then a SET. To the outside the decrement
+type), then integer increments, then SETs. To the outside the decrement
 and the event are one step.
 
 KEYS
@@ -15,12 +16,17 @@ KEYS
                     or without Idempotency-Key <prefix>:v1:{s<shard>}:c:<customer>:ev:<event id>
   3  usage stream   <prefix>:v1:{s<shard>}:usage
   4  disabled apps  <prefix>:v1:{s<shard>}:apps:disabled   set of slugs an operator disabled
+  5  customer limit <prefix>:v1:{s<shard>}:c:<customer>:rl:consume   GCRA TAT (gcra.lua)
+  6  key limit      <prefix>:v1:{s<shard>}:c:<customer>:rl:key:<key id>, or KEYS[5]
+                    again for a JWT caller (unused then)
 
 ARGV
   1  app slug                       5  request fingerprint, or "" without Idempotency-Key
   2  tokens to charge (>= 1)        6  TTL of the outcome record in seconds
   3  event id (UUIDv7)              7  the event's details as JSON, written as is
   4  embed key id, or "" (JWT)      8  deadline in epoch ms on Redis's clock, 0 = none
+  9  customer limit interval µs, 0 = unlimited     10  customer limit burst
+ 11  key limit interval µs, 0 = none               12  key limit burst
 
 Replies (an array, first element the outcome)
   { 1, tokens_remaining, from_purchased, at_ms }   charged; -1 remaining = unlimited
@@ -34,6 +40,9 @@ Replies (an array, first element the outcome)
   {-5, tokens_remaining }                          insufficient tokens
   {-6 }                                            past the deadline: the caller has
                                                    given up (503), so nothing is charged
+  {-7, wait_us, rested_us, limiter }               rate limited: allowed again in wait_us,
+                                                   limiter rested in rested_us; limiter
+                                                   1 = the customer's, 2 = the embed key's
   an error reply                                   invalid arguments or state; nothing written
 
 Account hash fields (written by src/hot/account.rs; absent hash = not loaded)
@@ -61,6 +70,12 @@ end
 local record_ttl = tonumber(ARGV[6])
 if not record_ttl or record_ttl < 1 or record_ttl % 1 ~= 0 then
   return redis.error_reply('ERR the outcome record TTL must be a positive integer')
+end
+local limits = { tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12]) }
+for i = 1, 4 do
+  if not limits[i] or limits[i] < 0 or limits[i] % 1 ~= 0 then
+    return redis.error_reply('ERR rate limits must be non-negative integers')
+  end
 end
 
 -- 1. Idempotency: a retry of a charged request gets the first answer back.
@@ -91,7 +106,8 @@ if not allowance or not used or not purchased or not open_until
 end
 
 local clock = redis.call('TIME')
-local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local now_ms = math.floor(now_us / 1000)
 -- A script that waited in Redis's queue past the caller's deadline would
 -- charge a request the caller already answered with 503.
 local deadline = tonumber(ARGV[8]) or 0
@@ -118,7 +134,24 @@ if open_until < 0 or (open_until > 0 and now_ms >= open_until) then
   return { -4 }
 end
 
--- 4. Balance: the period's allowance first, then purchased tokens.
+-- 4. Rate limits: the customer's consume limit, then the embed key's own.
+-- Checked here, after the refusals that do not pass with time, so a
+-- caller learns those first. Only a charge moves the limiters (below), so
+-- a refused request costs no rate either.
+local limiter_keys = { KEYS[5], KEYS[6] }
+local tats = {}
+for i = 1, 2 do
+  local interval, burst = limits[2 * i - 1], limits[2 * i]
+  if interval > 0 then
+    local allowed, tat, wait = gcra(redis.call('GET', limiter_keys[i]), now_us, interval, burst)
+    if not allowed then
+      return { -7, wait, tat - now_us, i }
+    end
+    tats[i] = tat
+  end
+end
+
+-- 5. Balance: the period's allowance first, then purchased tokens.
 local from_purchased = 0
 if allowance >= 0 then
   local allowance_left = math.max(allowance - used, 0)
@@ -128,7 +161,7 @@ if allowance >= 0 then
   from_purchased = math.max(tokens - allowance_left, 0)
 end
 
--- 5 and 6. The usage event and the decrement.
+-- 6 and 7. The usage event and the decrement.
 redis.call('XADD', KEYS[3], '*', 'd', ARGV[7], 't', tokens, 'p', from_purchased, 'ts', now_ms)
 used = redis.call('HINCRBY', KEYS[1], 'used', tokens - from_purchased)
 if from_purchased > 0 then
@@ -143,5 +176,10 @@ end
 -- caller whose reply was late reads to learn whether it was charged.
 redis.call('SET', KEYS[2], ARGV[5] .. '|' .. ARGV[3] .. '|' .. tokens .. '|' .. remaining,
   'EX', record_ttl)
+for i = 1, 2 do
+  if tats[i] then
+    gcra_store(limiter_keys[i], tats[i], now_us)
+  end
+end
 
 return { 1, remaining, from_purchased, now_ms }

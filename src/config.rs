@@ -92,6 +92,7 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub consume: ConsumeSettings,
     pub flusher: FlusherSettings,
+    pub rate_limits: RateLimitSettings,
     pub cors_origins: Vec<String>,
     /// `ENABLE_BETA_APPS`: beta apps are listed in the catalog.
     pub enable_beta_apps: bool,
@@ -169,6 +170,77 @@ pub struct FlusherSettings {
     pub upkeep: bool,
 }
 
+/// A rate limit: a sustained rate and the burst allowed on top of it,
+/// enforced as GCRA (`lua/gcra.lua`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    /// Requests per hour at the sustained rate; 0 = no limit.
+    pub per_hour: u32,
+    /// Requests that may come at once after a quiet spell.
+    pub burst: u32,
+}
+
+impl Limit {
+    pub const NONE: Limit = Limit {
+        per_hour: 0,
+        burst: 0,
+    };
+
+    /// An hourly budget: all of it may be spent at once, and it refills
+    /// evenly over the hour. The specification gives the API's route groups
+    /// a rate and no burst; this reads "100 an hour" as a merchant would.
+    pub fn hourly(per_hour: u32) -> Limit {
+        Limit {
+            per_hour,
+            burst: per_hour,
+        }
+    }
+
+    /// An embed key's limit: its `rate_limit` per hour, with a burst of 36
+    /// seconds of that rate, the proportion the specification gives the
+    /// consume limit (10000/hour, burst 100). A key is shared by every
+    /// shopper of a shop, so it must take a busy minute, but a leaked key
+    /// must not spend an hour's budget in a second.
+    pub fn embed_key(rate_limit: i32) -> Limit {
+        let per_hour = rate_limit.max(1) as u32;
+        Limit {
+            per_hour,
+            burst: per_hour.div_ceil(100),
+        }
+    }
+
+    pub fn is_none(&self) -> bool {
+        self.per_hour == 0
+    }
+
+    /// Microseconds between requests at the sustained rate (rounded down,
+    /// so a limit is never stricter than configured), 0 without a limit.
+    pub fn interval_us(&self) -> i64 {
+        if self.is_none() {
+            return 0;
+        }
+        (3_600_000_000 / i64::from(self.per_hour)).max(1)
+    }
+}
+
+/// Limits per customer and route group (API.md "Rate limits").
+#[derive(Debug, Clone)]
+pub struct RateLimitSettings {
+    /// `GET /api/v1/apps…`
+    pub apps: Limit,
+    /// `POST /api/v1/customer/apps/{id}/activate`
+    pub activate: Limit,
+    /// `POST /api/v1/customer/tokens/consume`, checked inside the consume
+    /// script; each embed key has its own limit on top.
+    pub consume: Limit,
+    /// `/api/v1/customer/billing/*`
+    pub billing: Limit,
+    /// `API_RATE_LIMIT_REDIS_URL`: where the route groups' limiters live
+    /// (default `REDIS_URL`). The consume limits always live beside the
+    /// balance they guard, in `REDIS_URL`.
+    pub redis_url: Secret,
+}
+
 const DEV_JWT_SECRET: &str = "development-only-jwt-secret-change-me-0123456789";
 const DEV_DATABASE_URL: &str = "postgres://postgres:postgres@127.0.0.1:5432/connected_apps";
 const DEV_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
@@ -239,6 +311,36 @@ impl Settings {
         if batch_size == 0 || batch_size > 50_000 {
             return Err(ConfigError::new("FLUSH_BATCH_SIZE", "must be in 1..=50000"));
         }
+        let rate_limit_redis_url = env
+            .get("API_RATE_LIMIT_REDIS_URL")
+            .filter(|v| !v.is_empty())
+            .unwrap_or(&redis_url)
+            .to_owned();
+        if !(rate_limit_redis_url.starts_with("redis://")
+            || rate_limit_redis_url.starts_with("rediss://"))
+        {
+            return Err(ConfigError::new(
+                "API_RATE_LIMIT_REDIS_URL",
+                "must be a redis:// or rediss:// URL",
+            ));
+        }
+        let consume_limit = Limit {
+            per_hour: env.parse("RATE_LIMIT_CONSUME_PER_HOUR", 10_000)?,
+            burst: env.parse("RATE_LIMIT_CONSUME_BURST", 100)?,
+        };
+        if !consume_limit.is_none() && consume_limit.burst == 0 {
+            return Err(ConfigError::new(
+                "RATE_LIMIT_CONSUME_BURST",
+                "must be at least 1",
+            ));
+        }
+        let rate_limits = RateLimitSettings {
+            apps: Limit::hourly(env.parse("RATE_LIMIT_APPS_PER_HOUR", 100)?),
+            activate: Limit::hourly(env.parse("RATE_LIMIT_ACTIVATE_PER_HOUR", 10)?),
+            consume: consume_limit,
+            billing: Limit::hourly(env.parse("RATE_LIMIT_BILLING_PER_HOUR", 50)?),
+            redis_url: Secret::new(rate_limit_redis_url),
+        };
         let log_level = env.get("LOG_LEVEL").unwrap_or("info").to_ascii_lowercase();
         let cors_origins = env
             .get("CORS_ORIGINS")
@@ -303,6 +405,7 @@ impl Settings {
                 workers: positive("FLUSHER_WORKERS", env.parse("FLUSHER_WORKERS", 2)?)? as usize,
                 upkeep: true,
             },
+            rate_limits,
             cors_origins,
             enable_beta_apps: env.parse("ENABLE_BETA_APPS", false)?,
             log_level,
@@ -382,6 +485,41 @@ mod tests {
     fn production_refuses_to_start_without_secrets() {
         let err = Settings::from_map(&vars(&[("APP_ENV", "production")])).unwrap_err();
         assert!(err.to_string().contains("DATABASE_URL"), "{err}");
+    }
+
+    #[test]
+    fn rate_limits_default_to_the_specification() {
+        let s = Settings::from_map(&vars(&[])).unwrap();
+        let limits = &s.rate_limits;
+        assert_eq!(
+            limits.consume,
+            Limit {
+                per_hour: 10_000,
+                burst: 100
+            }
+        );
+        assert_eq!(limits.consume.interval_us(), 360_000);
+        assert_eq!(limits.apps, Limit::hourly(100));
+        assert_eq!(limits.activate, Limit::hourly(10));
+        assert_eq!(limits.billing, Limit::hourly(50));
+        assert_eq!(limits.redis_url.expose(), s.redis.url.expose());
+    }
+
+    #[test]
+    fn an_embed_keys_burst_is_36_seconds_of_its_rate_and_at_least_one() {
+        assert_eq!(Limit::embed_key(1000).burst, 10);
+        assert_eq!(Limit::embed_key(1800).burst, 18);
+        assert_eq!(Limit::embed_key(1).burst, 1);
+        assert_eq!(Limit::embed_key(1).interval_us(), 3_600_000_000);
+    }
+
+    #[test]
+    fn a_limit_of_zero_is_no_limit_and_a_zero_burst_is_refused() {
+        let s = Settings::from_map(&vars(&[("RATE_LIMIT_APPS_PER_HOUR", "0")])).unwrap();
+        assert!(s.rate_limits.apps.is_none());
+        assert_eq!(s.rate_limits.apps.interval_us(), 0);
+        let err = Settings::from_map(&vars(&[("RATE_LIMIT_CONSUME_BURST", "0")])).unwrap_err();
+        assert!(err.to_string().contains("RATE_LIMIT_CONSUME_BURST"));
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub enum ApiError {
     #[error("this API key may not be used from this origin")]
     OriginNotAllowed,
 
+    #[error("too many requests; retry after {} s", crate::http::rate_limit::seconds(.0.retry_after))]
+    RateLimited(crate::hot::rate_limit::Throttle),
+
     #[error("not enough tokens")]
     InsufficientTokens { tokens_remaining: i64 },
     #[error("the subscription is not active")]
@@ -96,6 +99,7 @@ impl ApiError {
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -117,6 +121,7 @@ impl ApiError {
             AppNotPermitted(_) => "app_not_permitted",
             PlanUpgradeRequired(_) => "plan_upgrade_required",
             OriginNotAllowed => "origin_not_allowed",
+            RateLimited(_) => "rate_limited",
             InsufficientTokens { .. } => "insufficient_tokens",
             SubscriptionInactive => "subscription_inactive",
             NotFound(_) => "not_found",
@@ -151,6 +156,10 @@ pub struct ErrorDetail<'a> {
     pub tokens_remaining: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub details: Option<&'a [FieldError]>,
+    /// With 429 `rate_limited`: seconds until a request is allowed again,
+    /// as in the `Retry-After` header.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
 }
 
 impl IntoResponse for ApiError {
@@ -175,16 +184,24 @@ impl IntoResponse for ApiError {
             ApiError::Validation(d) => Some(d.as_slice()),
             _ => None,
         };
+        let throttle = match &self {
+            ApiError::RateLimited(throttle) => Some(*throttle),
+            _ => None,
+        };
         let body = ErrorBody {
             error: ErrorDetail {
                 code: self.code(),
                 message,
                 tokens_remaining,
                 details,
+                retry_after: throttle.map(|t| crate::http::rate_limit::seconds(t.retry_after)),
             },
             tokens_remaining,
         };
         let mut response = (status, axum::Json(body)).into_response();
+        if let Some(throttle) = throttle {
+            crate::http::rate_limit::throttled_headers(response.headers_mut(), &throttle);
+        }
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()

@@ -16,7 +16,7 @@ use crate::{
     auth::{EmbedKeys, JwtKeys},
     config::{Roles, Settings},
     domain::{accounts::Accounts, catalog::Catalog, consume::Metering},
-    hot::HotStore,
+    hot::{rate_limit::RateLimiter, HotStore},
     ledger,
     state::AppState,
     telemetry,
@@ -58,7 +58,13 @@ impl Application {
             catalog.clone(),
             accounts.clone(),
             settings.consume.idempotency_ttl.as_secs(),
+            settings.rate_limits.consume,
         );
+        let limiter = RateLimiter::connect(
+            settings.rate_limits.redis_url.expose(),
+            &settings.redis.key_prefix,
+            settings.redis.timeout,
+        )?;
         let state = Arc::new(AppState {
             jwt: JwtKeys::new(&settings.auth),
             embed_keys: EmbedKeys::default(),
@@ -68,6 +74,7 @@ impl Application {
             catalog,
             accounts,
             metering,
+            limiter,
             metrics,
         });
         // Every process listens: without the API role it still answers
@@ -140,6 +147,7 @@ impl Application {
             let _ = tokio::task::spawn_blocking(move || flusher.join()).await;
         }
         state.hot.quit().await;
+        state.limiter.quit().await;
         state.db.close().await;
         Ok(())
     }

@@ -10,7 +10,7 @@ use crate::{
     auth::{EmbedKeys, JwtKeys},
     config::Settings,
     domain::{accounts::Accounts, catalog::Catalog, consume::Metering},
-    hot::HotStore,
+    hot::{rate_limit::RateLimiter, HotStore},
 };
 
 pub struct AppState {
@@ -22,6 +22,8 @@ pub struct AppState {
     pub embed_keys: EmbedKeys,
     pub accounts: Arc<Accounts>,
     pub metering: Metering,
+    /// The route groups' rate limits (the consume limits are in `metering`).
+    pub limiter: RateLimiter,
     pub metrics: PrometheusHandle,
 }
 

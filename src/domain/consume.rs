@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use crate::{
     auth::EmbedKey,
+    config::Limit,
     domain::{accounts::Accounts, catalog::Catalog},
     error::{type_message, ApiError, FieldError},
     hot::{
@@ -189,6 +190,8 @@ pub struct Metering {
     catalog: Arc<Catalog>,
     accounts: Arc<Accounts>,
     idempotency_ttl_secs: u64,
+    /// Every customer's consume limit (`RATE_LIMIT_CONSUME_*`).
+    limit: Limit,
     metrics: ConsumeMetrics,
 }
 
@@ -199,7 +202,7 @@ struct ConsumeMetrics {
     tokens: metrics::Counter,
 }
 
-const OUTCOMES: [&str; 9] = [
+const OUTCOMES: [&str; 10] = [
     "charged",
     "replayed",
     "idempotency_conflict",
@@ -209,6 +212,7 @@ const OUTCOMES: [&str; 9] = [
     "subscription_inactive",
     "insufficient_tokens",
     "deadline_passed",
+    "rate_limited",
 ];
 
 impl ConsumeMetrics {
@@ -231,6 +235,7 @@ impl ConsumeMetrics {
             ChargeOutcome::SubscriptionInactive => 6,
             ChargeOutcome::InsufficientTokens { .. } => 7,
             ChargeOutcome::DeadlinePassed => 8,
+            ChargeOutcome::RateLimited(_) => 9,
         };
         self.by_outcome[index].increment(1);
     }
@@ -244,12 +249,14 @@ impl Metering {
         catalog: Arc<Catalog>,
         accounts: Arc<Accounts>,
         idempotency_ttl_secs: u64,
+        limit: Limit,
     ) -> Self {
         Self {
             hot,
             catalog,
             accounts,
             idempotency_ttl_secs,
+            limit,
             metrics: ConsumeMetrics::register(),
         }
     }
@@ -292,16 +299,17 @@ impl Metering {
         let fingerprint = idempotency_key.map(|_| hex::encode(Sha256::digest(body)));
         let customer = caller.customer();
         let event_id = Uuid::now_v7();
+        let (embed_key, key_limit) = match caller {
+            Caller::EmbedKey(k) => (Some(k.id), Limit::embed_key(k.rate_limit)),
+            Caller::Customer(_) => (None, Limit::NONE),
+        };
         let charge = Charge {
             customer,
             app_slug: app.slug(),
             app_id: app.row.id,
             tokens,
             event_id,
-            embed_key: match caller {
-                Caller::EmbedKey(k) => Some(k.id),
-                Caller::Customer(_) => None,
-            },
+            embed_key,
             idempotency: idempotency_key
                 .zip(fingerprint.as_deref())
                 .map(|(key, fingerprint)| Idempotency {
@@ -311,6 +319,8 @@ impl Metering {
                 }),
             session_id: request.session_id.as_deref(),
             metadata: request.metadata,
+            customer_limit: self.limit,
+            key_limit,
         };
 
         let mut outcome = self.hot.charge(&charge).await?;
@@ -357,6 +367,7 @@ impl Metering {
             ChargeOutcome::DeadlinePassed => Err(ApiError::Unavailable(anyhow::anyhow!(
                 "redis ran the consume script past its deadline"
             ))),
+            ChargeOutcome::RateLimited(throttle) => Err(ApiError::RateLimited(throttle)),
         }
     }
 }

@@ -29,7 +29,8 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
-use super::{HotError, HotStore};
+use super::{rate_limit::Throttle, HotError, HotStore};
+use crate::config::Limit;
 
 /// What to charge, as the script needs it. Built by [`crate::domain::metering`]
 /// from a validated request, so every field is already in range.
@@ -45,6 +46,10 @@ pub struct Charge<'a> {
     pub session_id: Option<&'a str>,
     /// The request's `metadata` object, passed on as it came.
     pub metadata: Option<&'a RawValue>,
+    /// The customer's consume limit ([`Limit::NONE`] for none).
+    pub customer_limit: Limit,
+    /// The embed key's own limit; [`Limit::NONE`] without a key.
+    pub key_limit: Limit,
 }
 
 /// The event's details, the `d` field of a usage stream entry (see
@@ -102,6 +107,9 @@ pub enum ChargeOutcome {
     /// Redis ran the script after the caller's deadline, or never will;
     /// nothing charged.
     DeadlinePassed,
+    /// Over the customer's or the embed key's consume limit; nothing
+    /// charged, and the limiters unchanged.
+    RateLimited(Throttle),
 }
 
 /// How long the outcome record of a consume without `Idempotency-Key`
@@ -133,7 +141,7 @@ impl HotStore {
             reply => reply,
         };
         match reply {
-            Ok(reply) => parse_reply(&reply),
+            Ok(reply) => parse_reply(&reply, charge),
             Err(e) if in_doubt(&e) => self.settle_in_doubt(charge, deadline, e).await,
             Err(e) => Err(e.into()),
         }
@@ -214,11 +222,24 @@ impl HotStore {
         let shard = self.keys.shard_of(charge.customer);
         let account = self.keys.account(charge.customer);
         let (record, record_ttl) = self.outcome_record(charge);
+        let customer_limiter = self.keys.consume_limiter(charge.customer);
+        let key_limiter = match charge.embed_key {
+            Some(key) if !charge.key_limit.is_none() => {
+                self.keys.embed_key_limiter(charge.customer, key)
+            }
+            _ => customer_limiter.clone(),
+        };
+        let key_limit = match charge.embed_key {
+            Some(_) => charge.key_limit,
+            None => Limit::NONE,
+        };
         let keys = vec![
             account,
             record,
             self.keys.usage_stream(shard).to_owned(),
             self.keys.disabled_apps(shard).to_owned(),
+            customer_limiter,
+            key_limiter,
         ];
         let details = EventDetails {
             e: charge.event_id,
@@ -247,6 +268,10 @@ impl HotStore {
                 .expect("event details serialize")
                 .into(),
             deadline.into(),
+            charge.customer_limit.interval_us().into(),
+            charge.customer_limit.burst.into(),
+            key_limit.interval_us().into(),
+            key_limit.burst.into(),
         ];
         (keys, args)
     }
@@ -258,7 +283,7 @@ fn in_doubt(e: &fred::error::Error) -> bool {
     matches!(e.kind(), Timeout | IO | Canceled)
 }
 
-fn parse_reply(reply: &[Value]) -> Result<ChargeOutcome, HotError> {
+fn parse_reply(reply: &[Value], charge: &Charge<'_>) -> Result<ChargeOutcome, HotError> {
     let int = |i: usize| -> Result<i64, HotError> {
         reply
             .get(i)
@@ -289,6 +314,17 @@ fn parse_reply(reply: &[Value]) -> Result<ChargeOutcome, HotError> {
             tokens_remaining: int(1)?,
         },
         -6 => ChargeOutcome::DeadlinePassed,
+        -7 => {
+            let micros = |i| int(i).map(|v| Duration::from_micros(v.max(0) as u64));
+            ChargeOutcome::RateLimited(Throttle {
+                limit: match int(3)? {
+                    1 => charge.customer_limit,
+                    _ => charge.key_limit,
+                },
+                retry_after: micros(1)?,
+                rested_in: micros(2)?,
+            })
+        }
         _ => return Err(malformed(reply)),
     })
 }

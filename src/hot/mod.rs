@@ -8,10 +8,13 @@
 //! - [`keys`]: the key layout and why it is hash-tagged.
 //! - [`charge`]: the consume script and its outcomes.
 //! - [`account`]: loading a customer's hot state, and changing it in place.
+//! - [`rate_limit`]: the route groups' rate limits (the consume limits are
+//!   inside the consume script).
 
 pub mod account;
 pub mod charge;
 pub mod keys;
+pub mod rate_limit;
 
 use std::{
     sync::{
@@ -39,9 +42,20 @@ pub(crate) struct Scripts {
 }
 
 impl Scripts {
+    /// The scripts that rate-limit start with `gcra.lua`, the one
+    /// definition of the algorithm they share.
+    const CONSUME: &'static str = concat!(
+        include_str!("../../lua/gcra.lua"),
+        include_str!("../../lua/consume.lua")
+    );
+    pub(crate) const RATE_LIMIT: &'static str = concat!(
+        include_str!("../../lua/gcra.lua"),
+        include_str!("../../lua/rate_limit.lua")
+    );
+
     fn new() -> Self {
         Self {
-            consume: Script::from_lua(include_str!("../../lua/consume.lua")),
+            consume: Script::from_lua(Self::CONSUME),
             account_load: Script::from_lua(include_str!("../../lua/account_load.lua")),
             account_update: Script::from_lua(include_str!("../../lua/account_update.lua")),
         }

@@ -3,6 +3,7 @@
 
 use axum::{
     extract::State,
+    middleware,
     routing::{get, patch, post},
     Router,
 };
@@ -13,6 +14,7 @@ use uuid::Uuid;
 use super::{
     auth::CustomerAuth,
     extract::{Body, PathParam},
+    rate_limit,
 };
 use crate::{
     auth::Scope,
@@ -27,10 +29,16 @@ use crate::{
     state::Shared,
 };
 
-pub fn router() -> Router<Shared> {
-    Router::new()
-        .route("/api/v1/customer/apps", get(list_activations))
+pub fn router(state: &Shared) -> Router<Shared> {
+    let activate = Router::new()
         .route("/api/v1/customer/apps/{app_id}/activate", post(activate))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            rate_limit::activate,
+        ));
+    Router::new()
+        .merge(activate)
+        .route("/api/v1/customer/apps", get(list_activations))
         .route("/api/v1/customer/apps/{app_id}", patch(update))
         .route(
             "/api/v1/customer/apps/{app_id}/deactivate",
@@ -84,7 +92,12 @@ impl From<activations::ActivationRow> for Activation {
     responses((status = 200, body = Activation),
               (status = 403, description = "`plan_upgrade_required`", body = crate::error::ErrorBody),
               (status = 404, body = crate::error::ErrorBody),
-              (status = 422, description = "`configuration` does not fit the app's `configuration_schema`: one detail per field (unknown fields, wrong types, a `select` value not among its options); omitted fields take their defaults", body = crate::error::ErrorBody)),
+              (status = 422, description = "`configuration` does not fit the app's `configuration_schema`: one detail per field (unknown fields, wrong types, a `select` value not among its options); omitted fields take their defaults", body = crate::error::ErrorBody),
+              (status = 429, description = "`rate_limited`: over `RATE_LIMIT_ACTIVATE_PER_HOUR` (10 an hour); nothing activated", body = crate::error::ErrorBody,
+                  headers(("Retry-After" = u64, description = "Seconds until a request is allowed again"),
+                  ("RateLimit-Limit" = u32, description = "The burst: requests allowed at once"),
+                  ("RateLimit-Remaining" = u32, description = "Requests allowed at once now: 0"),
+                  ("RateLimit-Reset" = u64, description = "Seconds until the whole burst is allowed again")))),
     security(("bearer" = ["apps:activate"])))]
 pub async fn activate(
     State(state): State<Shared>,

@@ -58,6 +58,10 @@ impl FromRequestParts<Shared> for CustomerAuth {
         parts: &mut Parts,
         state: &Shared,
     ) -> Result<Self, Self::Rejection> {
+        // Verified already by a rate-limited route's middleware.
+        if let Some(auth) = parts.extensions.get::<CustomerAuth>() {
+            return Ok(*auth);
+        }
         let token = bearer(&parts.headers)?.ok_or(ApiError::Unauthenticated)?;
         if looks_like_embed_key(token) {
             // Embed keys open only the consume endpoint.

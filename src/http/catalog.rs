@@ -1,9 +1,9 @@
 //! The apps catalog: `GET /api/v1/apps`.
 
-use axum::{extract::State, routing::get, Router};
+use axum::{extract::State, middleware, routing::get, Router};
 use serde::{Deserialize, Serialize};
 
-use super::{auth::CustomerAuth, extract::Query};
+use super::{auth::CustomerAuth, extract::Query, rate_limit};
 use crate::{
     auth::Scope,
     domain::catalog::{CatalogApp, Filter},
@@ -11,8 +11,13 @@ use crate::{
     state::Shared,
 };
 
-pub fn router() -> Router<Shared> {
-    Router::new().route("/api/v1/apps", get(list_apps))
+pub fn router(state: &Shared) -> Router<Shared> {
+    Router::new()
+        .route("/api/v1/apps", get(list_apps))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            rate_limit::apps,
+        ))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]
@@ -80,8 +85,13 @@ pub struct AppList {
 }
 
 #[utoipa::path(get, path = "/api/v1/apps", tag = "apps", params(CatalogQuery),
-    responses((status = 200, description = "Apps by name; a page past the last is empty", body = AppList),
-              (status = 422, description = "`page` or `per_page` out of range", body = crate::error::ErrorBody)),
+    responses((status = 200, description = "Apps by name; a page past the last is empty. With `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset`", body = AppList),
+              (status = 422, description = "`page` or `per_page` out of range", body = crate::error::ErrorBody),
+              (status = 429, description = "`rate_limited`: over `RATE_LIMIT_APPS_PER_HOUR` (100 an hour, all of it at once if need be)", body = crate::error::ErrorBody,
+                  headers(("Retry-After" = u64, description = "Seconds until a request is allowed again"),
+                  ("RateLimit-Limit" = u32, description = "The burst: requests allowed at once"),
+                  ("RateLimit-Remaining" = u32, description = "Requests allowed at once now: 0"),
+                  ("RateLimit-Reset" = u64, description = "Seconds until the whole burst is allowed again")))),
     security(("bearer" = ["apps:read"])))]
 pub async fn list_apps(
     State(state): State<Shared>,

@@ -64,6 +64,11 @@ pub struct ConsumeResponse<'a> {
         (status = 409, description = "`conflict`: Idempotency-Key reused with another body", body = crate::error::ErrorBody),
         (status = 413, description = "`payload_too_large`", body = crate::error::ErrorBody),
         (status = 422, description = "`validation_failed` with `details`", body = crate::error::ErrorBody),
+        (status = 429, description = "`rate_limited`: over the customer's consume limit (`RATE_LIMIT_CONSUME_PER_HOUR`, burst `RATE_LIMIT_CONSUME_BURST`) or the embed key's `rate_limit` (burst: 36 s of it); nothing charged. `retry_after` in the body repeats `Retry-After`", body = crate::error::ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds until a request is allowed again"),
+                  ("RateLimit-Limit" = u32, description = "The burst: requests allowed at once"),
+                  ("RateLimit-Remaining" = u32, description = "Requests allowed at once now: 0"),
+                  ("RateLimit-Reset" = u64, description = "Seconds until the whole burst is allowed again"))),
         (status = 503, description = "`unavailable`: Redis down or slower than `REDIS_TIMEOUT_MS`; nothing charged", body = crate::error::ErrorBody),
     ),
     security(("bearer" = []), ("api_key" = []))

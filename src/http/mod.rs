@@ -19,6 +19,7 @@ pub mod edge;
 pub mod extract;
 pub mod health;
 pub mod openapi;
+pub mod rate_limit;
 pub mod usage;
 
 use axum::{
@@ -39,8 +40,8 @@ pub fn router(state: Shared) -> Router {
     let cors = cors(&state.settings.cors_origins);
     Router::new()
         .merge(consume::router())
-        .merge(catalog::router())
-        .merge(activations::router())
+        .merge(catalog::router(&state))
+        .merge(activations::router(&state))
         .merge(api_keys::router())
         .merge(admin::router())
         .merge(admin_apps::router())
@@ -67,8 +68,6 @@ pub fn ops_router(state: Shared) -> Router {
         .with_state(state)
 }
 
-/// No layer at all without `CORS_ORIGINS`: browsers then get no CORS
-/// headers, and the consume path pays nothing for the check.
 /// A UUIDv4 request id, written straight into the header value: the same
 /// ids as tower-http's `MakeRequestUuid` without formatting to a `String`
 /// and parsing it back on every request.
@@ -83,6 +82,9 @@ impl MakeRequestId for FastRequestUuid {
     }
 }
 
+/// No layer at all without `CORS_ORIGINS`: browsers then get no CORS
+/// headers, and the consume path pays nothing for the check. A widget may
+/// read the rate-limit headers, to back off as told.
 fn cors(origins: &[String]) -> Option<CorsLayer> {
     let origins: Vec<HeaderValue> = origins.iter().filter_map(|o| o.parse().ok()).collect();
     if origins.is_empty() {
@@ -98,6 +100,13 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
                 HeaderName::from_static("x-api-key"),
                 HeaderName::from_static("idempotency-key"),
             ])
-            .expose_headers([REQUEST_ID, HeaderName::from_static("idempotent-replayed")]),
+            .expose_headers([
+                REQUEST_ID,
+                HeaderName::from_static("idempotent-replayed"),
+                axum::http::header::RETRY_AFTER,
+                rate_limit::LIMIT,
+                rate_limit::REMAINING,
+                rate_limit::RESET,
+            ]),
     )
 }

@@ -76,6 +76,13 @@ fn settings_for(db_name: &str, prefix: &str, extra: &[(&str, &str)]) -> Settings
         // Tests run many instances at once on a debug build; a slow answer
         // is not what they test (the deadline test sets its own).
         ("REDIS_TIMEOUT_MS", "3000".into()),
+        // Limits far above what any test sends, so only the rate-limit
+        // tests, which set their own, meet one; the limiters still run.
+        ("RATE_LIMIT_CONSUME_PER_HOUR", "1000000000".into()),
+        ("RATE_LIMIT_CONSUME_BURST", "1000000".into()),
+        ("RATE_LIMIT_APPS_PER_HOUR", "1000000".into()),
+        ("RATE_LIMIT_ACTIVATE_PER_HOUR", "1000000".into()),
+        ("RATE_LIMIT_BILLING_PER_HOUR", "1000000".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))

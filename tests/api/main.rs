@@ -11,6 +11,7 @@ mod consume;
 mod flusher;
 mod helpers;
 mod ledger;
+mod rate_limits;
 mod rebuild;
 mod replicas;
 mod script_model;

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 
 use connected_apps::{
-    config::Settings,
+    config::{Limit, Settings},
     hot::{
         account::{AccountChange, AccountState, SubscriptionStatus},
         charge::{Charge, ChargeOutcome, Idempotency},
@@ -224,6 +224,8 @@ async fn run_case(
                     ),
                     session_id: Some("s"),
                     metadata: None,
+                    customer_limit: Limit::NONE,
+                    key_limit: Limit::NONE,
                 };
                 let got = comparable(hot.charge(&charge).await.unwrap());
                 let expected = model.consume(app, tokens, key, idem);
