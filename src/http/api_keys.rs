@@ -28,7 +28,10 @@ pub fn router() -> Router<Shared> {
         .route("/api/v1/customer/api-keys/{key_id}", delete(revoke_key))
 }
 
-const MAX_RATE_LIMIT: i32 = 1_000_000;
+/// A billion an hour (277,000 a second): more than any shop's widget
+/// sends, so a key's limit never stands in the way of a real integration
+/// or a load test, and still a limit.
+const MAX_RATE_LIMIT: i32 = 1_000_000_000;
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -36,7 +39,8 @@ pub struct NewKey {
     name: Option<String>,
     /// App ids (e.g. `vto-001`) the key may charge; at least one.
     app_permissions: Vec<String>,
-    /// Requests per hour, 1 to 1,000,000 (default 1000).
+    /// Requests per hour, 1 to 1,000,000,000 (default 1000); the key may
+    /// send 36 seconds of this rate at once (at least 1).
     rate_limit: Option<i32>,
     /// Must be in the future; omitted = never.
     expires_at: Option<DateTime<Utc>>,
@@ -113,7 +117,7 @@ pub async fn create_key(
     if !(1..=MAX_RATE_LIMIT).contains(&rate_limit) {
         problems.push(FieldError::new(
             "rate_limit",
-            "must be 1 to 1000000 requests per hour",
+            "must be 1 to 1000000000 requests per hour",
         ));
     }
     if body.expires_at.is_some_and(|e| e <= now) {
