@@ -7,8 +7,8 @@ interleaving another command, so the check and the decrement cannot race.
 There is no rollback, so every argument and every value read is validated
 before the first write, and the writes are ordered so none can fail once
 another has happened: the XADD first (it fails only on a key of another
-type), then integer increments, then SETs. To the outside the decrement
-and the event are one step.
+type), then one HSET of the account (a hash, as the HMGET proved), then a SET.
+To the outside the decrement and the event are one step.
 
 KEYS
   1  account hash   <prefix>:v1:{s<shard>}:c:<customer>:acct   (src/hot/keys.rs)
@@ -16,9 +16,6 @@ KEYS
                     or without Idempotency-Key <prefix>:v1:{s<shard>}:c:<customer>:ev:<event id>
   3  usage stream   <prefix>:v1:{s<shard>}:usage
   4  disabled apps  <prefix>:v1:{s<shard>}:apps:disabled   set of slugs an operator disabled
-  5  customer limit <prefix>:v1:{s<shard>}:c:<customer>:rl:consume   GCRA TAT (gcra.lua)
-  6  key limit      <prefix>:v1:{s<shard>}:c:<customer>:rl:key:<key id>, or KEYS[5]
-                    again for a JWT caller (unused then)
 
 ARGV
   1  app slug                       5  request fingerprint, or "" without Idempotency-Key
@@ -53,6 +50,11 @@ Account hash fields (written by src/hot/account.rs; absent hash = not loaded)
                -1 = may not (canceled, unpaid)
   app:<slug>   "1" while the activation is active
   key:<id>     expiry of a live embed key in epoch ms, 0 = never
+  rl           the customer's consume limiter: its GCRA TAT in µs (gcra.lua)
+  rl:<id>      the embed key's own limiter
+The limiters live in the account hash so the HMGET that reads the balance
+reads them too, and the HSET that charges writes them: rate limiting adds
+no Redis command to a consume.
 
 Usage event (stream entry, read by src/workers/flusher.rs)
   d   ARGV[7]: {"e": event id, "c": customer, "a": app id, "s": session,
@@ -90,8 +92,10 @@ if ARGV[5] ~= '' then
   end
 end
 
+local with_key = ARGV[4] ~= ''
 local acct = redis.call('HMGET', KEYS[1], 'allowance', 'used', 'purchased', 'open_until',
-  'app:' .. ARGV[1], ARGV[4] ~= '' and ('key:' .. ARGV[4]) or 'allowance')
+  'app:' .. ARGV[1], with_key and ('key:' .. ARGV[4]) or 'allowance',
+  'rl', with_key and ('rl:' .. ARGV[4]) or 'rl')
 if not acct[1] then
   return { -1 }
 end
@@ -99,7 +103,7 @@ local allowance = tonumber(acct[1])
 local used = tonumber(acct[2])
 local purchased = tonumber(acct[3])
 local open_until = tonumber(acct[4])
--- Integers, so the HINCRBYs below cannot fail after the XADD.
+-- Integers, so the values written below are integers too.
 if not allowance or not used or not purchased or not open_until
     or allowance % 1 ~= 0 or used % 1 ~= 0 or purchased % 1 ~= 0 then
   return redis.error_reply('ERR account hash is malformed')
@@ -116,7 +120,7 @@ if deadline > 0 and now_ms > deadline then
 end
 
 -- The embed key is refused the moment its field is removed (revocation).
-if ARGV[4] ~= '' then
+if with_key then
   local expiry = tonumber(acct[6])
   if not expiry or (expiry > 0 and now_ms >= expiry) then
     return { -2 }
@@ -134,16 +138,15 @@ if open_until < 0 or (open_until > 0 and now_ms >= open_until) then
   return { -4 }
 end
 
--- 4. Rate limits: the customer's consume limit, then the embed key's own.
--- Checked here, after the refusals that do not pass with time, so a
--- caller learns those first. Only a charge moves the limiters (below), so
--- a refused request costs no rate either.
-local limiter_keys = { KEYS[5], KEYS[6] }
+-- 4. Rate limits: the customer's consume limit, then the embed key's own
+-- (the `rl` fields). Checked here, after the refusals that do not pass
+-- with time, so a caller learns those first. Only a charge moves the
+-- limiters (below), so a refused request costs no rate either.
 local tats = {}
 for i = 1, 2 do
   local interval, burst = limits[2 * i - 1], limits[2 * i]
   if interval > 0 then
-    local allowed, tat, wait = gcra(redis.call('GET', limiter_keys[i]), now_us, interval, burst)
+    local allowed, tat, wait = gcra(acct[6 + i], now_us, interval, burst)
     if not allowed then
       return { -7, wait, tat - now_us, i }
     end
@@ -163,10 +166,25 @@ end
 
 -- 6 and 7. The usage event and the decrement.
 redis.call('XADD', KEYS[3], '*', 'd', ARGV[7], 't', tokens, 'p', from_purchased, 'ts', now_ms)
-used = redis.call('HINCRBY', KEYS[1], 'used', tokens - from_purchased)
+-- One HSET instead of HINCRBYs: the script read these values and nothing
+-- runs between the read and the write. '%d' because Lua's default number
+-- format would write a large integer in exponent form.
+used = used + tokens - from_purchased
+local changes = { 'used', string.format('%d', used) }
 if from_purchased > 0 then
-  purchased = redis.call('HINCRBY', KEYS[1], 'purchased', -from_purchased)
+  purchased = purchased - from_purchased
+  changes[#changes + 1] = 'purchased'
+  changes[#changes + 1] = string.format('%d', purchased)
 end
+if tats[1] then
+  changes[#changes + 1] = 'rl'
+  changes[#changes + 1] = string.format('%d', tats[1])
+end
+if tats[2] then
+  changes[#changes + 1] = 'rl:' .. ARGV[4]
+  changes[#changes + 1] = string.format('%d', tats[2])
+end
+redis.call('HSET', KEYS[1], unpack(changes))
 local remaining = -1
 if allowance >= 0 then
   remaining = math.max(allowance - used, 0) + purchased
@@ -176,10 +194,5 @@ end
 -- caller whose reply was late reads to learn whether it was charged.
 redis.call('SET', KEYS[2], ARGV[5] .. '|' .. ARGV[3] .. '|' .. tokens .. '|' .. remaining,
   'EX', record_ttl)
-for i = 1, 2 do
-  if tats[i] then
-    gcra_store(limiter_keys[i], tats[i], now_us)
-  end
-end
 
 return { 1, remaining, from_purchased, now_ms }

@@ -3,7 +3,8 @@ gcra.lua: the Generic Cell Rate Algorithm, shared by the scripts that
 rate-limit. It is not run on its own: src/hot/mod.rs puts it in front of
 consume.lua and rate_limit.lua, so both apply one definition.
 
-A limiter is one string key holding its theoretical arrival time (TAT):
+A limiter holds its theoretical arrival time (TAT), in a string key
+(rate_limit.lua) or a hash field (consume.lua):
 the instant, in microseconds on Redis's clock (TIME), at which the limiter
 would be empty again had every request allowed so far arrived exactly at
 the sustained rate. A limit is two numbers:
@@ -29,12 +30,5 @@ local function gcra(stored_tat, now, interval, burst)
     return false, tat, allow_at - now, 0
   end
   return true, tat + interval, 0, math.floor((now - allow_at) / interval)
-end
-
--- Writes a limiter's TAT. It expires when the limiter is rested anyway, so
--- idle customers and keys cost no memory. '%.0f' because Lua's default
--- number format would round a 16-digit integer.
-local function gcra_store(key, tat, now)
-  redis.call('SET', key, string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1)
 end
 

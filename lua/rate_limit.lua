@@ -23,6 +23,9 @@ local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 local allowed, tat, wait, remaining = gcra(redis.call('GET', KEYS[1]), now, interval, burst)
 if allowed then
-  gcra_store(KEYS[1], tat, now)
+  -- It expires when the limiter is rested anyway, so idle customers cost
+  -- no memory. '%d' because Lua's default number format would round a
+  -- 16-digit integer.
+  redis.call('SET', KEYS[1], string.format('%d', tat), 'PX', math.floor((tat - now) / 1000) + 1)
 end
 return { allowed and 1 or 0, remaining, wait, tat - now }

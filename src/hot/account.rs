@@ -87,16 +87,22 @@ pub enum AccountChange {
 
 impl AccountChange {
     fn push_args(&self, args: &mut Vec<Value>) {
-        let (op, field, value): (&str, String, Value) = match self {
-            Self::ActivateApp(slug) => ("set", format!("app:{slug}"), "1".into()),
-            Self::DeactivateApp(slug) => ("del", format!("app:{slug}"), "".into()),
-            Self::AddEmbedKey { id, expires_at_ms } => {
-                ("set", format!("key:{id}"), (*expires_at_ms).into())
-            }
-            Self::RemoveEmbedKey(id) => ("del", format!("key:{id}"), "".into()),
-            Self::AddPurchased(n) => ("incr", "purchased".into(), (*n).into()),
+        let mut op = |op: &str, field: String, value: Value| {
+            args.extend([op.into(), field.into(), value]);
         };
-        args.extend([op.into(), field.into(), value]);
+        match self {
+            Self::ActivateApp(slug) => op("set", format!("app:{slug}"), "1".into()),
+            Self::DeactivateApp(slug) => op("del", format!("app:{slug}"), "".into()),
+            Self::AddEmbedKey { id, expires_at_ms } => {
+                op("set", format!("key:{id}"), (*expires_at_ms).into())
+            }
+            // The key's rate limiter goes with it.
+            Self::RemoveEmbedKey(id) => {
+                op("del", format!("key:{id}"), "".into());
+                op("del", format!("rl:{id}"), "".into());
+            }
+            Self::AddPurchased(n) => op("incr", "purchased".into(), (*n).into()),
+        }
     }
 }
 

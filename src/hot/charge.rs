@@ -222,13 +222,6 @@ impl HotStore {
         let shard = self.keys.shard_of(charge.customer);
         let account = self.keys.account(charge.customer);
         let (record, record_ttl) = self.outcome_record(charge);
-        let customer_limiter = self.keys.consume_limiter(charge.customer);
-        let key_limiter = match charge.embed_key {
-            Some(key) if !charge.key_limit.is_none() => {
-                self.keys.embed_key_limiter(charge.customer, key)
-            }
-            _ => customer_limiter.clone(),
-        };
         let key_limit = match charge.embed_key {
             Some(_) => charge.key_limit,
             None => Limit::NONE,
@@ -238,8 +231,6 @@ impl HotStore {
             record,
             self.keys.usage_stream(shard).to_owned(),
             self.keys.disabled_apps(shard).to_owned(),
-            customer_limiter,
-            key_limiter,
         ];
         let details = EventDetails {
             e: charge.event_id,

@@ -12,14 +12,12 @@
 //!
 //! | key | type | holds | TTL |
 //! | --- | --- | --- | --- |
-//! | `…:{s<n>}:c:<customer>:acct` | hash | the customer's hot state: allowance, usage this period, purchased tokens, subscription status, active apps, live embed keys (fields in `lua/consume.lua`) | none: it is the live balance; rebuilt from Postgres when missing |
+//! | `…:{s<n>}:c:<customer>:acct` | hash | the customer's hot state: allowance, usage this period, purchased tokens, subscription status, active apps, live embed keys, and the consume rate limiters (fields in `lua/consume.lua`) | none: it is the live balance; rebuilt from Postgres when missing |
 //! | `…:{s<n>}:c:<customer>:idem:<sha256>` | string | the first answer to a consume sent with an `Idempotency-Key` (hashed, so any 255 characters make a short, safe key) | `IDEMPOTENCY_TTL_SECS`, 24 h |
 //! | `…:{s<n>}:c:<customer>:ev:<event>` | string | the outcome of a consume sent without `Idempotency-Key`, read only when its reply was late (see `hot/charge.rs`) | 10 s |
 //! | `…:{s<n>}:usage` | stream | usage events waiting for the flusher (consumer group `flusher`) | none: trimmed by the flusher once persisted |
 //! | `…:{s<n>}:apps:disabled` | set | slugs of apps an operator disabled, one copy per shard so the consume script reads it in its own slot | none: written by `PATCH /api/v1/admin/apps/{id}` |
-//! | `…:{s<n>}:c:<customer>:rl:consume` | string | the customer's consume rate limiter: its GCRA theoretical arrival time in µs (`lua/gcra.lua`) | until the limiter is rested (at most a burst's worth of intervals) |
-//! | `…:{s<n>}:c:<customer>:rl:key:<key id>` | string | an embed key's own rate limiter, in its customer's slot so the consume script reads both | as above |
-//! | `<prefix>:v1:rl:<group>:<customer>` | string | a route group's limiter (`apps`, `activate`, `billing`), in `API_RATE_LIMIT_REDIS_URL`; no hash tag, the script reads one key (`hot/rate_limit.rs`) | as above |
+//! | `<prefix>:v1:rl:<group>:<customer>` | string | a route group's rate limiter (`apps`, `activate`, `billing`): its GCRA theoretical arrival time in µs (`lua/gcra.lua`), in `API_RATE_LIMIT_REDIS_URL`; no hash tag, the script reads one key (`hot/rate_limit.rs`). The consume limiters are fields of the account hash | until the limiter is rested (at most a burst's worth of intervals) |
 //! | `…:{s<n>}:usage:dead` | stream | entries the flusher could not decode or write after `FLUSH_MAX_DELIVERIES` attempts, with `source_id`, `reason`, `deliveries` and the original fields, for an operator to inspect and replay | none: an operator deletes what they have dealt with |
 
 use sha2::{Digest, Sha256};
@@ -94,27 +92,6 @@ impl Keys {
         )
     }
 
-    /// The customer's consume rate limiter.
-    pub fn consume_limiter(&self, customer: Uuid) -> String {
-        format!(
-            "{}:{{s{}}}:c:{}:rl:consume",
-            self.root,
-            self.shard_of(customer),
-            customer
-        )
-    }
-
-    /// An embed key's rate limiter, in its customer's slot.
-    pub fn embed_key_limiter(&self, customer: Uuid, key: Uuid) -> String {
-        format!(
-            "{}:{{s{}}}:c:{}:rl:key:{}",
-            self.root,
-            self.shard_of(customer),
-            customer,
-            key
-        )
-    }
-
     pub fn usage_stream(&self, shard: u16) -> &str {
         &self.streams[usize::from(shard)]
     }
@@ -160,11 +137,6 @@ mod tests {
         assert_eq!(tag(&account), tag(&idem));
         assert_eq!(tag(&account), tag(stream));
         assert_eq!(tag(&account), tag(keys.disabled_apps(shard)));
-        assert_eq!(tag(&account), tag(&keys.consume_limiter(customer)));
-        assert_eq!(
-            tag(&account),
-            tag(&keys.embed_key_limiter(customer, Uuid::new_v4()))
-        );
     }
 
     #[test]
