@@ -138,6 +138,7 @@ async fn run(options: &Options, settings: &Settings) -> anyhow::Result<()> {
             grace_until_ms: 0,
             active_apps: apps.iter().map(|(slug, _)| slug.clone()).collect(),
             embed_keys: vec![],
+            period: None,
         };
         hot.load_account(id, &state).await?;
         customers.push(id);

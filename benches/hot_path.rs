@@ -62,6 +62,7 @@ fn script_round_trip(c: &mut Criterion) {
         grace_until_ms: 0,
         active_apps: vec!["vto-001".into()],
         embed_keys: vec![],
+        period: None,
     };
     rt.block_on(hot.load_account(customer, &state)).unwrap();
     let request = ConsumeRequest::parse(BODY.as_bytes()).unwrap();

@@ -52,6 +52,9 @@ Account hash fields (written by src/hot/account.rs; absent hash = not loaded)
   key:<id>     expiry of a live embed key in epoch ms, 0 = never
   rl           the customer's consume limiter: its GCRA TAT in µs (gcra.lua)
   rl:<id>      the embed key's own limiter
+  period_end   epoch ms at which the billing period ends, 0 = no period
+  next_end     epoch ms at which the next period ends, 0 = not known yet
+  next_allowance  the next period's allowance (differs after a downgrade)
 The limiters live in the account hash so the HMGET that reads the balance
 reads them too, and the HSET that charges writes them: rate limiting adds
 no Redis command to a consume.
@@ -95,7 +98,7 @@ end
 local with_key = ARGV[4] ~= ''
 local acct = redis.call('HMGET', KEYS[1], 'allowance', 'used', 'purchased', 'open_until',
   'app:' .. ARGV[1], with_key and ('key:' .. ARGV[4]) or 'allowance',
-  'rl', with_key and ('rl:' .. ARGV[4]) or 'rl')
+  'rl', with_key and ('rl:' .. ARGV[4]) or 'rl', 'period_end')
 if not acct[1] then
   return { -1 }
 end
@@ -154,7 +157,27 @@ for i = 1, 2 do
   end
 end
 
--- 5. Balance: the period's allowance first, then purchased tokens.
+-- 5. The billing period. A consume at or after the period's end belongs
+-- to the next period (the ledger counts it there too, by its time), so
+-- when the next period is known the script starts it itself: usage from
+-- zero, the next period's allowance. The scheduled rollover
+-- (account_rollover.lua) finds it started and does not reset it again, and
+-- a rollover that runs late never refuses what the new period allows.
+-- Nothing is written here: a refused consume leaves the roll to the next
+-- charge or to the rollover.
+local period_end = tonumber(acct[9]) or 0
+local rolled_to = nil
+if period_end > 0 and now_ms >= period_end then
+  local next = redis.call('HMGET', KEYS[1], 'next_end', 'next_allowance')
+  local next_end, next_allowance = tonumber(next[1]), tonumber(next[2])
+  if next_end and next_allowance and next_end > period_end and next_allowance % 1 == 0 then
+    rolled_to = next_end
+    allowance = next_allowance
+    used = 0
+  end
+end
+
+-- 6. Balance: the period's allowance first, then purchased tokens.
 local from_purchased = 0
 if allowance >= 0 then
   local allowance_left = math.max(allowance - used, 0)
@@ -164,7 +187,7 @@ if allowance >= 0 then
   from_purchased = math.max(tokens - allowance_left, 0)
 end
 
--- 6 and 7. The usage event and the decrement.
+-- 7 and 8. The usage event and the decrement.
 redis.call('XADD', KEYS[3], '*', 'd', ARGV[7], 't', tokens, 'p', from_purchased, 'ts', now_ms)
 -- One HSET instead of HINCRBYs: the script read these values and nothing
 -- runs between the read and the write. '%d' because Lua's default number
@@ -175,6 +198,14 @@ if from_purchased > 0 then
   purchased = purchased - from_purchased
   changes[#changes + 1] = 'purchased'
   changes[#changes + 1] = string.format('%d', purchased)
+end
+if rolled_to then
+  -- The successor of the new period is not known here; the rollover
+  -- writes it.
+  for _, v in ipairs({ 'period_end', string.format('%d', rolled_to), 'next_end', '0',
+      'allowance', string.format('%d', allowance) }) do
+    changes[#changes + 1] = v
+  end
 end
 if tats[1] then
   changes[#changes + 1] = 'rl'

@@ -111,6 +111,7 @@ impl Application {
         if self.roles.scheduler {
             let scheduler = Scheduler::new(
                 state.db.clone(),
+                state.hot.clone(),
                 state.settings.database.partitions_ahead_months,
                 state.settings.database.usage_retention_days,
             );

@@ -27,6 +27,40 @@ pub struct AccountState {
     pub active_apps: Vec<String>,
     /// Live embed keys and their expiry (epoch ms, 0 = never).
     pub embed_keys: Vec<(Uuid, i64)>,
+    /// The billing period's end and the next one's, with its allowance.
+    pub period: Option<Period>,
+}
+
+/// A billing period's end, as the consume script reads it (epoch ms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Period {
+    pub end_ms: i64,
+    /// The end of the period after; the script starts that one itself when
+    /// a consume comes at or after `end_ms`.
+    pub next_end_ms: i64,
+    /// The next period's allowance (a downgrade's, once one is scheduled).
+    pub next_allowance: i64,
+}
+
+/// The start of a new period, for `lua/account_rollover.lua`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rollover {
+    /// The old period's end, epoch ms: the key of the rollover.
+    pub start_ms: i64,
+    pub allowance: i64,
+    /// The new period's end and its successor.
+    pub period: Period,
+}
+
+/// What a rollover found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RolloverOutcome {
+    /// Usage reset, the new period started.
+    Started,
+    /// The consume script had started it already: usage kept.
+    AlreadyStarted,
+    /// A later period is on, or no hot state is loaded.
+    Nothing,
 }
 
 /// The balance part of the hot state, as the consume script sees it.
@@ -132,6 +166,16 @@ impl HotStore {
             args.push(format!("key:{id}").into());
             args.push((*expires).into());
         }
+        if let Some(period) = state.period {
+            args.extend([
+                "period_end".into(),
+                period.end_ms.into(),
+                "next_end".into(),
+                period.next_end_ms.into(),
+                "next_allowance".into(),
+                period.next_allowance.into(),
+            ]);
+        }
         let loaded: i64 = self
             .scripts
             .account_load
@@ -162,31 +206,76 @@ impl HotStore {
         Ok(applied == 1)
     }
 
-    /// The live balance, or `None` when the account is not loaded.
+    /// Starts a new billing period, once (see `lua/account_rollover.lua`).
+    pub async fn rollover(
+        &self,
+        customer: Uuid,
+        rollover: &Rollover,
+    ) -> Result<RolloverOutcome, HotError> {
+        let args: Vec<Value> = vec![
+            rollover.start_ms.into(),
+            rollover.period.end_ms.into(),
+            rollover.period.next_end_ms.into(),
+            rollover.allowance.into(),
+            rollover.period.next_allowance.into(),
+        ];
+        let outcome: i64 = self
+            .scripts
+            .account_rollover
+            .evalsha_with_reload(self.client(), vec![self.keys.account(customer)], args)
+            .await?;
+        Ok(match outcome {
+            1 => RolloverOutcome::Started,
+            2 => RolloverOutcome::AlreadyStarted,
+            _ => RolloverOutcome::Nothing,
+        })
+    }
+
+    /// The live balance, or `None` when the account is not loaded. A
+    /// period that has ended is read as the consume script would charge it:
+    /// the next one's, from zero.
     pub async fn balance(&self, customer: Uuid) -> Result<Option<Balance>, HotError> {
         use fred::prelude::*;
         let fields: Vec<Option<i64>> = self
             .client()
             .hmget(
                 self.keys.account(customer),
-                vec!["allowance", "used", "purchased"],
+                vec![
+                    "allowance",
+                    "used",
+                    "purchased",
+                    "period_end",
+                    "next_end",
+                    "next_allowance",
+                ],
             )
             .await?;
-        Ok(match fields[..] {
-            [Some(allowance), Some(used), Some(purchased)] => Some(Balance {
+        let [Some(allowance), Some(used), Some(purchased), period_end, next_end, next_allowance] =
+            fields[..]
+        else {
+            return Ok(None);
+        };
+        let ended = period_end.is_some_and(|end| end > 0 && self.redis_now_ms() >= end)
+            && next_end > period_end;
+        Ok(Some(match (ended, next_allowance) {
+            (true, Some(next_allowance)) => Balance {
+                allowance: next_allowance,
+                used: 0,
+                purchased,
+            },
+            _ => Balance {
                 allowance,
                 used,
                 purchased,
-            }),
-            _ => None,
-        })
+            },
+        }))
     }
 
     pub async fn is_loaded(&self, customer: Uuid) -> Result<bool, HotError> {
         use fred::prelude::*;
         let loaded: bool = self
             .client()
-            .hexists(self.keys.account(customer), "v")
+            .hexists(self.keys.account(customer), "allowance")
             .await?;
         Ok(loaded)
     }

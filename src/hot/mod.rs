@@ -39,6 +39,7 @@ pub(crate) struct Scripts {
     pub consume: Script,
     pub account_load: Script,
     pub account_update: Script,
+    pub account_rollover: Script,
 }
 
 impl Scripts {
@@ -58,6 +59,7 @@ impl Scripts {
             consume: Script::from_lua(Self::CONSUME),
             account_load: Script::from_lua(include_str!("../../lua/account_load.lua")),
             account_update: Script::from_lua(include_str!("../../lua/account_update.lua")),
+            account_rollover: Script::from_lua(include_str!("../../lua/account_rollover.lua")),
         }
     }
 }

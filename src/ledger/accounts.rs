@@ -11,7 +11,10 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::hot::account::{AccountState, SubscriptionStatus};
+use crate::{
+    domain::billing::period_after,
+    hot::account::{AccountState, Period, SubscriptionStatus},
+};
 
 /// Locks the customer's row until the transaction ends. False when there
 /// is no such customer.
@@ -31,6 +34,9 @@ struct BalanceRow {
     status: Option<String>,
     past_due_since: Option<DateTime<Utc>>,
     period_used: i64,
+    period_end: Option<DateTime<Utc>>,
+    anchor: Option<DateTime<Utc>>,
+    next_allowance: Option<i32>,
 }
 
 /// Reads everything the consume script needs, as Postgres knows it now.
@@ -48,6 +54,9 @@ pub async fn snapshot(
                p.tokens_per_month AS allowance,
                b.status,
                b.past_due_since,
+               b.billing_cycle_end AS period_end,
+               COALESCE(b.billing_anchor, b.billing_cycle_start) AS anchor,
+               COALESCE(pp.tokens_per_month, p.tokens_per_month) AS next_allowance,
                COALESCE((
                    SELECT SUM(u.tokens_consumed - u.purchased_tokens_consumed)
                    FROM token_usage u
@@ -58,6 +67,7 @@ pub async fn snapshot(
         FROM customers c
         LEFT JOIN customer_billing b ON b.customer_id = c.id
         LEFT JOIN billing_plans p ON p.id = b.plan_id
+        LEFT JOIN billing_plans pp ON pp.id = b.pending_plan_id
         WHERE c.id = $1
         "#,
     )
@@ -85,7 +95,16 @@ pub async fn snapshot(
         None => SubscriptionStatus::None,
         Some(s) => SubscriptionStatus::parse(s).unwrap_or(SubscriptionStatus::Unpaid),
     };
+    let period = match (row.period_end, row.anchor) {
+        (Some(end), Some(anchor)) => Some(Period {
+            end_ms: end.timestamp_millis(),
+            next_end_ms: period_after(anchor, end).timestamp_millis(),
+            next_allowance: row.next_allowance.or(row.allowance).map_or(0, i64::from),
+        }),
+        _ => None,
+    };
     Ok(AccountState {
+        period,
         allowance: row.allowance.map_or(0, i64::from),
         used: row.period_used,
         purchased: row.purchased,

@@ -7,6 +7,7 @@
 
 pub mod accounts;
 pub mod activations;
+pub mod billing;
 pub mod catalog;
 pub mod customers;
 pub mod embed_keys;

@@ -1,12 +1,19 @@
-//! Scheduled jobs (tokio-cron-scheduler), daily at 03:00 UTC and once at
-//! start:
+//! Scheduled jobs (tokio-cron-scheduler):
+//!
+//! - `billing-rollover`, every minute and at start: customers billed
+//!   without Stripe whose period has ended move into the next one (one
+//!   replica at a time, under a Postgres advisory lock; each customer's
+//!   move is keyed by the period, so a repeat changes nothing). Consumes
+//!   never wait for it: the consume script starts a due period itself.
+//!
+//! Daily at 03:00 UTC and once at start:
 //!
 //! - `usage-partitions`: creates the partitions of the coming months;
 //! - `usage-retention`: drops raw usage partitions whose month ended more
 //!   than `USAGE_RETENTION_DAYS` ago (default 400). The daily aggregates
 //!   are kept.
 //!
-//! Both are idempotent (`CREATE TABLE IF NOT EXISTS`, `DROP TABLE IF
+//! These are idempotent (`CREATE TABLE IF NOT EXISTS`, `DROP TABLE IF
 //! EXISTS`), so replicas running them at once need no lock.
 
 use std::sync::Arc;
@@ -16,20 +23,30 @@ use sqlx::PgPool;
 use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::sync::CancellationToken;
 
-use crate::ledger::partitions;
+use crate::{domain::billing::Periods, hot::HotStore, ledger::partitions};
 
 pub struct Scheduler {
     db: PgPool,
+    periods: Periods,
     months_ahead: u32,
     retention_days: u32,
 }
 
 impl Scheduler {
-    pub fn new(db: PgPool, months_ahead: u32, retention_days: u32) -> Self {
+    pub fn new(db: PgPool, hot: HotStore, months_ahead: u32, retention_days: u32) -> Self {
         Self {
+            periods: Periods::new(db.clone(), hot),
             db,
             months_ahead,
             retention_days,
+        }
+    }
+
+    async fn rollover(&self) {
+        match self.periods.roll_ended(Utc::now()).await {
+            Ok(0) => {}
+            Ok(moved) => tracing::info!(moved, "billing periods rolled over"),
+            Err(e) => tracing::error!(error = ?e, "billing rollover failed"),
         }
     }
 
@@ -61,8 +78,16 @@ impl Scheduler {
     /// Runs the jobs until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         self.daily().await;
+        self.rollover().await;
         let this = Arc::new(self);
         let mut scheduler = JobScheduler::new().await?;
+        let job_state = this.clone();
+        scheduler
+            .add(Job::new_async("0 * * * * *", move |_id, _lock| {
+                let job_state = job_state.clone();
+                Box::pin(async move { job_state.rollover().await })
+            })?)
+            .await?;
         let job_state = this.clone();
         scheduler
             .add(Job::new_async("0 0 3 * * *", move |_id, _lock| {

@@ -5,6 +5,7 @@ mod activations;
 mod admin;
 mod auth;
 mod bad_input;
+mod billing;
 mod catalog;
 mod concurrency;
 mod consume;

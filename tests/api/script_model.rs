@@ -182,6 +182,7 @@ async fn run_case(
         grace_until_ms: if in_grace { now + 3_600_000 } else { now - 1 },
         active_apps: vec![APPS[0].to_owned(), APPS[1].to_owned()],
         embed_keys: key_ids.iter().map(|id| (*id, 0)).collect(),
+        period: None,
     };
     prop_assert!(hot.load_account(customer, &state).await.unwrap());
     let mut model = Model {

@@ -1,0 +1,158 @@
+//! Billing periods: when they end, and moving customers on to the next.
+//!
+//! A period's end is in the hot state, so the consume script starts the
+//! next period itself when a consume comes at or after it; the rollover
+//! here moves the ledger on and tells the hot state, keyed by the period,
+//! so a rollover that is late, repeated or concurrent changes nothing twice
+//! (see `lua/account_rollover.lua`).
+
+use chrono::{DateTime, Datelike, Months, Utc};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::{
+    error::ApiError,
+    hot::{
+        account::{Period, Rollover},
+        HotStore,
+    },
+    ledger::{accounts as ledger_accounts, billing},
+};
+
+/// Customers rolled per batch of the scheduled job.
+const BATCH: i64 = 500;
+/// The advisory lock that lets one replica at a time run the job.
+const ROLLOVER_LOCK: i64 = 0x0ca0_0001;
+
+pub struct Periods {
+    db: PgPool,
+    hot: HotStore,
+}
+
+impl Periods {
+    pub fn new(db: PgPool, hot: HotStore) -> Self {
+        Self { db, hot }
+    }
+
+    /// Moves every customer billed without Stripe whose period ended by
+    /// `now` into the next one. One replica at a time: the others find the
+    /// lock taken and return 0. Returns the customers moved.
+    pub async fn roll_ended(&self, now: DateTime<Utc>) -> Result<usize, ApiError> {
+        // A session lock on a connection of its own: released when the
+        // job ends, or when the connection drops with a dead process.
+        let mut lock_conn = self.db.acquire().await?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(ROLLOVER_LOCK)
+            .fetch_one(&mut *lock_conn)
+            .await?;
+        if !locked {
+            return Ok(0);
+        }
+        let result = self.roll_all(now).await;
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(ROLLOVER_LOCK)
+            .execute(&mut *lock_conn)
+            .await?;
+        result
+    }
+
+    async fn roll_all(&self, now: DateTime<Utc>) -> Result<usize, ApiError> {
+        let mut moved = 0;
+        loop {
+            let due = billing::periods_ended(&mut *self.db.acquire().await?, now, BATCH).await?;
+            if due.is_empty() {
+                return Ok(moved);
+            }
+            for customer in &due {
+                if self.roll(*customer, now).await? {
+                    moved += 1;
+                }
+            }
+            if (due.len() as i64) < BATCH {
+                return Ok(moved);
+            }
+        }
+    }
+
+    /// Moves one customer on, if their period has ended: the ledger under
+    /// the customer's row lock, then the hot state, keyed by the period,
+    /// before the commit (as every hot-state change is: a rebuild cannot
+    /// slip between). Should the commit fail, the next run moves the
+    /// ledger again and the hot state finds its period already started.
+    pub async fn roll(&self, customer: Uuid, now: DateTime<Utc>) -> Result<bool, ApiError> {
+        let mut tx = self.db.begin().await?;
+        if !ledger_accounts::lock_customer(&mut tx, customer).await? {
+            return Ok(false);
+        }
+        let Some(period) = billing::roll_period(&mut tx, customer, now).await? else {
+            return Ok(false);
+        };
+        self.hot
+            .rollover(
+                customer,
+                &Rollover {
+                    start_ms: period.start.timestamp_millis(),
+                    allowance: period.allowance,
+                    period: Period {
+                        end_ms: period.end.timestamp_millis(),
+                        next_end_ms: period.next_end.timestamp_millis(),
+                        next_allowance: period.allowance,
+                    },
+                },
+            )
+            .await?;
+        tx.commit().await?;
+        metrics::counter!("billing_periods_rolled_total").increment(1);
+        Ok(true)
+    }
+}
+
+/// The end of the period that follows the one ending at `end`: the first
+/// `anchor + n months` after `end`. Counting from the anchor keeps a period
+/// that began on the 31st ending on the last day of short months and on
+/// the 31st again after them.
+pub fn period_after(anchor: DateTime<Utc>, end: DateTime<Utc>) -> DateTime<Utc> {
+    // Whole calendar months from the anchor to `end`, less one: never past
+    // the answer; the loop steps up to it.
+    let months = (end.year() - anchor.year()) * 12 + end.month0() as i32 - anchor.month0() as i32;
+    let mut n = (months - 1).max(0) as u32;
+    loop {
+        let candidate = anchor + Months::new(n);
+        if candidate > end {
+            return candidate;
+        }
+        n += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_period_begun_on_the_31st_ends_on_each_months_last_day_without_drifting() {
+        let anchor = at("2026-01-31T10:00:00Z");
+        let feb = period_after(anchor, anchor);
+        assert_eq!(feb, at("2026-02-28T10:00:00Z"));
+        let mar = period_after(anchor, feb);
+        assert_eq!(mar, at("2026-03-31T10:00:00Z"));
+        assert_eq!(period_after(anchor, mar), at("2026-04-30T10:00:00Z"));
+    }
+
+    #[test]
+    fn the_next_end_is_strictly_after_the_given_end() {
+        let anchor = at("2026-03-15T00:00:00Z");
+        assert_eq!(
+            period_after(anchor, at("2026-05-15T00:00:00Z")),
+            at("2026-06-15T00:00:00Z")
+        );
+        assert_eq!(
+            period_after(anchor, at("2027-05-14T23:59:59Z")),
+            at("2027-05-15T00:00:00Z")
+        );
+    }
+}
