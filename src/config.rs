@@ -93,6 +93,7 @@ pub struct Settings {
     pub consume: ConsumeSettings,
     pub flusher: FlusherSettings,
     pub rate_limits: RateLimitSettings,
+    pub stripe: StripeSettings,
     pub cors_origins: Vec<String>,
     /// `ENABLE_BETA_APPS`: beta apps are listed in the catalog.
     pub enable_beta_apps: bool,
@@ -168,6 +169,19 @@ pub struct FlusherSettings {
     /// Whether this flusher trims the streams, claims abandoned entries and
     /// exports the backlog (one per process does).
     pub upkeep: bool,
+}
+
+/// Stripe: the API and the webhook endpoint.
+#[derive(Debug, Clone)]
+pub struct StripeSettings {
+    /// `STRIPE_API_BASE`: Stripe's API, or a stand-in in tests.
+    pub api_base: String,
+    pub secret_key: Secret,
+    pub publishable_key: String,
+    /// `STRIPE_WEBHOOK_SECRET`, comma-separated while a secret is rolled:
+    /// a delivery signed with any of them is accepted. Empty: every
+    /// delivery is refused.
+    pub webhook_secrets: Vec<Secret>,
 }
 
 /// A rate limit: a sustained rate and the burst allowed on top of it,
@@ -341,6 +355,26 @@ impl Settings {
             billing: Limit::hourly(env.parse("RATE_LIMIT_BILLING_PER_HOUR", 50)?),
             redis_url: Secret::new(rate_limit_redis_url),
         };
+        let stripe = StripeSettings {
+            api_base: env
+                .get("STRIPE_API_BASE")
+                .filter(|v| !v.is_empty())
+                .unwrap_or("https://api.stripe.com/")
+                .to_owned(),
+            secret_key: Secret::new(env.get("STRIPE_SECRET_KEY").unwrap_or_default()),
+            publishable_key: env
+                .get("STRIPE_PUBLISHABLE_KEY")
+                .unwrap_or_default()
+                .to_owned(),
+            webhook_secrets: env
+                .get("STRIPE_WEBHOOK_SECRET")
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(Secret::new)
+                .collect(),
+        };
         let log_level = env.get("LOG_LEVEL").unwrap_or("info").to_ascii_lowercase();
         let cors_origins = env
             .get("CORS_ORIGINS")
@@ -406,6 +440,7 @@ impl Settings {
                 upkeep: true,
             },
             rate_limits,
+            stripe,
             cors_origins,
             enable_beta_apps: env.parse("ENABLE_BETA_APPS", false)?,
             log_level,

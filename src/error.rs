@@ -47,6 +47,8 @@ pub enum ApiError {
     InvalidToken,
     #[error("invalid API key")]
     InvalidApiKey,
+    #[error("the Stripe-Signature header does not verify: {0}")]
+    InvalidSignature(crate::auth::stripe_signature::SignatureError),
 
     #[error("the token lacks the `{0}` scope")]
     InsufficientScope(&'static str),
@@ -87,7 +89,9 @@ impl ApiError {
         use ApiError::*;
         match self {
             InvalidJson(_) | InvalidRequest(_) => StatusCode::BAD_REQUEST,
-            Unauthenticated | InvalidToken | InvalidApiKey => StatusCode::UNAUTHORIZED,
+            Unauthenticated | InvalidToken | InvalidApiKey | InvalidSignature(_) => {
+                StatusCode::UNAUTHORIZED
+            }
             InsufficientTokens { .. } | SubscriptionInactive => StatusCode::PAYMENT_REQUIRED,
             InsufficientScope(_)
             | AppNotActive(_)
@@ -116,6 +120,7 @@ impl ApiError {
             Unauthenticated => "unauthenticated",
             InvalidToken => "invalid_token",
             InvalidApiKey => "invalid_api_key",
+            InvalidSignature(_) => "invalid_signature",
             InsufficientScope(_) => "insufficient_scope",
             AppNotActive(_) => "app_not_active",
             AppNotPermitted(_) => "app_not_permitted",

@@ -15,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     auth::{EmbedKeys, JwtKeys},
     config::{Roles, Settings},
-    domain::{accounts::Accounts, catalog::Catalog, consume::Metering},
+    domain::{
+        accounts::Accounts, catalog::Catalog, consume::Metering, stripe_events::StripeEvents,
+    },
     hot::{rate_limit::RateLimiter, HotStore},
     ledger,
     state::AppState,
@@ -65,6 +67,12 @@ impl Application {
             &settings.redis.key_prefix,
             settings.redis.timeout,
         )?;
+        let stripe_events = StripeEvents::new(
+            accounts.clone(),
+            hot.clone(),
+            db.clone(),
+            settings.consume.grace_period,
+        );
         let state = Arc::new(AppState {
             jwt: JwtKeys::new(&settings.auth),
             embed_keys: EmbedKeys::default(),
@@ -75,6 +83,7 @@ impl Application {
             accounts,
             metering,
             limiter,
+            stripe_events,
             metrics,
         });
         // Every process listens: without the API role it still answers

@@ -9,7 +9,9 @@ use sqlx::PgPool;
 use crate::{
     auth::{EmbedKeys, JwtKeys},
     config::Settings,
-    domain::{accounts::Accounts, catalog::Catalog, consume::Metering},
+    domain::{
+        accounts::Accounts, catalog::Catalog, consume::Metering, stripe_events::StripeEvents,
+    },
     hot::{rate_limit::RateLimiter, HotStore},
 };
 
@@ -24,6 +26,7 @@ pub struct AppState {
     pub metering: Metering,
     /// The route groups' rate limits (the consume limits are in `metering`).
     pub limiter: RateLimiter,
+    pub stripe_events: StripeEvents,
     pub metrics: PrometheusHandle,
 }
 

@@ -10,6 +10,7 @@
 
 pub mod embed_key;
 pub mod jwt;
+pub mod stripe_signature;
 
 pub use embed_key::{EmbedKey, EmbedKeys};
 pub use jwt::{Claims, JwtKeys, Scope, Scopes};

@@ -13,4 +13,5 @@ pub mod catalog;
 pub mod configuration;
 pub mod consume;
 pub mod embed;
+pub mod stripe_events;
 pub mod usage;

@@ -85,6 +85,16 @@ pub enum SubscriptionStatus {
 }
 
 impl SubscriptionStatus {
+    /// The `open_until` field of `lua/consume.lua`: 0 = may consume,
+    /// > 0 = may consume until then (epoch ms), -1 = may not.
+    pub fn open_until(self, grace_until_ms: i64) -> i64 {
+        match self {
+            SubscriptionStatus::None | SubscriptionStatus::Active => 0,
+            SubscriptionStatus::PastDue => grace_until_ms.max(1),
+            SubscriptionStatus::Canceled | SubscriptionStatus::Unpaid => -1,
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "none" => Self::None,
@@ -98,14 +108,8 @@ impl SubscriptionStatus {
 }
 
 impl AccountState {
-    /// The `open_until` field of `lua/consume.lua`: 0 = may consume,
-    /// > 0 = may consume until then (epoch ms), -1 = may not.
     fn open_until(&self) -> i64 {
-        match self.status {
-            SubscriptionStatus::None | SubscriptionStatus::Active => 0,
-            SubscriptionStatus::PastDue => self.grace_until_ms.max(1),
-            SubscriptionStatus::Canceled | SubscriptionStatus::Unpaid => -1,
-        }
+        self.status.open_until(self.grace_until_ms)
     }
 }
 
@@ -114,9 +118,20 @@ impl AccountState {
 pub enum AccountChange {
     ActivateApp(String),
     DeactivateApp(String),
-    AddEmbedKey { id: Uuid, expires_at_ms: i64 },
+    AddEmbedKey {
+        id: Uuid,
+        expires_at_ms: i64,
+    },
     RemoveEmbedKey(Uuid),
     AddPurchased(i64),
+    /// Takes back up to this many purchased tokens, not below zero.
+    TakePurchased(i64),
+    /// The plan's allowance per period (-1 = unlimited).
+    SetAllowance(i64),
+    /// The allowance of the period after this one.
+    SetNextAllowance(i64),
+    /// The subscription's state as `open_until` (see [`AccountState`]).
+    SetOpenUntil(i64),
 }
 
 impl AccountChange {
@@ -136,6 +151,10 @@ impl AccountChange {
                 op("del", format!("rl:{id}"), "".into());
             }
             Self::AddPurchased(n) => op("incr", "purchased".into(), (*n).into()),
+            Self::TakePurchased(n) => op("take", "purchased".into(), (*n).into()),
+            Self::SetAllowance(n) => op("set", "allowance".into(), (*n).into()),
+            Self::SetNextAllowance(n) => op("set", "next_allowance".into(), (*n).into()),
+            Self::SetOpenUntil(ms) => op("set", "open_until".into(), (*ms).into()),
         }
     }
 }

@@ -21,6 +21,7 @@ pub mod health;
 pub mod openapi;
 pub mod rate_limit;
 pub mod usage;
+pub mod webhooks;
 
 use axum::{
     extract::DefaultBodyLimit,
@@ -46,6 +47,7 @@ pub fn router(state: Shared) -> Router {
         .merge(admin::router())
         .merge(admin_apps::router())
         .merge(usage::router())
+        .merge(webhooks::router())
         .merge(health::router())
         .merge(openapi::router())
         .fallback(|| async { ApiError::NotFound("route") })

@@ -32,6 +32,7 @@ use crate::state::Shared;
         super::admin_apps::create_app,
         super::admin_apps::change_app,
         super::usage::usage,
+        super::webhooks::stripe,
     ),
     components(schemas(crate::error::FieldError)),
     modifiers(&Security)

@@ -106,3 +106,307 @@ pub async fn roll_period(
         allowance: i64::from(allowance),
     }))
 }
+
+/// Records a Stripe event as applied. False when it was applied before:
+/// the caller then changes nothing. A second delivery racing the first
+/// waits on the primary key until the first commits.
+pub async fn record_event(
+    conn: &mut PgConnection,
+    id: &str,
+    kind: &str,
+    created: DateTime<Utc>,
+) -> sqlx::Result<bool> {
+    let inserted = sqlx::query(
+        "INSERT INTO stripe_webhook_events (id, event_type, stripe_created_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(id)
+    .bind(kind)
+    .bind(created)
+    .execute(conn)
+    .await?;
+    Ok(inserted.rows_affected() == 1)
+}
+
+/// The customer a Stripe subscription belongs to.
+pub async fn customer_of_subscription(
+    conn: &mut PgConnection,
+    subscription: &str,
+) -> sqlx::Result<Option<Uuid>> {
+    sqlx::query_scalar("SELECT customer_id FROM customer_billing WHERE stripe_subscription_id = $1")
+        .bind(subscription)
+        .fetch_optional(conn)
+        .await
+}
+
+/// The customer a payment intent's purchase belongs to.
+pub async fn customer_of_payment(
+    conn: &mut PgConnection,
+    payment_intent: &str,
+) -> sqlx::Result<Option<Uuid>> {
+    sqlx::query_scalar(
+        "SELECT customer_id FROM token_purchases WHERE stripe_payment_intent_id = $1",
+    )
+    .bind(payment_intent)
+    .fetch_optional(conn)
+    .await
+}
+
+/// A plan, as billing needs it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PlanRow {
+    pub id: String,
+    pub tokens_per_month: i32,
+}
+
+pub async fn plan_by_price(conn: &mut PgConnection, price: &str) -> sqlx::Result<Option<PlanRow>> {
+    sqlx::query_as("SELECT id, tokens_per_month FROM billing_plans WHERE stripe_price_id = $1")
+        .bind(price)
+        .fetch_optional(conn)
+        .await
+}
+
+/// The billing row's state, locked for the change.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct BillingRow {
+    pub plan_id: String,
+    pub allowance: i32,
+    pub status: String,
+    pub end: Option<DateTime<Utc>>,
+    pub anchor: Option<DateTime<Utc>>,
+    pub past_due_since: Option<DateTime<Utc>>,
+    pub synced_at: Option<DateTime<Utc>>,
+}
+
+pub async fn lock_billing(
+    conn: &mut PgConnection,
+    customer: Uuid,
+) -> sqlx::Result<Option<BillingRow>> {
+    sqlx::query_as(
+        "SELECT b.plan_id, p.tokens_per_month AS allowance, b.status, b.billing_cycle_end AS end, \
+                COALESCE(b.billing_anchor, b.billing_cycle_start) AS anchor, b.past_due_since, \
+                b.stripe_synced_at AS synced_at \
+         FROM customer_billing b JOIN billing_plans p ON p.id = b.plan_id \
+         WHERE b.customer_id = $1 FOR UPDATE OF b",
+    )
+    .bind(customer)
+    .fetch_optional(conn)
+    .await
+}
+
+/// A subscription's state as Stripe reports it, written over ours.
+#[derive(Debug, Clone)]
+pub struct SubscriptionState<'a> {
+    pub subscription: &'a str,
+    pub plan_id: &'a str,
+    /// A downgrade waiting for the period's end.
+    pub pending_plan_id: Option<&'a str>,
+    pub status: &'a str,
+    pub past_due_since: Option<DateTime<Utc>>,
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    pub cancel_at_period_end: bool,
+    pub synced_at: DateTime<Utc>,
+}
+
+pub async fn write_subscription(
+    conn: &mut PgConnection,
+    customer: Uuid,
+    s: &SubscriptionState<'_>,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO customer_billing (customer_id, plan_id, pending_plan_id, stripe_subscription_id, status, \
+             past_due_since, billing_cycle_start, billing_cycle_end, billing_anchor, cancel_at_period_end, stripe_synced_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7, $9, $10) \
+         ON CONFLICT (customer_id) DO UPDATE SET plan_id = $2, pending_plan_id = $3, stripe_subscription_id = $4, \
+             status = $5, past_due_since = $6, billing_cycle_start = $7, billing_cycle_end = $8, \
+             billing_anchor = COALESCE(customer_billing.billing_anchor, $7), cancel_at_period_end = $9, \
+             stripe_synced_at = $10, updated_at = NOW()",
+    )
+    .bind(customer)
+    .bind(s.plan_id)
+    .bind(s.pending_plan_id)
+    .bind(s.subscription)
+    .bind(s.status)
+    .bind(s.past_due_since)
+    .bind(s.start)
+    .bind(s.end)
+    .bind(s.cancel_at_period_end)
+    .bind(s.synced_at)
+    .execute(&mut *conn)
+    .await?;
+    recount_period_usage(conn, customer).await
+}
+
+/// `tokens_used` of the current period, from the rows persisted in it.
+pub async fn recount_period_usage(conn: &mut PgConnection, customer: Uuid) -> sqlx::Result<()> {
+    sqlx::query(
+        "WITH u AS ( \
+             SELECT COALESCE(SUM(t.tokens_consumed - t.purchased_tokens_consumed), 0)::int4 AS used \
+             FROM customer_billing cb JOIN token_usage t ON t.customer_id = cb.customer_id \
+              AND t.created_at >= cb.billing_cycle_start AND t.created_at < cb.billing_cycle_end \
+             WHERE cb.customer_id = $1) \
+         UPDATE customer_billing b SET tokens_used = u.used, \
+                tokens_remaining = CASE WHEN p.tokens_per_month < 0 THEN NULL \
+                                        ELSE GREATEST(p.tokens_per_month - u.used, 0) END \
+         FROM billing_plans p, u WHERE b.customer_id = $1 AND p.id = b.plan_id",
+    )
+    .bind(customer)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Marks a payment failed: `past_due` since the first failure.
+pub async fn mark_past_due(
+    conn: &mut PgConnection,
+    customer: Uuid,
+    since: DateTime<Utc>,
+) -> sqlx::Result<DateTime<Utc>> {
+    sqlx::query_scalar(
+        "UPDATE customer_billing SET status = 'past_due', \
+             past_due_since = COALESCE(past_due_since, $2), \
+             stripe_synced_at = GREATEST(stripe_synced_at, $2), updated_at = NOW() \
+         WHERE customer_id = $1 RETURNING past_due_since",
+    )
+    .bind(customer)
+    .bind(since)
+    .fetch_one(conn)
+    .await
+}
+
+/// Credits a purchase once, keyed by its payment intent: the pending row
+/// (or, when Stripe's event came before our row, a new one) becomes
+/// `completed`. Returns the tokens credited, `None` when it was already.
+pub async fn complete_purchase(
+    conn: &mut PgConnection,
+    customer: Uuid,
+    payment_intent: &str,
+    tokens: i32,
+    price_cents: i32,
+) -> sqlx::Result<Option<i32>> {
+    let credited: Option<i32> = sqlx::query_scalar(
+        "INSERT INTO token_purchases (customer_id, tokens_purchased, price_cents, stripe_payment_intent_id, status, completed_at) \
+         VALUES ($1, $2, $3, $4, 'completed', NOW()) \
+         ON CONFLICT (stripe_payment_intent_id) DO UPDATE SET status = 'completed', completed_at = NOW() \
+             WHERE token_purchases.status = 'pending' \
+         RETURNING tokens_purchased",
+    )
+    .bind(customer)
+    .bind(tokens)
+    .bind(price_cents)
+    .bind(payment_intent)
+    .fetch_optional(&mut *conn)
+    .await?;
+    if let Some(tokens) = credited {
+        sqlx::query(
+            "UPDATE customers SET purchased_tokens_credited = purchased_tokens_credited + $2, updated_at = NOW() \
+             WHERE id = $1",
+        )
+        .bind(customer)
+        .bind(i64::from(tokens))
+        .execute(conn)
+        .await?;
+    }
+    Ok(credited)
+}
+
+/// A completed purchase, locked for a refund.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PurchaseRow {
+    pub customer_id: Uuid,
+    pub tokens_purchased: i32,
+    pub tokens_refunded: i32,
+    pub status: String,
+}
+
+pub async fn lock_purchase(
+    conn: &mut PgConnection,
+    payment_intent: &str,
+) -> sqlx::Result<Option<PurchaseRow>> {
+    sqlx::query_as(
+        "SELECT customer_id, tokens_purchased, tokens_refunded, status FROM token_purchases \
+         WHERE stripe_payment_intent_id = $1 FOR UPDATE",
+    )
+    .bind(payment_intent)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Records a refund: the purchase's refunded share, and the tokens taken
+/// back from the customer's balance.
+pub async fn record_refund(
+    conn: &mut PgConnection,
+    payment_intent: &str,
+    tokens_refunded: i32,
+    fully: bool,
+    customer: Uuid,
+    taken: i64,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE token_purchases SET tokens_refunded = $2, \
+             status = CASE WHEN $3 THEN 'refunded' ELSE status END \
+         WHERE stripe_payment_intent_id = $1",
+    )
+    .bind(payment_intent)
+    .bind(tokens_refunded)
+    .bind(fully)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE customers SET purchased_tokens_credited = purchased_tokens_credited - $2, updated_at = NOW() \
+         WHERE id = $1",
+    )
+    .bind(customer)
+    .bind(taken)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// `invoice.paid` for a new period `[start, end)`: the period moves on, a
+/// scheduled downgrade applies, the subscription is in good standing.
+/// Returns the new period's allowance.
+pub async fn roll_to(
+    conn: &mut PgConnection,
+    customer: Uuid,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+    synced_at: DateTime<Utc>,
+) -> sqlx::Result<i64> {
+    let allowance: i32 = sqlx::query_scalar(
+        "UPDATE customer_billing b SET billing_cycle_start = $2, billing_cycle_end = $3, \
+             plan_id = COALESCE(b.pending_plan_id, b.plan_id), pending_plan_id = NULL, \
+             status = 'active', past_due_since = NULL, \
+             stripe_synced_at = GREATEST(b.stripe_synced_at, $4), updated_at = NOW() \
+         FROM billing_plans p WHERE b.customer_id = $1 AND p.id = COALESCE(b.pending_plan_id, b.plan_id) \
+         RETURNING p.tokens_per_month",
+    )
+    .bind(customer)
+    .bind(start)
+    .bind(end)
+    .bind(synced_at)
+    .fetch_one(&mut *conn)
+    .await?;
+    recount_period_usage(conn, customer).await?;
+    Ok(i64::from(allowance))
+}
+
+/// A paid invoice for the current period: the subscription is in good
+/// standing again.
+pub async fn mark_paid(
+    conn: &mut PgConnection,
+    customer: Uuid,
+    synced_at: DateTime<Utc>,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE customer_billing SET status = 'active', past_due_since = NULL, \
+             stripe_synced_at = GREATEST(stripe_synced_at, $2), updated_at = NOW() \
+         WHERE customer_id = $1",
+    )
+    .bind(customer)
+    .bind(synced_at)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

@@ -83,6 +83,7 @@ fn settings_for(db_name: &str, prefix: &str, extra: &[(&str, &str)]) -> Settings
         ("RATE_LIMIT_APPS_PER_HOUR", "1000000".into()),
         ("RATE_LIMIT_ACTIVATE_PER_HOUR", "1000000".into()),
         ("RATE_LIMIT_BILLING_PER_HOUR", "1000000".into()),
+        ("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET.into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -92,6 +93,9 @@ fn settings_for(db_name: &str, prefix: &str, extra: &[(&str, &str)]) -> Settings
     }
     Settings::from_map(&vars).expect("test settings are valid")
 }
+
+/// The webhook secret test instances verify Stripe's deliveries with.
+pub const WEBHOOK_SECRET: &str = "whsec_test_0123456789";
 
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(&[]).await
@@ -316,6 +320,37 @@ impl TestApp {
             .send()
             .await
             .unwrap()
+    }
+
+    /// Delivers a Stripe event, signed as Stripe signs it, now.
+    pub async fn stripe_event(
+        &self,
+        id: &str,
+        kind: &str,
+        created: i64,
+        object: Value,
+    ) -> (u16, Value) {
+        let body = json!({"id": id, "object": "event", "type": kind, "created": created,
+                          "data": {"object": object}})
+        .to_string();
+        let signature = connected_apps::auth::stripe_signature::sign(
+            &[WEBHOOK_SECRET],
+            body.as_bytes(),
+            chrono::Utc::now().timestamp(),
+        );
+        self.deliver_webhook(body, &signature).await
+    }
+
+    /// Posts a raw body with the given `Stripe-Signature`.
+    pub async fn deliver_webhook(&self, body: String, signature: &str) -> (u16, Value) {
+        answer(
+            self.http
+                .post(self.url("/api/v1/webhooks/stripe"))
+                .header("Stripe-Signature", signature)
+                .header("Content-Type", "application/json")
+                .body(body),
+        )
+        .await
     }
 
     /// Consumes and returns status and body.

@@ -17,3 +17,4 @@ mod rebuild;
 mod replicas;
 mod script_model;
 mod usage;
+mod webhooks;

@@ -1,0 +1,451 @@
+//! Applying Stripe's webhook events to the ledger and the hot state.
+//!
+//! Each event is applied at most once: its id is recorded in
+//! `stripe_webhook_events` in the same transaction as its effects. Stripe
+//! may deliver out of order, so a handler acts on the object's state and
+//! the event's `created`, never on arrival: a subscription event older than
+//! the newest one applied (`stripe_synced_at`) changes nothing, a purchase
+//! is credited once per payment intent whatever event says so, and a new
+//! period starts once, keyed by the period (`lua/account_rollover.lua`).
+//! Every change runs under the customer's row lock, with the hot state
+//! changed before the commit, as [`Accounts::change`] does.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::{
+    domain::{accounts::Accounts, billing::period_after},
+    error::ApiError,
+    hot::{
+        account::{AccountChange, Period, Rollover, SubscriptionStatus},
+        HotStore,
+    },
+    ledger::billing::{self, SubscriptionState},
+};
+
+/// The parts of a Stripe event every handler reads.
+#[derive(Debug, Deserialize)]
+pub struct Event {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Unix seconds.
+    pub created: i64,
+    pub data: EventData,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct EventData {
+    pub object: Value,
+}
+
+/// What became of an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Applied,
+    /// Applied before: nothing changed.
+    Duplicate,
+    /// Older than what is applied already, of a type we do not act on, or
+    /// about a customer we do not know: recorded, nothing changed.
+    Ignored,
+}
+
+pub struct StripeEvents {
+    accounts: Arc<Accounts>,
+    hot: HotStore,
+    db: sqlx::PgPool,
+    grace: chrono::Duration,
+}
+
+fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+    path.iter().try_fold(v, |v, k| v.get(k))?.as_str()
+}
+
+fn int_at(v: &Value, path: &[&str]) -> Option<i64> {
+    path.iter().try_fold(v, |v, k| v.get(k))?.as_i64()
+}
+
+fn time(secs: i64) -> Result<DateTime<Utc>, ApiError> {
+    DateTime::from_timestamp(secs, 0)
+        .ok_or_else(|| ApiError::InvalidRequest("a timestamp is out of range".into()))
+}
+
+fn missing(what: &str) -> ApiError {
+    ApiError::InvalidRequest(format!("the event's object has no {what}"))
+}
+
+/// Stripe's subscription statuses, as ours.
+fn status_of(stripe: &str) -> SubscriptionStatus {
+    match stripe {
+        "active" | "trialing" => SubscriptionStatus::Active,
+        "past_due" => SubscriptionStatus::PastDue,
+        "canceled" | "incomplete_expired" => SubscriptionStatus::Canceled,
+        // `incomplete` (first payment pending), `unpaid`, `paused`.
+        _ => SubscriptionStatus::Unpaid,
+    }
+}
+
+fn status_name(status: SubscriptionStatus) -> &'static str {
+    match status {
+        SubscriptionStatus::None | SubscriptionStatus::Active => "active",
+        SubscriptionStatus::PastDue => "past_due",
+        SubscriptionStatus::Canceled => "canceled",
+        SubscriptionStatus::Unpaid => "unpaid",
+    }
+}
+
+impl StripeEvents {
+    pub fn new(
+        accounts: Arc<Accounts>,
+        hot: HotStore,
+        db: sqlx::PgPool,
+        grace: std::time::Duration,
+    ) -> Self {
+        Self {
+            accounts,
+            hot,
+            db,
+            grace: chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::hours(72)),
+        }
+    }
+
+    pub async fn apply(&self, event: Event) -> Result<Outcome, ApiError> {
+        let Some(customer) = self.customer_of(&event).await? else {
+            return self.acknowledge(&event).await;
+        };
+        let (id, kind, created) = (event.id.clone(), event.kind.clone(), event.created);
+        match self.apply_to(customer, event).await {
+            Err(ApiError::NotFound("customer")) => {
+                tracing::warn!(%id, %kind, %customer, "stripe event for a customer we do not have");
+                self.acknowledge(&Event {
+                    id,
+                    kind,
+                    created,
+                    data: EventData {
+                        object: Value::Null,
+                    },
+                })
+                .await
+            }
+            other => other,
+        }
+    }
+
+    /// Records an event we do not act on (not ours, or of another type),
+    /// so Stripe stops delivering it.
+    async fn acknowledge(&self, event: &Event) -> Result<Outcome, ApiError> {
+        let mut conn = self.db.acquire().await?;
+        let created = time(event.created)?;
+        let fresh = billing::record_event(&mut conn, &event.id, &event.kind, created).await?;
+        Ok(if fresh {
+            Outcome::Ignored
+        } else {
+            Outcome::Duplicate
+        })
+    }
+
+    async fn apply_to(&self, customer: Uuid, event: Event) -> Result<Outcome, ApiError> {
+        let hot = self.hot.clone();
+        let grace = self.grace;
+        self.accounts
+            .change(customer, move |tx| {
+                Box::pin(async move {
+                    let created = time(event.created)?;
+                    if !billing::record_event(tx, &event.id, &event.kind, created).await? {
+                        return Ok((Outcome::Duplicate, Vec::new()));
+                    }
+                    let object = &event.data.object;
+                    match event.kind.as_str() {
+                        "customer.subscription.created"
+                        | "customer.subscription.updated"
+                        | "customer.subscription.deleted" => {
+                            subscription(tx, &hot, customer, object, created, &event.kind, grace)
+                                .await
+                        }
+                        "invoice.paid" => invoice_paid(tx, &hot, customer, object, created).await,
+                        "invoice.payment_failed" => {
+                            let since = billing::mark_past_due(tx, customer, created).await?;
+                            let open_until = SubscriptionStatus::PastDue
+                                .open_until((since + grace).timestamp_millis());
+                            Ok((
+                                Outcome::Applied,
+                                vec![AccountChange::SetOpenUntil(open_until)],
+                            ))
+                        }
+                        "payment_intent.succeeded" => {
+                            purchase_succeeded(tx, customer, object).await
+                        }
+                        "charge.refunded" => refunded(tx, &hot, customer, object).await,
+                        _ => Ok((Outcome::Ignored, Vec::new())),
+                    }
+                })
+            })
+            .await
+    }
+
+    /// Our customer for the event, from the object's metadata (set when we
+    /// created it at Stripe) or from the subscription or payment it names.
+    async fn customer_of(&self, event: &Event) -> Result<Option<Uuid>, ApiError> {
+        let object = &event.data.object;
+        if let Some(id) = str_at(object, &["metadata", "customer_id"]) {
+            return Ok(Uuid::parse_str(id).ok());
+        }
+        let mut conn = self.db.acquire().await?;
+        Ok(match event.kind.as_str() {
+            "customer.subscription.created"
+            | "customer.subscription.updated"
+            | "customer.subscription.deleted" => match str_at(object, &["id"]) {
+                Some(sub) => billing::customer_of_subscription(&mut conn, sub).await?,
+                None => None,
+            },
+            "invoice.paid" | "invoice.payment_failed" => match str_at(object, &["subscription"]) {
+                Some(sub) => billing::customer_of_subscription(&mut conn, sub).await?,
+                None => None,
+            },
+            "payment_intent.succeeded" => match str_at(object, &["id"]) {
+                Some(pi) => billing::customer_of_payment(&mut conn, pi).await?,
+                None => None,
+            },
+            "charge.refunded" => match str_at(object, &["payment_intent"]) {
+                Some(pi) => billing::customer_of_payment(&mut conn, pi).await?,
+                None => None,
+            },
+            _ => None,
+        })
+    }
+}
+
+type Applied = Result<(Outcome, Vec<AccountChange>), ApiError>;
+
+/// `customer.subscription.*`: the object's state, unless a newer event
+/// was applied already. An upgrade takes effect at once (the new allowance
+/// less what this period used); a downgrade waits for the period's end; a
+/// new period starts once.
+async fn subscription(
+    tx: &mut sqlx::PgConnection,
+    hot: &HotStore,
+    customer: Uuid,
+    object: &Value,
+    created: DateTime<Utc>,
+    kind: &str,
+    grace: chrono::Duration,
+) -> Applied {
+    let sub = str_at(object, &["id"]).ok_or_else(|| missing("id"))?;
+    let item = object["items"]["data"].get(0).unwrap_or(&Value::Null);
+    let price = str_at(item, &["price", "id"]).ok_or_else(|| missing("items.data[0].price.id"))?;
+    // Newer API versions keep the period on the item.
+    let start = int_at(object, &["current_period_start"])
+        .or_else(|| int_at(item, &["current_period_start"]))
+        .ok_or_else(|| missing("current_period_start"))?;
+    let end = int_at(object, &["current_period_end"])
+        .or_else(|| int_at(item, &["current_period_end"]))
+        .ok_or_else(|| missing("current_period_end"))?;
+    let (start, end) = (time(start)?, time(end)?);
+    let stripe_status = if kind == "customer.subscription.deleted" {
+        "canceled"
+    } else {
+        str_at(object, &["status"]).ok_or_else(|| missing("status"))?
+    };
+
+    let current = billing::lock_billing(tx, customer).await?;
+    if current
+        .as_ref()
+        .and_then(|c| c.synced_at)
+        .is_some_and(|synced| synced > created)
+    {
+        return Ok((Outcome::Ignored, Vec::new()));
+    }
+    let Some(plan) = billing::plan_by_price(tx, price).await? else {
+        tracing::warn!(%price, "subscription on a price no plan has; not applied");
+        return Ok((Outcome::Ignored, Vec::new()));
+    };
+    let status = status_of(stripe_status);
+    let past_due_since = match status {
+        SubscriptionStatus::PastDue => Some(
+            current
+                .as_ref()
+                .and_then(|c| c.past_due_since)
+                .unwrap_or(created),
+        ),
+        _ => None,
+    };
+    let same_period = current.as_ref().and_then(|c| c.end) == Some(end);
+    // A smaller allowance mid-period waits for the period's end.
+    let downgrade = current.as_ref().is_some_and(|c| {
+        same_period && c.plan_id != plan.id && is_smaller(plan.tokens_per_month, c.allowance)
+    });
+    let (plan_now, pending) = match (&current, downgrade) {
+        (Some(c), true) => (c.plan_id.as_str(), Some(plan.id.as_str())),
+        _ => (plan.id.as_str(), None),
+    };
+    billing::write_subscription(
+        tx,
+        customer,
+        &SubscriptionState {
+            subscription: sub,
+            plan_id: plan_now,
+            pending_plan_id: pending,
+            status: status_name(status),
+            past_due_since,
+            start,
+            end,
+            cancel_at_period_end: object["cancel_at_period_end"].as_bool().unwrap_or(false),
+            synced_at: created,
+        },
+    )
+    .await?;
+
+    let allowance_now = match (&current, downgrade) {
+        (Some(c), true) => i64::from(c.allowance),
+        _ => i64::from(plan.tokens_per_month),
+    };
+    let mut changes = vec![
+        AccountChange::SetOpenUntil(
+            status.open_until(past_due_since.map_or(0, |t| (t + grace).timestamp_millis())),
+        ),
+        AccountChange::SetNextAllowance(i64::from(plan.tokens_per_month)),
+    ];
+    if !same_period {
+        // A new period (or the first): started once, keyed by the old end.
+        let old_end = current.as_ref().and_then(|c| c.end).unwrap_or(start);
+        let anchor = current.as_ref().and_then(|c| c.anchor).unwrap_or(start);
+        hot.rollover(
+            customer,
+            &Rollover {
+                start_ms: old_end.min(start).timestamp_millis(),
+                allowance: allowance_now,
+                period: Period {
+                    end_ms: end.timestamp_millis(),
+                    next_end_ms: period_after(anchor, end).timestamp_millis(),
+                    next_allowance: i64::from(plan.tokens_per_month),
+                },
+            },
+        )
+        .await?;
+    } else {
+        changes.push(AccountChange::SetAllowance(allowance_now));
+    }
+    Ok((Outcome::Applied, changes))
+}
+
+/// Unlimited (-1) is the largest allowance.
+fn is_smaller(new: i32, old: i32) -> bool {
+    match (new, old) {
+        (_, -1) => new != -1,
+        (-1, _) => false,
+        _ => new < old,
+    }
+}
+
+/// `invoice.paid`: the period it pays for starts (once), the subscription
+/// is in good standing.
+async fn invoice_paid(
+    tx: &mut sqlx::PgConnection,
+    hot: &HotStore,
+    customer: Uuid,
+    object: &Value,
+    created: DateTime<Utc>,
+) -> Applied {
+    let line = object["lines"]["data"].get(0).unwrap_or(&Value::Null);
+    let (Some(start), Some(end)) = (
+        int_at(line, &["period", "start"]),
+        int_at(line, &["period", "end"]),
+    ) else {
+        return Err(missing("lines.data[0].period"));
+    };
+    let (start, end) = (time(start)?, time(end)?);
+    let Some(current) = billing::lock_billing(tx, customer).await? else {
+        return Ok((Outcome::Ignored, Vec::new()));
+    };
+    let old_end = current.end.unwrap_or(start);
+    if end > old_end {
+        let new_period = billing::roll_to(tx, customer, start, end, created).await?;
+        let anchor = current.anchor.unwrap_or(start);
+        hot.rollover(
+            customer,
+            &Rollover {
+                start_ms: old_end.timestamp_millis(),
+                allowance: new_period,
+                period: Period {
+                    end_ms: end.timestamp_millis(),
+                    next_end_ms: period_after(anchor, end).timestamp_millis(),
+                    next_allowance: new_period,
+                },
+            },
+        )
+        .await?;
+    } else {
+        billing::mark_paid(tx, customer, created).await?;
+    }
+    Ok((Outcome::Applied, vec![AccountChange::SetOpenUntil(0)]))
+}
+
+/// `payment_intent.succeeded`: a token purchase, credited once.
+async fn purchase_succeeded(
+    tx: &mut sqlx::PgConnection,
+    customer: Uuid,
+    object: &Value,
+) -> Applied {
+    let pi = str_at(object, &["id"]).ok_or_else(|| missing("id"))?;
+    let tokens = str_at(object, &["metadata", "tokens"])
+        .and_then(|t| t.parse::<i32>().ok())
+        .filter(|t| *t > 0);
+    let amount = int_at(object, &["amount_received"])
+        .or_else(|| int_at(object, &["amount"]))
+        .and_then(|a| i32::try_from(a).ok())
+        .filter(|a| *a > 0)
+        .ok_or_else(|| missing("amount"))?;
+    let Some(tokens) = tokens else {
+        // Not a token purchase of ours.
+        return Ok((Outcome::Ignored, Vec::new()));
+    };
+    Ok(
+        match billing::complete_purchase(tx, customer, pi, tokens, amount).await? {
+            Some(credited) => (
+                Outcome::Applied,
+                vec![AccountChange::AddPurchased(i64::from(credited))],
+            ),
+            None => (Outcome::Duplicate, Vec::new()),
+        },
+    )
+}
+
+/// `charge.refunded`: the refunded share of a purchase's tokens is taken
+/// back, as far as it is unspent.
+async fn refunded(
+    tx: &mut sqlx::PgConnection,
+    hot: &HotStore,
+    customer: Uuid,
+    object: &Value,
+) -> Applied {
+    let pi = str_at(object, &["payment_intent"]).ok_or_else(|| missing("payment_intent"))?;
+    let amount = int_at(object, &["amount"])
+        .filter(|a| *a > 0)
+        .ok_or_else(|| missing("amount"))?;
+    let refunded = int_at(object, &["amount_refunded"])
+        .unwrap_or(0)
+        .clamp(0, amount);
+    let Some(purchase) = billing::lock_purchase(tx, pi).await? else {
+        return Ok((Outcome::Ignored, Vec::new()));
+    };
+    if purchase.status == "pending" || purchase.customer_id != customer {
+        return Ok((Outcome::Ignored, Vec::new()));
+    }
+    let share = (i64::from(purchase.tokens_purchased) * refunded / amount) as i32;
+    let more = i64::from(share - purchase.tokens_refunded);
+    if more <= 0 {
+        return Ok((Outcome::Duplicate, Vec::new()));
+    }
+    // Unspent tokens, as the hot state (the live balance) holds them.
+    let unspent = hot
+        .balance(customer)
+        .await?
+        .map_or(more, |b| b.purchased.max(0));
+    let taken = more.min(unspent);
+    billing::record_refund(tx, pi, share, refunded >= amount, customer, taken).await?;
+    Ok((Outcome::Applied, vec![AccountChange::TakePurchased(taken)]))
+}

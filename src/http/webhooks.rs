@@ -1,0 +1,78 @@
+//! `POST /api/v1/webhooks/stripe`: Stripe's events, verified against the
+//! raw body before anything is read from it (`auth::stripe_signature`),
+//! then applied at most once each (`domain::stripe_events`).
+//!
+//! Answers: 200 for an event applied, a duplicate, or one we do not act
+//! on (Stripe stops retrying); 401 `invalid_signature`; 400 for a body
+//! that is not an event; 503 when Postgres or Redis is down, so Stripe
+//! delivers it again later.
+
+use axum::{
+    body::Bytes,
+    extract::{DefaultBodyLimit, State},
+    http::HeaderMap,
+    routing::post,
+    Json, Router,
+};
+use serde::Serialize;
+
+use crate::{
+    auth::stripe_signature::{self, SignatureError},
+    domain::stripe_events::{Event, Outcome},
+    error::{decode_json, ApiError},
+    state::Shared,
+};
+
+/// Stripe's events can outgrow the API's 64 KiB (an invoice with many lines).
+const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+pub fn router() -> Router<Shared> {
+    Router::new()
+        .route("/api/v1/webhooks/stripe", post(stripe))
+        .layer(DefaultBodyLimit::max(MAX_EVENT_BYTES))
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Received {
+    received: bool,
+    /// `applied`, `duplicate` (applied before) or `ignored` (older than
+    /// what is applied, or not acted on).
+    outcome: &'static str,
+}
+
+#[utoipa::path(post, path = "/api/v1/webhooks/stripe", tag = "billing",
+    request_body(content = String, description = "A Stripe event, verified as sent: the raw bytes are signed", content_type = "application/json"),
+    params(("Stripe-Signature" = String, Header, description = "`t=<unix seconds>,v1=<hex HMAC-SHA256 of t.body>`; any v1 under any configured secret; 300 s tolerance")),
+    responses((status = 200, body = Received),
+              (status = 400, description = "Not a Stripe event", body = crate::error::ErrorBody),
+              (status = 401, description = "`invalid_signature`: missing, tampered, stale or under another secret", body = crate::error::ErrorBody),
+              (status = 503, description = "A dependency is down; Stripe retries", body = crate::error::ErrorBody)))]
+pub async fn stripe(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<Received>, ApiError> {
+    let header = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok())
+        .ok_or(ApiError::InvalidSignature(SignatureError::Malformed))?;
+    let secrets: Vec<&[u8]> = state
+        .settings
+        .stripe
+        .webhook_secrets
+        .iter()
+        .map(|s| s.expose().as_bytes())
+        .collect();
+    stripe_signature::verify(&secrets, header, &body, chrono::Utc::now().timestamp())
+        .map_err(ApiError::InvalidSignature)?;
+    let event: Event = decode_json(&body)?;
+    let outcome = state.stripe_events.apply(event).await?;
+    Ok(Json(Received {
+        received: true,
+        outcome: match outcome {
+            Outcome::Applied => "applied",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Ignored => "ignored",
+        },
+    }))
+}

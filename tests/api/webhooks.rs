@@ -1,0 +1,330 @@
+//! Stripe's webhooks: signatures, each event applied once whatever the
+//! order and repetition of deliveries, and their effect on consumes.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+use connected_apps::auth::stripe_signature::sign;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::helpers::{spawn_app, spawn_app_with, Customer, TestApp, WEBHOOK_SECRET};
+
+fn now() -> i64 {
+    Utc::now().timestamp()
+}
+
+/// A Stripe subscription object as our subscribe endpoint creates it
+/// (our customer id in its metadata), in the current period.
+fn subscription(customer: Uuid, price: &str, status: &str) -> Value {
+    let end = now() + 20 * 86_400;
+    json!({"id": format!("sub_{}", customer.simple()), "object": "subscription",
+           "customer": "cus_test", "status": status, "cancel_at_period_end": false,
+           "metadata": {"customer_id": customer.to_string()},
+           "items": {"data": [{"price": {"id": price},
+                               "current_period_start": end - 30 * 86_400,
+                               "current_period_end": end}]}})
+}
+
+async fn subscribed(app: &TestApp, price: &str) -> Customer {
+    let shop = app.create_customer(None).await;
+    let (status, body) = app
+        .stripe_event(
+            &format!("evt_created_{}", shop.id.simple()),
+            "customer.subscription.created",
+            now(),
+            subscription(shop.id, price, "active"),
+        )
+        .await;
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (200, Some("applied")),
+        "{body}"
+    );
+    shop
+}
+
+async fn consume(app: &TestApp, shop: &Customer, tokens: i64) -> (u16, Value) {
+    app.consume(
+        &shop.token,
+        json!({"app_id": "rec-001", "tokens_consumed": tokens}),
+    )
+    .await
+}
+
+async fn events_recorded(app: &TestApp) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(*) FROM stripe_webhook_events")
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn tampered_stale_and_foreign_signatures_are_refused_and_rotated_ones_pass() {
+    let app = spawn_app().await;
+    let shop = app.create_customer(None).await;
+    let body = json!({"id": "evt_sig", "type": "customer.subscription.created", "created": now(),
+                      "data": {"object": subscription(shop.id, "price_starter_monthly", "active")}})
+    .to_string();
+
+    let tampered = body.replace("price_starter_monthly", "price_pro_monthly");
+    let signature = sign(&[WEBHOOK_SECRET], body.as_bytes(), now());
+    let refused = [
+        (tampered.clone(), signature.clone()),
+        (
+            body.clone(),
+            sign(&[WEBHOOK_SECRET], body.as_bytes(), now() - 301),
+        ),
+        (
+            body.clone(),
+            sign(&["whsec_someone_else"], body.as_bytes(), now()),
+        ),
+        (body.clone(), "t=1,v1=zz".to_owned()),
+    ];
+    for (payload, signature) in refused {
+        let (status, answer) = app.deliver_webhook(payload, &signature).await;
+        assert_eq!(status, 401, "{answer}");
+        assert_eq!(answer["error"]["code"], "invalid_signature");
+    }
+    assert_eq!(events_recorded(&app).await, 0, "nothing applied");
+
+    // Stripe rolling its secret signs with the old and the new one.
+    let rotated = sign(&["whsec_retired", WEBHOOK_SECRET], body.as_bytes(), now());
+    let (status, _) = app.deliver_webhook(body.clone(), &rotated).await;
+    assert_eq!(status, 200);
+
+    // We rolling ours hold both: a delivery under the old one passes too.
+    let rolling = spawn_app_with(&[("STRIPE_WEBHOOK_SECRET", "whsec_old, whsec_new")]).await;
+    let signed_old = sign(&["whsec_old"], body.as_bytes(), now());
+    let (status, _) = rolling.deliver_webhook(body, &signed_old).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn a_subscription_created_opens_the_plan_to_consumes() {
+    let app = spawn_app().await;
+    let shop = subscribed(&app, "price_starter_monthly").await;
+    app.activate(&shop, "rec-001").await;
+
+    let (status, body) = consume(&app, &shop, 10).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["tokens_remaining"], 990);
+    let (plan, status, sub): (String, String, Option<String>) = sqlx::query_as(
+        "SELECT plan_id, status, stripe_subscription_id FROM customer_billing WHERE customer_id = $1",
+    )
+    .bind(shop.id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!((plan.as_str(), status.as_str()), ("starter", "active"));
+    assert_eq!(sub, Some(format!("sub_{}", shop.id.simple())));
+}
+
+#[tokio::test]
+async fn a_failed_payment_is_past_due_consuming_through_the_grace_period_then_refused() {
+    for (grace, expected) in [("72", 200), ("0", 402)] {
+        let app = spawn_app_with(&[("PAST_DUE_GRACE_HOURS", grace)]).await;
+        let shop = subscribed(&app, "price_starter_monthly").await;
+        app.activate(&shop, "rec-001").await;
+        assert_eq!(consume(&app, &shop, 1).await.0, 200);
+
+        let invoice = json!({"id": "in_1", "object": "invoice",
+                             "subscription": format!("sub_{}", shop.id.simple())});
+        let (status, _) = app
+            .stripe_event(
+                &format!("evt_failed_{grace}"),
+                "invoice.payment_failed",
+                now(),
+                invoice,
+            )
+            .await;
+        assert_eq!(status, 200);
+
+        let (status, body) = consume(&app, &shop, 1).await;
+        assert_eq!(status, expected, "grace {grace} h: {body}");
+        if expected == 402 {
+            assert_eq!(body["error"]["code"], "subscription_inactive");
+        }
+        let state: String =
+            sqlx::query_scalar("SELECT status FROM customer_billing WHERE customer_id = $1")
+                .bind(shop.id)
+                .fetch_one(&app.db)
+                .await
+                .unwrap();
+        assert_eq!(state, "past_due");
+    }
+}
+
+#[tokio::test]
+async fn duplicate_and_reordered_deliveries_leave_the_newest_state_applied_once() {
+    let app = spawn_app().await;
+    let shop = app.create_customer(None).await;
+    let t = now();
+    let created = subscription(shop.id, "price_starter_monthly", "incomplete");
+    let updated = subscription(shop.id, "price_pro_monthly", "active");
+
+    // The update (newer) arrives first, then the creation, then the update again.
+    let (_, first) = app
+        .stripe_event(
+            "evt_updated",
+            "customer.subscription.updated",
+            t,
+            updated.clone(),
+        )
+        .await;
+    let (_, late) = app
+        .stripe_event(
+            "evt_created",
+            "customer.subscription.created",
+            t - 5,
+            created,
+        )
+        .await;
+    let (_, again) = app
+        .stripe_event("evt_updated", "customer.subscription.updated", t, updated)
+        .await;
+    assert_eq!(first["outcome"], "applied");
+    assert_eq!(late["outcome"], "ignored", "older than what is applied");
+    assert_eq!(again["outcome"], "duplicate");
+
+    let (plan, status): (String, String) =
+        sqlx::query_as("SELECT plan_id, status FROM customer_billing WHERE customer_id = $1")
+            .bind(shop.id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!((plan.as_str(), status.as_str()), ("professional", "active"));
+}
+
+#[tokio::test]
+async fn reaching_the_limit_then_upgrading_lets_consumes_carry_on_at_once() {
+    let app = spawn_app().await;
+    let shop = subscribed(&app, "price_starter_monthly").await;
+    app.activate(&shop, "rec-001").await;
+    assert_eq!(consume(&app, &shop, 990).await.0, 200);
+    let (status, body) = consume(&app, &shop, 20).await;
+    assert_eq!((status, &body["tokens_remaining"]), (402, &json!(10)));
+
+    let (status, _) = app
+        .stripe_event(
+            "evt_upgrade",
+            "customer.subscription.updated",
+            now(),
+            subscription(shop.id, "price_pro_monthly", "active"),
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    // Professional's 10000, less the 990 used this period.
+    let (status, body) = consume(&app, &shop, 20).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["tokens_remaining"], 10_000 - 990 - 20);
+}
+
+fn payment_intent(customer: Uuid, id: &str, tokens: i64) -> Value {
+    json!({"id": id, "object": "payment_intent", "amount": tokens * 2, "amount_received": tokens * 2,
+           "status": "succeeded",
+           "metadata": {"customer_id": customer.to_string(), "tokens": tokens.to_string()}})
+}
+
+#[tokio::test]
+async fn a_purchase_is_credited_once_under_concurrent_duplicate_deliveries() {
+    let app = Arc::new(spawn_app().await);
+    let shop = app.create_customer(None).await;
+    let intent = payment_intent(shop.id, "pi_once", 500);
+
+    // The same event delivered eight times at once, and another event for
+    // the same payment intent four times.
+    let mut deliveries = tokio::task::JoinSet::new();
+    for i in 0..12 {
+        let (app, intent) = (app.clone(), intent.clone());
+        let id = if i % 3 == 0 { "evt_pi_b" } else { "evt_pi_a" };
+        deliveries.spawn(async move {
+            app.stripe_event(id, "payment_intent.succeeded", now(), intent)
+                .await
+                .0
+        });
+    }
+    while let Some(status) = deliveries.join_next().await {
+        assert_eq!(status.unwrap(), 200);
+    }
+
+    let credited: i64 =
+        sqlx::query_scalar("SELECT purchased_tokens_credited FROM customers WHERE id = $1")
+            .bind(shop.id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(credited, 500);
+    let status: String = sqlx::query_scalar(
+        "SELECT status FROM token_purchases WHERE stripe_payment_intent_id = 'pi_once'",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(status, "completed");
+    // The live balance, once loaded, has them once too.
+    app.activate(&shop, "rec-001").await;
+    let (_, body) = consume(&app, &shop, 1).await;
+    assert_eq!(body["tokens_remaining"], 499);
+}
+
+#[tokio::test]
+async fn a_refund_takes_back_the_unspent_purchased_tokens() {
+    let app = spawn_app().await;
+    let shop = app.create_customer(None).await;
+    app.activate(&shop, "rec-001").await;
+    app.stripe_event(
+        "evt_pi",
+        "payment_intent.succeeded",
+        now(),
+        payment_intent(shop.id, "pi_r", 500),
+    )
+    .await;
+    assert_eq!(consume(&app, &shop, 100).await.0, 200);
+
+    let charge = json!({"id": "ch_1", "object": "charge", "payment_intent": "pi_r",
+                        "amount": 1000, "amount_refunded": 1000, "refunded": true});
+    let (status, body) = app
+        .stripe_event("evt_refund", "charge.refunded", now(), charge.clone())
+        .await;
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (200, Some("applied")),
+        "{body}"
+    );
+    let (_, again) = app
+        .stripe_event("evt_refund_2", "charge.refunded", now(), charge)
+        .await;
+    assert_eq!(again["outcome"], "duplicate");
+
+    let (status, body) = consume(&app, &shop, 1).await;
+    assert_eq!((status, &body["tokens_remaining"]), (402, &json!(0)));
+    let (credited, status): (i64, String) = sqlx::query_as(
+        "SELECT c.purchased_tokens_credited, p.status FROM customers c \
+         JOIN token_purchases p ON p.customer_id = c.id WHERE c.id = $1",
+    )
+    .bind(shop.id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        (credited, status.as_str()),
+        (100, "refunded"),
+        "the 100 spent stay spent"
+    );
+}
+
+#[tokio::test]
+async fn events_we_do_not_act_on_are_acknowledged() {
+    let app = spawn_app().await;
+    let (status, body) = app
+        .stripe_event(
+            "evt_other",
+            "customer.created",
+            now(),
+            json!({"id": "cus_1"}),
+        )
+        .await;
+    assert_eq!((status, body["outcome"].as_str()), (200, Some("ignored")));
+}
