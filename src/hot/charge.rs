@@ -222,6 +222,8 @@ impl HotStore {
         let shard = self.keys.shard_of(charge.customer);
         let account = self.keys.account(charge.customer);
         let (record, record_ttl) = self.outcome_record(charge);
+        // Without a key the script reads the customer's limiter in the
+        // key's place: a key limit then must not apply to it.
         let key_limit = match charge.embed_key {
             Some(_) => charge.key_limit,
             None => Limit::NONE,

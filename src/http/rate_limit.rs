@@ -66,8 +66,7 @@ pub async fn apps(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let limit = state.settings.rate_limits.apps;
-    enforce(&state, RouteGroup::Apps, limit, auth, request, next).await
+    enforce(&state, RouteGroup::Apps, auth, request, next).await
 }
 
 /// `POST /api/v1/customer/apps/{id}/activate`: `RATE_LIMIT_ACTIVATE_PER_HOUR`.
@@ -77,8 +76,7 @@ pub async fn activate(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let limit = state.settings.rate_limits.activate;
-    enforce(&state, RouteGroup::Activate, limit, auth, request, next).await
+    enforce(&state, RouteGroup::Activate, auth, request, next).await
 }
 
 /// `/api/v1/customer/billing/*`: `RATE_LIMIT_BILLING_PER_HOUR`.
@@ -88,8 +86,7 @@ pub async fn billing(
     request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let limit = state.settings.rate_limits.billing;
-    enforce(&state, RouteGroup::Billing, limit, auth, request, next).await
+    enforce(&state, RouteGroup::Billing, auth, request, next).await
 }
 
 /// Counts the request against the customer's limiter for `group`, and
@@ -98,11 +95,16 @@ pub async fn billing(
 async fn enforce(
     state: &Shared,
     group: RouteGroup,
-    limit: Limit,
     auth: CustomerAuth,
     mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
+    let limits = &state.settings.rate_limits;
+    let limit = match group {
+        RouteGroup::Apps => limits.apps,
+        RouteGroup::Activate => limits.activate,
+        RouteGroup::Billing => limits.billing,
+    };
     let quota = match state.limiter.check(group, auth.customer, limit).await {
         Ok(Decision::Allowed(quota)) => (!limit.is_none()).then_some(quota),
         Ok(Decision::Limited(throttle)) => {

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::domain::billing::period_after;
+use crate::{domain::billing::period_after, ledger::customers::credit_purchased};
 
 /// Customers billed without Stripe whose period has ended by `now`,
 /// oldest first. (Stripe's customers move on with `invoice.paid`.)
@@ -299,14 +299,7 @@ pub async fn complete_purchase(
     .fetch_optional(&mut *conn)
     .await?;
     if let Some(tokens) = credited {
-        sqlx::query(
-            "UPDATE customers SET purchased_tokens_credited = purchased_tokens_credited + $2, updated_at = NOW() \
-             WHERE id = $1",
-        )
-        .bind(customer)
-        .bind(i64::from(tokens))
-        .execute(conn)
-        .await?;
+        credit_purchased(conn, customer, i64::from(tokens)).await?;
     }
     Ok(credited)
 }
@@ -353,15 +346,7 @@ pub async fn record_refund(
     .bind(fully)
     .execute(&mut *conn)
     .await?;
-    sqlx::query(
-        "UPDATE customers SET purchased_tokens_credited = purchased_tokens_credited - $2, updated_at = NOW() \
-         WHERE id = $1",
-    )
-    .bind(customer)
-    .bind(taken)
-    .execute(conn)
-    .await?;
-    Ok(())
+    credit_purchased(conn, customer, -taken).await
 }
 
 /// `invoice.paid` for a new period `[start, end)`: the period moves on, a

@@ -68,13 +68,24 @@ pub async fn grant(
         .bind(granted_by)
         .execute(&mut *conn)
         .await?;
+    credit_purchased(conn, customer, i64::from(tokens)).await?;
+    Ok(id)
+}
+
+/// Adds to (or, negative, takes from) the customer's purchased tokens in
+/// the ledger: grants, purchases and refunds.
+pub async fn credit_purchased(
+    conn: &mut PgConnection,
+    customer: Uuid,
+    tokens: i64,
+) -> sqlx::Result<()> {
     sqlx::query(
         "UPDATE customers SET purchased_tokens_credited = purchased_tokens_credited + $2, updated_at = NOW() \
          WHERE id = $1",
     )
     .bind(customer)
-    .bind(i64::from(tokens))
+    .bind(tokens)
     .execute(conn)
     .await?;
-    Ok(id)
+    Ok(())
 }

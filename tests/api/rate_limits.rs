@@ -20,6 +20,18 @@ async fn consume(app: &TestApp, credential: &str, body: Value) -> reqwest::Respo
     app.post_consume(credential, body).await
 }
 
+/// Consumes vto-001 with an `Idempotency-Key`.
+async fn consume_once(app: &TestApp, credential: &str, key: &str) -> reqwest::Response {
+    app.http
+        .post(app.url("/api/v1/customer/tokens/consume"))
+        .bearer_auth(credential)
+        .header("Idempotency-Key", key)
+        .json(&json!({"app_id": "vto-001"}))
+        .send()
+        .await
+        .unwrap()
+}
+
 async fn event_id(response: reqwest::Response) -> Uuid {
     let body: Value = response.json().await.unwrap();
     body["event_id"].as_str().unwrap().parse().unwrap()
@@ -108,15 +120,7 @@ async fn the_customer_consume_limit_counts_every_caller_refuses_past_the_burst_a
         .await;
 
     // The backend and the widget share the customer's burst of five.
-    let first = app
-        .http
-        .post(app.url("/api/v1/customer/tokens/consume"))
-        .bearer_auth(&shop.token)
-        .header("Idempotency-Key", "order-1")
-        .json(&json!({"app_id": "vto-001"}))
-        .send()
-        .await
-        .unwrap();
+    let first = consume_once(&app, &shop.token, "order-1").await;
     assert_eq!(first.status(), 200);
     let mut charged = HashSet::from([event_id(first).await]);
     for credential in [&shop.token, &shop.token, &key, &key] {
@@ -135,15 +139,7 @@ async fn the_customer_consume_limit_counts_every_caller_refuses_past_the_burst_a
     assert_eq!(app.hot_balance(shop.id).await, before, "nothing charged");
 
     // A retry of a charged request still gets its answer: replays are free.
-    let replay = app
-        .http
-        .post(app.url("/api/v1/customer/tokens/consume"))
-        .bearer_auth(&shop.token)
-        .header("Idempotency-Key", "order-1")
-        .json(&json!({"app_id": "vto-001"}))
-        .send()
-        .await
-        .unwrap();
+    let replay = consume_once(&app, &shop.token, "order-1").await;
     assert_eq!(replay.status(), 200);
 
     // One interval later (1 s at 3600 an hour), one more is allowed.
