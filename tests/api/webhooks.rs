@@ -328,3 +328,53 @@ async fn events_we_do_not_act_on_are_acknowledged() {
         .await;
     assert_eq!((status, body["outcome"].as_str()), (200, Some("ignored")));
 }
+
+#[tokio::test]
+async fn a_downgrade_waits_for_the_period_the_next_invoice_pays_for() {
+    let app = spawn_app().await;
+    let shop = subscribed(&app, "price_pro_monthly").await;
+    app.activate(&shop, "rec-001").await;
+    assert_eq!(consume(&app, &shop, 2_000).await.0, 200);
+
+    // Moved to Starter (1000 a period) mid-period: Professional's
+    // allowance holds until the period's end.
+    let starter = subscription(shop.id, "price_starter_monthly", "active");
+    app.stripe_event(
+        "evt_down",
+        "customer.subscription.updated",
+        now(),
+        starter.clone(),
+    )
+    .await;
+    let (status, body) = consume(&app, &shop, 1_000).await;
+    assert_eq!((status, &body["tokens_remaining"]), (200, &json!(7_000)));
+
+    // The next period, paid: Starter's allowance, from zero.
+    let end = starter["items"]["data"][0]["current_period_end"]
+        .as_i64()
+        .unwrap();
+    let invoice = json!({"id": "in_next", "object": "invoice",
+        "subscription": format!("sub_{}", shop.id.simple()),
+        "lines": {"data": [{"period": {"start": end, "end": end + 30 * 86_400}}]}});
+    let (status, body) = app
+        .stripe_event("evt_paid", "invoice.paid", now() + 1, invoice)
+        .await;
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (200, Some("applied")),
+        "{body}"
+    );
+    let plan: String =
+        sqlx::query_scalar("SELECT plan_id FROM customer_billing WHERE customer_id = $1")
+            .bind(shop.id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(plan, "starter");
+    let (status, body) = consume(&app, &shop, 10).await;
+    assert_eq!(
+        (status, &body["tokens_remaining"]),
+        (200, &json!(990)),
+        "{body}"
+    );
+}
