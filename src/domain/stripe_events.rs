@@ -273,7 +273,12 @@ async fn subscription(
         ),
         _ => None,
     };
-    let same_period = current.as_ref().and_then(|c| c.end) == Some(end);
+    // A new period begins at or after the end of ours; anything else is a
+    // change within the period.
+    let same_period = current
+        .as_ref()
+        .and_then(|c| c.end)
+        .is_some_and(|old_end| start < old_end);
     // A smaller allowance mid-period waits for the period's end.
     let downgrade = current.as_ref().is_some_and(|c| {
         same_period && c.plan_id != plan.id && is_smaller(plan.tokens_per_month, c.allowance)

@@ -17,7 +17,8 @@ fn now() -> i64 {
 /// A Stripe subscription object as our subscribe endpoint creates it
 /// (our customer id in its metadata), in the current period.
 fn subscription(customer: Uuid, price: &str, status: &str) -> Value {
-    let end = now() + 20 * 86_400;
+    // Whole days, so every event of a test names the same period.
+    let end = (now() / 86_400 + 20) * 86_400;
     json!({"id": format!("sub_{}", customer.simple()), "object": "subscription",
            "customer": "cus_test", "status": status, "cancel_at_period_end": false,
            "metadata": {"customer_id": customer.to_string()},
