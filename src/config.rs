@@ -94,6 +94,9 @@ pub struct Settings {
     pub flusher: FlusherSettings,
     pub rate_limits: RateLimitSettings,
     pub stripe: StripeSettings,
+    /// `DATA_ENCRYPTION_KEYS`: the key ring sealing secrets at rest
+    /// (`ledger::sealed`), first key sealing.
+    pub data_encryption_keys: Secret,
     pub cors_origins: Vec<String>,
     /// `ENABLE_BETA_APPS`: beta apps are listed in the catalog.
     pub enable_beta_apps: bool,
@@ -258,6 +261,7 @@ pub struct RateLimitSettings {
 const DEV_JWT_SECRET: &str = "development-only-jwt-secret-change-me-0123456789";
 const DEV_DATABASE_URL: &str = "postgres://postgres:postgres@127.0.0.1:5432/connected_apps";
 const DEV_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+const DEV_DATA_KEYS: &str = "dev:ZGV2ZWxvcG1lbnQtb25seS1rZXktMzItYnl0ZXMhISE=";
 
 impl Settings {
     /// Reads the process environment.
@@ -284,6 +288,7 @@ impl Settings {
         let database_url = required("DATABASE_URL", DEV_DATABASE_URL)?;
         let redis_url = required("REDIS_URL", DEV_REDIS_URL)?;
         let jwt_secret = required("JWT_SECRET", DEV_JWT_SECRET)?;
+        let data_encryption_keys = required("DATA_ENCRYPTION_KEYS", DEV_DATA_KEYS)?;
         if jwt_secret.len() < 32 {
             return Err(ConfigError::new("JWT_SECRET", "must be at least 32 bytes"));
         }
@@ -441,6 +446,7 @@ impl Settings {
             },
             rate_limits,
             stripe,
+            data_encryption_keys: Secret::new(data_encryption_keys),
             cors_origins,
             enable_beta_apps: env.parse("ENABLE_BETA_APPS", false)?,
             log_level,

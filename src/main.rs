@@ -40,6 +40,9 @@ enum Command {
     },
     /// Create the database if missing, apply migrations and seed the catalog.
     Migrate,
+    /// Re-seal every secret at rest not sealed under the first key of
+    /// `DATA_ENCRYPTION_KEYS` (after putting a new key first).
+    Reseal,
     /// Print a JWT signed with the configured secret, issuer and audience.
     Token {
         /// The customer (or operator) id; a new one when omitted.
@@ -88,6 +91,13 @@ async fn main() -> anyhow::Result<()> {
             let pool = ledger::pool(&settings.database)?;
             ledger::migrate(&pool, settings.database.partitions_ahead_months).await?;
             tracing::info!("migrations applied");
+            Ok(())
+        }
+        Command::Reseal => {
+            let pool = ledger::pool(&settings.database)?;
+            let sealer = ledger::sealed::Sealer::from_ring(settings.data_encryption_keys.expose())?;
+            let resealed = ledger::billing::reseal_stripe_customers(&pool, &sealer).await?;
+            tracing::info!(resealed, "secrets re-sealed under the current key");
             Ok(())
         }
         Command::Token {

@@ -20,6 +20,7 @@ use crate::{
     },
     hot::{rate_limit::RateLimiter, HotStore},
     ledger,
+    ledger::sealed::Sealer,
     state::AppState,
     telemetry,
     workers::{flusher::Flusher, scheduler::Scheduler},
@@ -67,8 +68,10 @@ impl Application {
             &settings.redis.key_prefix,
             settings.redis.timeout,
         )?;
+        let sealer = Arc::new(Sealer::from_ring(settings.data_encryption_keys.expose())?);
         let stripe_events = StripeEvents::new(
             accounts.clone(),
+            sealer.clone(),
             hot.clone(),
             db.clone(),
             settings.consume.grace_period,
@@ -84,6 +87,7 @@ impl Application {
             metering,
             limiter,
             stripe_events,
+            sealer,
             metrics,
         });
         // Every process listens: without the API role it still answers

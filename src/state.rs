@@ -13,6 +13,7 @@ use crate::{
         accounts::Accounts, catalog::Catalog, consume::Metering, stripe_events::StripeEvents,
     },
     hot::{rate_limit::RateLimiter, HotStore},
+    ledger::sealed::Sealer,
 };
 
 pub struct AppState {
@@ -27,6 +28,8 @@ pub struct AppState {
     /// The route groups' rate limits (the consume limits are in `metering`).
     pub limiter: RateLimiter,
     pub stripe_events: StripeEvents,
+    /// Seals secrets at rest (`DATA_ENCRYPTION_KEYS`).
+    pub sealer: Arc<Sealer>,
     pub metrics: PrometheusHandle,
 }
 

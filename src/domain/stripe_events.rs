@@ -24,7 +24,10 @@ use crate::{
         account::{AccountChange, Period, Rollover, SubscriptionStatus},
         HotStore,
     },
-    ledger::billing::{self, SubscriptionState},
+    ledger::{
+        billing::{self, SubscriptionState},
+        sealed::{stripe_customer_place, Sealer},
+    },
 };
 
 /// The parts of a Stripe event every handler reads.
@@ -56,6 +59,7 @@ pub enum Outcome {
 
 pub struct StripeEvents {
     accounts: Arc<Accounts>,
+    sealer: Arc<Sealer>,
     hot: HotStore,
     db: sqlx::PgPool,
     grace: chrono::Duration,
@@ -101,12 +105,14 @@ fn status_name(status: SubscriptionStatus) -> &'static str {
 impl StripeEvents {
     pub fn new(
         accounts: Arc<Accounts>,
+        sealer: Arc<Sealer>,
         hot: HotStore,
         db: sqlx::PgPool,
         grace: std::time::Duration,
     ) -> Self {
         Self {
             accounts,
+            sealer,
             hot,
             db,
             grace: chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::hours(72)),
@@ -151,6 +157,10 @@ impl StripeEvents {
     async fn apply_to(&self, customer: Uuid, event: Event) -> Result<Outcome, ApiError> {
         let hot = self.hot.clone();
         let grace = self.grace;
+        // Sealed before the transaction: the key work needs no lock.
+        let stripe_customer = str_at(&event.data.object, &["customer"])
+            .filter(|c| c.starts_with("cus_"))
+            .map(|c| self.sealer.seal(c, &stripe_customer_place(customer)));
         self.accounts
             .change(customer, move |tx| {
                 Box::pin(async move {
@@ -163,8 +173,13 @@ impl StripeEvents {
                         "customer.subscription.created"
                         | "customer.subscription.updated"
                         | "customer.subscription.deleted" => {
-                            subscription(tx, &hot, customer, object, created, &event.kind, grace)
-                                .await
+                            let facts = Facts {
+                                created,
+                                kind: &event.kind,
+                                grace,
+                                stripe_customer,
+                            };
+                            subscription(tx, &hot, customer, object, facts).await
                         }
                         "invoice.paid" => invoice_paid(tx, &hot, customer, object, created).await,
                         "invoice.payment_failed" => {
@@ -225,15 +240,28 @@ type Applied = Result<(Outcome, Vec<AccountChange>), ApiError>;
 /// was applied already. An upgrade takes effect at once (the new allowance
 /// less what this period used); a downgrade waits for the period's end; a
 /// new period starts once.
+/// What a subscription event says besides its object.
+struct Facts<'a> {
+    created: DateTime<Utc>,
+    kind: &'a str,
+    grace: chrono::Duration,
+    /// Stripe's customer id, sealed.
+    stripe_customer: Option<String>,
+}
+
 async fn subscription(
     tx: &mut sqlx::PgConnection,
     hot: &HotStore,
     customer: Uuid,
     object: &Value,
-    created: DateTime<Utc>,
-    kind: &str,
-    grace: chrono::Duration,
+    facts: Facts<'_>,
 ) -> Applied {
+    let Facts {
+        created,
+        kind,
+        grace,
+        stripe_customer,
+    } = facts;
     let sub = str_at(object, &["id"]).ok_or_else(|| missing("id"))?;
     let item = object["items"]["data"].get(0).unwrap_or(&Value::Null);
     let price = str_at(item, &["price", "id"]).ok_or_else(|| missing("items.data[0].price.id"))?;
@@ -300,6 +328,7 @@ async fn subscription(
             end,
             cancel_at_period_end: object["cancel_at_period_end"].as_bool().unwrap_or(false),
             synced_at: created,
+            stripe_customer,
         },
     )
     .await?;

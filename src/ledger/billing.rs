@@ -207,6 +207,8 @@ pub struct SubscriptionState<'a> {
     pub end: DateTime<Utc>,
     pub cancel_at_period_end: bool,
     pub synced_at: DateTime<Utc>,
+    /// Stripe's customer id, sealed (`ledger::sealed`).
+    pub stripe_customer: Option<String>,
 }
 
 pub async fn write_subscription(
@@ -216,12 +218,14 @@ pub async fn write_subscription(
 ) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO customer_billing (customer_id, plan_id, pending_plan_id, stripe_subscription_id, status, \
-             past_due_since, billing_cycle_start, billing_cycle_end, billing_anchor, cancel_at_period_end, stripe_synced_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7, $9, $10) \
+             past_due_since, billing_cycle_start, billing_cycle_end, billing_anchor, cancel_at_period_end, stripe_synced_at, \
+             stripe_customer_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7, $9, $10, $11) \
          ON CONFLICT (customer_id) DO UPDATE SET plan_id = $2, pending_plan_id = $3, stripe_subscription_id = $4, \
              status = $5, past_due_since = $6, billing_cycle_start = $7, billing_cycle_end = $8, \
              billing_anchor = COALESCE(customer_billing.billing_anchor, $7), cancel_at_period_end = $9, \
-             stripe_synced_at = $10, updated_at = NOW()",
+             stripe_synced_at = $10, updated_at = NOW(), \
+             stripe_customer_id = COALESCE($11, customer_billing.stripe_customer_id)",
     )
     .bind(customer)
     .bind(s.plan_id)
@@ -233,6 +237,7 @@ pub async fn write_subscription(
     .bind(s.end)
     .bind(s.cancel_at_period_end)
     .bind(s.synced_at)
+    .bind(&s.stripe_customer)
     .execute(&mut *conn)
     .await?;
     recount_period_usage(conn, customer).await
@@ -394,4 +399,37 @@ pub async fn mark_paid(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Re-seals every Stripe customer id not sealed under the ring's first
+/// key; returns how many. Each row under its own lock, so it runs beside
+/// the service.
+pub async fn reseal_stripe_customers(
+    pool: &sqlx::PgPool,
+    sealer: &crate::ledger::sealed::Sealer,
+) -> anyhow::Result<usize> {
+    let rows: Vec<(Uuid, String)> = sqlx::query_as(
+        "SELECT customer_id, stripe_customer_id FROM customer_billing WHERE stripe_customer_id IS NOT NULL",
+    )
+    .fetch_all(pool)
+    .await?;
+    let mut resealed = 0;
+    for (customer, sealed) in rows {
+        if sealer.is_current(&sealed) {
+            continue;
+        }
+        let place = crate::ledger::sealed::stripe_customer_place(customer);
+        let plain = sealer.open(&sealed, &place)?;
+        let done = sqlx::query(
+            "UPDATE customer_billing SET stripe_customer_id = $3 \
+             WHERE customer_id = $1 AND stripe_customer_id = $2",
+        )
+        .bind(customer)
+        .bind(&sealed)
+        .bind(sealer.seal(&plain, &place))
+        .execute(pool)
+        .await?;
+        resealed += done.rows_affected() as usize;
+    }
+    Ok(resealed)
 }

@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod customers;
 pub mod embed_keys;
 pub mod partitions;
+pub mod sealed;
 pub mod usage;
 
 use std::{str::FromStr, time::Duration};

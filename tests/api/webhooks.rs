@@ -379,3 +379,40 @@ async fn a_downgrade_waits_for_the_period_the_next_invoice_pays_for() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn the_stripe_customer_id_is_sealed_at_rest_and_resealed_under_a_new_key() {
+    use connected_apps::ledger::{
+        billing::reseal_stripe_customers,
+        sealed::{stripe_customer_place, Sealer},
+    };
+    let app = spawn_app().await;
+    let shop = subscribed(&app, "price_starter_monthly").await;
+    let stored = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT stripe_customer_id FROM customer_billing WHERE customer_id = $1",
+        )
+        .bind(shop.id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
+    };
+    let place = stripe_customer_place(shop.id);
+    let sealed = stored().await;
+    assert!(!sealed.contains("cus_test"), "{sealed}");
+    assert_eq!(app.state.sealer.open(&sealed, &place).unwrap(), "cus_test");
+
+    // A new key first, the old one kept until everything is re-sealed.
+    let ring = format!(
+        "k2:AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=,{}",
+        app.settings.data_encryption_keys.expose()
+    );
+    let rotated = Sealer::from_ring(&ring).unwrap();
+    assert_eq!(reseal_stripe_customers(&app.db, &rotated).await.unwrap(), 1);
+    assert_eq!(reseal_stripe_customers(&app.db, &rotated).await.unwrap(), 0);
+    let resealed = stored().await;
+    assert!(resealed.starts_with("v1:k2:"), "{resealed}");
+    let new_key_only =
+        Sealer::from_ring("k2:AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=").unwrap();
+    assert_eq!(new_key_only.open(&resealed, &place).unwrap(), "cus_test");
+}
