@@ -185,6 +185,8 @@ pub struct StripeSettings {
     /// a delivery signed with any of them is accepted. Empty: every
     /// delivery is refused.
     pub webhook_secrets: Vec<Secret>,
+    /// `PAYG_PRICE_CENTS_PER_1000_TOKENS`: the price of pay-as-you-go tokens.
+    pub cents_per_1000_tokens: i64,
 }
 
 /// A rate limit: a sustained rate and the burst allowed on top of it,
@@ -379,6 +381,10 @@ impl Settings {
                 .filter(|s| !s.is_empty())
                 .map(Secret::new)
                 .collect(),
+            cents_per_1000_tokens: positive(
+                "PAYG_PRICE_CENTS_PER_1000_TOKENS",
+                env.parse("PAYG_PRICE_CENTS_PER_1000_TOKENS", 500)?,
+            )? as i64,
         };
         let log_level = env.get("LOG_LEVEL").unwrap_or("info").to_ascii_lowercase();
         let cors_origins = env

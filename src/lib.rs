@@ -24,5 +24,6 @@ pub mod http;
 pub mod ledger;
 pub mod startup;
 pub mod state;
+pub mod stripe;
 pub mod telemetry;
 pub mod workers;

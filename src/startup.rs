@@ -17,11 +17,13 @@ use crate::{
     config::{Roles, Settings},
     domain::{
         accounts::Accounts, catalog::Catalog, consume::Metering, stripe_events::StripeEvents,
+        subscriptions::Subscriptions,
     },
     hot::{rate_limit::RateLimiter, HotStore},
     ledger,
     ledger::sealed::Sealer,
     state::AppState,
+    stripe::Stripe,
     telemetry,
     workers::{flusher::Flusher, scheduler::Scheduler},
 };
@@ -76,6 +78,15 @@ impl Application {
             db.clone(),
             settings.consume.grace_period,
         );
+        let subscriptions = Subscriptions::new(
+            Arc::new(Stripe::new(&settings.stripe)?),
+            accounts.clone(),
+            sealer.clone(),
+            hot.clone(),
+            db.clone(),
+            settings.consume.grace_period,
+            settings.stripe.cents_per_1000_tokens,
+        );
         let state = Arc::new(AppState {
             jwt: JwtKeys::new(&settings.auth),
             embed_keys: EmbedKeys::default(),
@@ -87,6 +98,7 @@ impl Application {
             metering,
             limiter,
             stripe_events,
+            subscriptions,
             sealer,
             metrics,
         });

@@ -11,6 +11,7 @@ use crate::{
     config::Settings,
     domain::{
         accounts::Accounts, catalog::Catalog, consume::Metering, stripe_events::StripeEvents,
+        subscriptions::Subscriptions,
     },
     hot::{rate_limit::RateLimiter, HotStore},
     ledger::sealed::Sealer,
@@ -28,6 +29,7 @@ pub struct AppState {
     /// The route groups' rate limits (the consume limits are in `metering`).
     pub limiter: RateLimiter,
     pub stripe_events: StripeEvents,
+    pub subscriptions: Subscriptions,
     /// Seals secrets at rest (`DATA_ENCRYPTION_KEYS`).
     pub sealer: Arc<Sealer>,
     pub metrics: PrometheusHandle,

@@ -14,4 +14,5 @@ pub mod configuration;
 pub mod consume;
 pub mod embed;
 pub mod stripe_events;
+pub mod subscriptions;
 pub mod usage;

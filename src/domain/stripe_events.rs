@@ -173,13 +173,13 @@ impl StripeEvents {
                         "customer.subscription.created"
                         | "customer.subscription.updated"
                         | "customer.subscription.deleted" => {
+                            let sub = SubscriptionFacts::from_event(object, &event.kind)?;
                             let facts = Facts {
-                                created,
-                                kind: &event.kind,
+                                as_of: created,
                                 grace,
                                 stripe_customer,
                             };
-                            subscription(tx, &hot, customer, object, facts).await
+                            apply_subscription(tx, &hot, customer, &sub, facts).await
                         }
                         "invoice.paid" => invoice_paid(tx, &hot, customer, object, created).await,
                         "invoice.payment_failed" => {
@@ -236,49 +236,76 @@ impl StripeEvents {
 
 type Applied = Result<(Outcome, Vec<AccountChange>), ApiError>;
 
-/// `customer.subscription.*`: the object's state, unless a newer event
-/// was applied already. An upgrade takes effect at once (the new allowance
-/// less what this period used); a downgrade waits for the period's end; a
-/// new period starts once.
-/// What a subscription event says besides its object.
-struct Facts<'a> {
-    created: DateTime<Utc>,
-    kind: &'a str,
-    grace: chrono::Duration,
-    /// Stripe's customer id, sealed.
-    stripe_customer: Option<String>,
+/// A subscription as Stripe reports it: from an event's object, or from
+/// the reply to our own call.
+#[derive(Debug, Clone)]
+pub struct SubscriptionFacts {
+    pub id: String,
+    pub price: String,
+    /// Stripe's status (`active`, `past_due`, `canceled`, …).
+    pub status: String,
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    pub cancel_at_period_end: bool,
 }
 
-async fn subscription(
+impl SubscriptionFacts {
+    fn from_event(object: &Value, kind: &str) -> Result<Self, ApiError> {
+        let item = object["items"]["data"].get(0).unwrap_or(&Value::Null);
+        // Newer API versions keep the period on the item.
+        let period = |field: &str| {
+            int_at(object, &[field])
+                .or_else(|| int_at(item, &[field]))
+                .ok_or_else(|| missing(field))
+                .and_then(time)
+        };
+        Ok(Self {
+            id: str_at(object, &["id"])
+                .ok_or_else(|| missing("id"))?
+                .to_owned(),
+            price: str_at(item, &["price", "id"])
+                .ok_or_else(|| missing("items.data[0].price.id"))?
+                .to_owned(),
+            status: if kind == "customer.subscription.deleted" {
+                "canceled".to_owned()
+            } else {
+                str_at(object, &["status"])
+                    .ok_or_else(|| missing("status"))?
+                    .to_owned()
+            },
+            start: period("current_period_start")?,
+            end: period("current_period_end")?,
+            cancel_at_period_end: object["cancel_at_period_end"].as_bool().unwrap_or(false),
+        })
+    }
+}
+
+/// When Stripe said it, and what goes with it.
+pub struct Facts {
+    /// The event's `created`, or the time of our own call's reply.
+    pub as_of: DateTime<Utc>,
+    pub grace: chrono::Duration,
+    /// Stripe's customer id, sealed.
+    pub stripe_customer: Option<String>,
+}
+
+/// A subscription's state written over ours, unless something newer was
+/// applied already. An upgrade takes effect at once (the new allowance
+/// less what this period used); a downgrade waits for the period's end;
+/// a new period starts once. The caller holds the customer's row lock.
+pub async fn apply_subscription(
     tx: &mut sqlx::PgConnection,
     hot: &HotStore,
     customer: Uuid,
-    object: &Value,
-    facts: Facts<'_>,
-) -> Applied {
+    sub: &SubscriptionFacts,
+    facts: Facts,
+) -> Result<(Outcome, Vec<AccountChange>), ApiError> {
     let Facts {
-        created,
-        kind,
+        as_of: created,
         grace,
         stripe_customer,
     } = facts;
-    let sub = str_at(object, &["id"]).ok_or_else(|| missing("id"))?;
-    let item = object["items"]["data"].get(0).unwrap_or(&Value::Null);
-    let price = str_at(item, &["price", "id"]).ok_or_else(|| missing("items.data[0].price.id"))?;
-    // Newer API versions keep the period on the item.
-    let start = int_at(object, &["current_period_start"])
-        .or_else(|| int_at(item, &["current_period_start"]))
-        .ok_or_else(|| missing("current_period_start"))?;
-    let end = int_at(object, &["current_period_end"])
-        .or_else(|| int_at(item, &["current_period_end"]))
-        .ok_or_else(|| missing("current_period_end"))?;
-    let (start, end) = (time(start)?, time(end)?);
-    let stripe_status = if kind == "customer.subscription.deleted" {
-        "canceled"
-    } else {
-        str_at(object, &["status"]).ok_or_else(|| missing("status"))?
-    };
-
+    let (price, start, end) = (sub.price.as_str(), sub.start, sub.end);
     let current = billing::lock_billing(tx, customer).await?;
     if current
         .as_ref()
@@ -291,7 +318,7 @@ async fn subscription(
         tracing::warn!(%price, "subscription on a price no plan has; not applied");
         return Ok((Outcome::Ignored, Vec::new()));
     };
-    let status = status_of(stripe_status);
+    let status = status_of(&sub.status);
     let past_due_since = match status {
         SubscriptionStatus::PastDue => Some(
             current
@@ -319,14 +346,14 @@ async fn subscription(
         tx,
         customer,
         &SubscriptionState {
-            subscription: sub,
+            subscription: &sub.id,
             plan_id: plan_now,
             pending_plan_id: pending,
             status: status_name(status),
             past_due_since,
             start,
             end,
-            cancel_at_period_end: object["cancel_at_period_end"].as_bool().unwrap_or(false),
+            cancel_at_period_end: sub.cancel_at_period_end,
             synced_at: created,
             stripe_customer,
         },

@@ -13,6 +13,7 @@ pub mod admin;
 pub mod admin_apps;
 pub mod api_keys;
 pub mod auth;
+pub mod billing;
 pub mod catalog;
 pub mod consume;
 pub mod edge;
@@ -47,6 +48,7 @@ pub fn router(state: Shared) -> Router {
         .merge(admin::router())
         .merge(admin_apps::router())
         .merge(usage::router())
+        .merge(billing::router(&state))
         .merge(webhooks::router())
         .merge(health::router())
         .merge(openapi::router())

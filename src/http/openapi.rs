@@ -33,6 +33,11 @@ use crate::state::Shared;
         super::admin_apps::change_app,
         super::usage::usage,
         super::webhooks::stripe,
+        super::billing::plans,
+        super::billing::setup_intent,
+        super::billing::subscribe,
+        super::billing::subscription,
+        super::billing::purchase,
     ),
     components(schemas(crate::error::FieldError)),
     modifiers(&Security)

@@ -433,3 +433,55 @@ pub async fn reseal_stripe_customers(
     }
     Ok(resealed)
 }
+
+/// The customer's subscription as the API shows it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SubscriptionRow {
+    pub plan_id: String,
+    pub pending_plan_id: Option<String>,
+    pub status: String,
+    pub start: Option<DateTime<Utc>>,
+    pub end: Option<DateTime<Utc>>,
+    pub cancel_at_period_end: bool,
+    pub stripe_subscription_id: Option<String>,
+    /// Sealed (`ledger::sealed`).
+    pub stripe_customer_id: Option<String>,
+}
+
+pub async fn subscription(
+    conn: &mut PgConnection,
+    customer: Uuid,
+) -> sqlx::Result<Option<SubscriptionRow>> {
+    sqlx::query_as(
+        "SELECT plan_id, pending_plan_id, status, billing_cycle_start AS start, billing_cycle_end AS end, \
+                cancel_at_period_end, stripe_subscription_id, stripe_customer_id \
+         FROM customer_billing WHERE customer_id = $1",
+    )
+    .bind(customer)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Records a purchase whose payment is under way. Keyed by the payment
+/// intent: a webhook that came first has written it already.
+pub async fn record_pending_purchase(
+    conn: &mut PgConnection,
+    purchase: Uuid,
+    customer: Uuid,
+    tokens: i32,
+    price_cents: i32,
+    payment_intent: &str,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO token_purchases (id, customer_id, tokens_purchased, price_cents, stripe_payment_intent_id, status) \
+         VALUES ($1, $2, $3, $4, $5, 'pending') ON CONFLICT (stripe_payment_intent_id) DO NOTHING",
+    )
+    .bind(purchase)
+    .bind(customer)
+    .bind(tokens)
+    .bind(price_cents)
+    .bind(payment_intent)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

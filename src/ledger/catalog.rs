@@ -123,3 +123,13 @@ pub async fn set_app_status(
     .fetch_optional(conn)
     .await
 }
+
+/// Every plan on offer, cheapest first.
+pub async fn plans(conn: &mut PgConnection) -> sqlx::Result<Vec<PlanRow>> {
+    sqlx::query_as(
+        "SELECT id, name, description, tokens_per_month, price_cents, billing_cycle, \
+         stripe_price_id, features, tier FROM billing_plans WHERE is_active ORDER BY price_cents, id",
+    )
+    .fetch_all(conn)
+    .await
+}

@@ -89,3 +89,10 @@ pub async fn credit_purchased(
     .await?;
     Ok(())
 }
+
+pub async fn find(conn: &mut PgConnection, customer: Uuid) -> sqlx::Result<Option<CustomerRow>> {
+    sqlx::query_as("SELECT id, name, email, created_at FROM customers WHERE id = $1")
+        .bind(customer)
+        .fetch_optional(conn)
+        .await
+}

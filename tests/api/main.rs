@@ -6,6 +6,7 @@ mod admin;
 mod auth;
 mod bad_input;
 mod billing;
+mod billing_api;
 mod catalog;
 mod concurrency;
 mod consume;

@@ -1,0 +1,261 @@
+//! The billing API against a local stand-in for Stripe (wiremock) that
+//! answers with objects in the shape of Stripe's API fixtures.
+
+use chrono::Utc;
+use serde_json::{json, Value};
+use uuid::Uuid;
+use wiremock::{
+    matchers::{body_string_contains, header, method, path},
+    Mock, MockServer, ResponseTemplate,
+};
+
+use crate::helpers::{spawn_app_with, Customer, TestApp};
+
+fn fixture(name: &str) -> Value {
+    let text = match name {
+        "customer" => include_str!("stripe/customer.json"),
+        "subscription" => include_str!("stripe/subscription.json"),
+        "setup_intent" => include_str!("stripe/setup_intent.json"),
+        "payment_intent" => include_str!("stripe/payment_intent.json"),
+        _ => unreachable!(),
+    };
+    serde_json::from_str(text).unwrap()
+}
+
+/// A stand-in for Stripe and an instance of the service pointed at it.
+async fn with_stripe() -> (TestApp, MockServer) {
+    let stripe = MockServer::start().await;
+    let base = format!("{}/", stripe.uri());
+    let app = spawn_app_with(&[
+        ("STRIPE_API_BASE", &base),
+        ("STRIPE_SECRET_KEY", "sk_test_standin"),
+        ("STRIPE_PUBLISHABLE_KEY", "pk_test_standin"),
+    ])
+    .await;
+    (app, stripe)
+}
+
+async fn stripe_answers(stripe: &MockServer, verb: &str, at: &str, status: u16, body: Value) {
+    Mock::given(method(verb))
+        .and(path(at))
+        .respond_with(ResponseTemplate::new(status).set_body_json(body))
+        .mount(stripe)
+        .await;
+}
+
+fn subscription_for(customer: Uuid, price: &str) -> Value {
+    let now = Utc::now().timestamp();
+    let mut sub = fixture("subscription");
+    sub["id"] = json!("sub_standin");
+    sub["status"] = json!("active");
+    sub["customer"] = json!("cus_standin");
+    sub["metadata"] = json!({"customer_id": customer.to_string()});
+    let item = &mut sub["items"]["data"][0];
+    item["price"]["id"] = json!(price);
+    item["current_period_start"] = json!(now);
+    item["current_period_end"] = json!(now + 30 * 86_400);
+    sub
+}
+
+async fn post(app: &TestApp, shop: &Customer, at: &str, body: Value) -> (u16, Value) {
+    app.post_json(at, &shop.token, body).await
+}
+
+#[tokio::test]
+async fn subscribing_creates_the_stripe_customer_once_and_opens_the_plan() {
+    let (app, stripe) = with_stripe().await;
+    let shop = app.create_customer(None).await;
+    let mut customer = fixture("customer");
+    customer["id"] = json!("cus_standin");
+    let mut setup = fixture("setup_intent");
+    setup["client_secret"] = json!("seti_standin_secret_1");
+    stripe_answers(&stripe, "POST", "/v1/setup_intents", 200, setup).await;
+    Mock::given(method("POST"))
+        .and(path("/v1/customers"))
+        .and(header(
+            "Idempotency-Key",
+            format!("customer-{}", shop.id).as_str(),
+        ))
+        .and(body_string_contains(shop.id.to_string().as_str()))
+        .respond_with(ResponseTemplate::new(200).set_body_json(customer))
+        .expect(1)
+        .mount(&stripe)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/subscriptions"))
+        .and(body_string_contains("price_starter_monthly"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(subscription_for(shop.id, "price_starter_monthly")),
+        )
+        .expect(1)
+        .mount(&stripe)
+        .await;
+
+    let (status, body) = post(
+        &app,
+        &shop,
+        "/api/v1/customer/billing/setup-intent",
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["client_secret"], "seti_standin_secret_1");
+    assert_eq!(body["publishable_key"], "pk_test_standin");
+
+    let subscribe = json!({"plan_id": "starter", "payment_method_id": "pm_card_visa"});
+    let (status, body) = post(
+        &app,
+        &shop,
+        "/api/v1/customer/billing/subscribe",
+        subscribe.clone(),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["plan_id"], "starter");
+    assert_eq!(body["status"], "active");
+    assert_eq!(body["stripe_subscription_id"], "sub_standin");
+
+    app.activate(&shop, "rec-001").await;
+    let (status, consumed) = app.consume(&shop.token, json!({"app_id": "rec-001"})).await;
+    assert_eq!((status, &consumed["tokens_remaining"]), (200, &json!(998)));
+
+    let (status, _) = post(&app, &shop, "/api/v1/customer/billing/subscribe", subscribe).await;
+    assert_eq!(status, 409, "subscribed once");
+    let (status, shown) = app
+        .get_json("/api/v1/customer/billing/subscription", &shop.token)
+        .await;
+    assert_eq!((status, &shown["plan_id"]), (200, &json!("starter")));
+    let (_, plans) = app
+        .get_json("/api/v1/customer/billing/plans", &shop.token)
+        .await;
+    assert_eq!(plans["plans"].as_array().unwrap().len(), 3, "{plans}");
+    // The mocks' `expect(1)` are checked when the stand-in drops.
+}
+
+fn payment_intent(id: &str, status: &str) -> Value {
+    let mut intent = fixture("payment_intent");
+    intent["id"] = json!(id);
+    intent["status"] = json!(status);
+    intent["client_secret"] = json!(format!("{id}_secret_1"));
+    intent
+}
+
+#[tokio::test]
+async fn a_purchase_paid_at_once_is_credited_once_whatever_retries_and_webhooks_follow() {
+    let (app, stripe) = with_stripe().await;
+    let shop = app.create_customer(None).await;
+    app.activate(&shop, "rec-001").await;
+    stripe_answers(
+        &stripe,
+        "POST",
+        "/v1/payment_intents",
+        200,
+        payment_intent("pi_standin", "succeeded"),
+    )
+    .await;
+
+    let buy = || async {
+        let response = app
+            .http
+            .post(app.url("/api/v1/customer/billing/tokens/purchase"))
+            .bearer_auth(&shop.token)
+            .header("Idempotency-Key", "order-42")
+            .json(&json!({"tokens": 500, "payment_method_id": "pm_card_visa"}))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json::<Value>().await.unwrap())
+    };
+    let (status, first) = buy().await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(first["credited"], true);
+    assert_eq!(
+        first["price_cents"], 250,
+        "500 tokens at 500 cents a thousand"
+    );
+    let (_, retried) = buy().await;
+    assert_eq!(
+        retried["purchase_id"], first["purchase_id"],
+        "the same purchase"
+    );
+    // Stripe's own confirmation arrives too.
+    let intent = json!({"id": "pi_standin", "amount": 250, "amount_received": 250,
+        "metadata": {"customer_id": shop.id.to_string(), "tokens": "500"}});
+    let (_, webhook) = app
+        .stripe_event(
+            "evt_pi_standin",
+            "payment_intent.succeeded",
+            Utc::now().timestamp(),
+            intent,
+        )
+        .await;
+    assert_eq!(webhook["outcome"], "duplicate");
+
+    let (_, consumed) = app.consume(&shop.token, json!({"app_id": "rec-001"})).await;
+    assert_eq!(
+        consumed["tokens_remaining"], 498,
+        "credited once: {consumed}"
+    );
+    let requests = stripe.received_requests().await.unwrap();
+    let keys: Vec<_> = requests
+        .iter()
+        .filter_map(|r| r.headers.get("idempotency-key"))
+        .collect();
+    assert_eq!(keys.len(), 2);
+    assert_eq!(
+        keys[0], keys[1],
+        "a retried purchase is charged once by Stripe"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_card_is_a_422_and_records_nothing() {
+    let (app, stripe) = with_stripe().await;
+    let shop = app.create_customer(None).await;
+    stripe_answers(
+        &stripe,
+        "POST",
+        "/v1/payment_intents",
+        402,
+        json!({"error": {"type": "card_error", "code": "card_declined",
+                         "message": "Your card was declined."}}),
+    )
+    .await;
+    let (status, body) = post(
+        &app,
+        &shop,
+        "/api/v1/customer/billing/tokens/purchase",
+        json!({"tokens": 500, "payment_method_id": "pm_card_chargeDeclined"}),
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["details"][0]["field"], "payment_method_id");
+    let purchases: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM token_purchases")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(purchases, 0);
+
+    let (status, body) = post(
+        &app,
+        &shop,
+        "/api/v1/customer/billing/tokens/purchase",
+        json!({"tokens": 5, "payment_method_id": "not-a-pm"}),
+    )
+    .await;
+    assert_eq!(status, 422);
+    let mut fields: Vec<&str> = body["error"]["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["field"].as_str().unwrap())
+        .collect();
+    fields.sort();
+    assert_eq!(
+        fields,
+        ["payment_method_id", "tokens"],
+        "one detail per field"
+    );
+}
