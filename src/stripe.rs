@@ -8,7 +8,10 @@ use std::{collections::HashMap, time::Duration};
 
 use chrono::{DateTime, Utc};
 use stripe::{Client, ClientBuilder, IdempotencyKey, RequestStrategy, StripeError, StripeRequest};
-use stripe_billing::subscription::{CreateSubscription, CreateSubscriptionItems};
+use stripe_billing::subscription::{
+    CancelSubscription, CreateSubscription, CreateSubscriptionItems, RetrieveSubscription,
+    UpdateSubscription, UpdateSubscriptionItems, UpdateSubscriptionProrationBehavior,
+};
 use stripe_core::{
     customer::{CreateCustomer, CreateCustomerInvoiceSettings},
     payment_intent::CreatePaymentIntent,
@@ -144,21 +147,58 @@ impl Stripe {
             .send(&self.client)
             .await
             .map_err(failure)?;
-        let item = sub.items.data.first().ok_or_else(|| {
-            ApiError::Unavailable(anyhow::anyhow!("stripe: subscription without items"))
-        })?;
-        let at = |secs: i64| {
-            DateTime::<Utc>::from_timestamp(secs, 0)
-                .ok_or_else(|| ApiError::Unavailable(anyhow::anyhow!("stripe: bad period")))
-        };
-        Ok(SubscriptionFacts {
-            id: sub.id.to_string(),
-            price: item.price.id.to_string(),
-            status: sub.status.as_str().to_owned(),
-            start: at(item.current_period_start)?,
-            end: at(item.current_period_end)?,
-            cancel_at_period_end: sub.cancel_at_period_end,
-        })
+        facts(sub)
+    }
+
+    /// Moves the subscription to `price`. An upgrade is invoiced at once,
+    /// prorated; a downgrade is not (it takes effect at the period's end,
+    /// see `domain::stripe_events`).
+    pub async fn change_price(
+        &self,
+        subscription: &str,
+        price: &str,
+        upgrade: bool,
+    ) -> Result<SubscriptionFacts, ApiError> {
+        let current = RetrieveSubscription::new(subscription)
+            .send(&self.client)
+            .await
+            .map_err(failure)?;
+        let item = current.items.data.first().ok_or_else(no_items)?;
+        let sub = UpdateSubscription::new(subscription)
+            .items(vec![UpdateSubscriptionItems {
+                id: Some(item.id.to_string()),
+                price: Some(price.to_owned()),
+                ..UpdateSubscriptionItems::new()
+            }])
+            .proration_behavior(if upgrade {
+                UpdateSubscriptionProrationBehavior::AlwaysInvoice
+            } else {
+                UpdateSubscriptionProrationBehavior::None
+            })
+            .send(&self.client)
+            .await
+            .map_err(failure)?;
+        facts(sub)
+    }
+
+    /// Cancels at the period's end, or at once.
+    pub async fn cancel(
+        &self,
+        subscription: &str,
+        immediately: bool,
+    ) -> Result<SubscriptionFacts, ApiError> {
+        let sub = if immediately {
+            CancelSubscription::new(subscription)
+                .send(&self.client)
+                .await
+        } else {
+            UpdateSubscription::new(subscription)
+                .cancel_at_period_end(true)
+                .send(&self.client)
+                .await
+        }
+        .map_err(failure)?;
+        facts(sub)
     }
 
     /// Charges `amount_cents` for `tokens`, confirmed at once with the
@@ -196,4 +236,25 @@ impl Stripe {
             client_secret: intent.client_secret,
         })
     }
+}
+
+fn no_items() -> ApiError {
+    ApiError::Unavailable(anyhow::anyhow!("stripe: subscription without items"))
+}
+
+/// What we keep of a subscription Stripe returned.
+fn facts(sub: stripe_shared::Subscription) -> Result<SubscriptionFacts, ApiError> {
+    let item = sub.items.data.first().ok_or_else(no_items)?;
+    let at = |secs: i64| {
+        DateTime::<Utc>::from_timestamp(secs, 0)
+            .ok_or_else(|| ApiError::Unavailable(anyhow::anyhow!("stripe: bad period")))
+    };
+    Ok(SubscriptionFacts {
+        id: sub.id.to_string(),
+        price: item.price.id.to_string(),
+        status: sub.status.as_str().to_owned(),
+        start: at(item.current_period_start)?,
+        end: at(item.current_period_end)?,
+        cancel_at_period_end: sub.cancel_at_period_end,
+    })
 }

@@ -394,7 +394,7 @@ pub async fn apply_subscription(
 }
 
 /// Unlimited (-1) is the largest allowance.
-fn is_smaller(new: i32, old: i32) -> bool {
+pub fn is_smaller(new: i32, old: i32) -> bool {
     match (new, old) {
         (_, -1) => new != -1,
         (-1, _) => false,

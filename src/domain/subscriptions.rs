@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::{
     domain::{
         accounts::Accounts,
-        stripe_events::{apply_subscription, Facts},
+        stripe_events::{apply_subscription, is_smaller, Facts, SubscriptionFacts},
     },
     error::ApiError,
     hot::{account::AccountChange, HotStore},
@@ -156,6 +156,84 @@ impl Subscriptions {
                     let (_, changes) = apply_subscription(tx, &hot, customer, &sub, facts).await?;
                     let row = billing::subscription(tx, customer).await?.ok_or_else(|| {
                         ApiError::Internal(anyhow::anyhow!("subscription not written"))
+                    })?;
+                    Ok((row, changes))
+                })
+            })
+            .await
+    }
+
+    /// Moves a Stripe subscription to another plan: an upgrade at once (the
+    /// new allowance less this period's usage), a downgrade at the period's
+    /// end.
+    pub async fn change_plan(
+        &self,
+        customer: Uuid,
+        plan_id: &str,
+    ) -> Result<SubscriptionRow, ApiError> {
+        let plan_id = plan_id.to_owned();
+        self.with_subscription(customer, move |stripe, tx, sub| {
+            Box::pin(async move {
+                let plan = catalog::plan(tx, &plan_id)
+                    .await?
+                    .ok_or(ApiError::NotFound("plan"))?;
+                let price = plan.stripe_price_id.ok_or_else(|| {
+                    ApiError::validation("plan_id", "this plan is not sold through Stripe")
+                })?;
+                let current = billing::lock_billing(tx, customer)
+                    .await?
+                    .ok_or(ApiError::NotFound("subscription"))?;
+                let upgrade = !is_smaller(plan.tokens_per_month, current.allowance);
+                stripe.change_price(&sub, &price, upgrade).await
+            })
+        })
+        .await
+    }
+
+    /// Cancels the Stripe subscription at the period's end, or at once.
+    pub async fn cancel(
+        &self,
+        customer: Uuid,
+        immediately: bool,
+    ) -> Result<SubscriptionRow, ApiError> {
+        self.with_subscription(customer, move |stripe, _tx, sub| {
+            Box::pin(async move { stripe.cancel(&sub, immediately).await })
+        })
+        .await
+    }
+
+    /// Runs `call` against the customer's Stripe subscription under the
+    /// customer's row lock, and applies what Stripe answers.
+    async fn with_subscription(
+        &self,
+        customer: Uuid,
+        call: impl for<'c> FnOnce(
+                Arc<Stripe>,
+                &'c mut sqlx::PgConnection,
+                String,
+            )
+                -> futures::future::BoxFuture<'c, Result<SubscriptionFacts, ApiError>>
+            + Send
+            + 'static,
+    ) -> Result<SubscriptionRow, ApiError> {
+        let (stripe, hot, grace) = (self.stripe.clone(), self.hot.clone(), self.grace);
+        self.accounts
+            .change(customer, move |tx| {
+                Box::pin(async move {
+                    let sub = billing::subscription(tx, customer)
+                        .await?
+                        .and_then(|row| row.stripe_subscription_id)
+                        .ok_or(ApiError::NotFound("subscription"))?;
+                    let facts = call(stripe, &mut *tx, sub).await?;
+                    let context = Facts {
+                        as_of: Utc::now(),
+                        grace,
+                        stripe_customer: None,
+                    };
+                    let (_, changes) =
+                        apply_subscription(tx, &hot, customer, &facts, context).await?;
+                    let row = billing::subscription(tx, customer).await?.ok_or_else(|| {
+                        ApiError::Internal(anyhow::anyhow!("subscription vanished"))
                     })?;
                     Ok((row, changes))
                 })

@@ -13,7 +13,12 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{auth::CustomerAuth, consume::idempotency_key, extract::Body, rate_limit};
+use super::{
+    auth::CustomerAuth,
+    consume::idempotency_key,
+    extract::{Body, Query},
+    rate_limit,
+};
 use crate::{
     auth::Scope,
     domain::subscriptions::PURCHASE_TOKENS,
@@ -27,7 +32,10 @@ pub fn router(state: &Shared) -> Router<Shared> {
         .route("/api/v1/customer/billing/plans", get(plans))
         .route("/api/v1/customer/billing/setup-intent", post(setup_intent))
         .route("/api/v1/customer/billing/subscribe", post(subscribe))
-        .route("/api/v1/customer/billing/subscription", get(subscription))
+        .route(
+            "/api/v1/customer/billing/subscription",
+            get(subscription).patch(change_plan).delete(cancel),
+        )
         .route("/api/v1/customer/billing/tokens/purchase", post(purchase))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
@@ -191,6 +199,57 @@ pub async fn subscription(
     let row = crate::ledger::billing::subscription(&mut *state.db.acquire().await?, auth.customer)
         .await?
         .ok_or(ApiError::NotFound("subscription"))?;
+    Ok(Json(row.into()))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangePlan {
+    plan_id: String,
+}
+
+#[utoipa::path(patch, path = "/api/v1/customer/billing/subscription", tag = "billing",
+    request_body = ChangePlan,
+    responses((status = 200, description = "An upgrade takes effect at once (invoiced, prorated; the new allowance less this period's usage); a downgrade at the period's end (`pending_plan_id`)", body = Subscription),
+              (status = 404, description = "No Stripe subscription, or no such plan", body = crate::error::ErrorBody),
+              (status = 503, description = "Stripe unreachable; nothing changed", body = crate::error::ErrorBody)),
+    security(("bearer" = ["billing:manage"])))]
+pub async fn change_plan(
+    State(state): State<Shared>,
+    auth: CustomerAuth,
+    Body(body): Body,
+) -> Result<Json<Subscription>, ApiError> {
+    auth.require(Scope::BillingManage)?;
+    let body: ChangePlan = decode_json(&body)?;
+    let row = state
+        .subscriptions
+        .change_plan(auth.customer, &body.plan_id)
+        .await?;
+    Ok(Json(row.into()))
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct CancelQuery {
+    /// `true`: end the subscription now; otherwise at the period's end.
+    #[serde(default)]
+    immediately: bool,
+}
+
+#[utoipa::path(delete, path = "/api/v1/customer/billing/subscription", tag = "billing",
+    params(CancelQuery),
+    responses((status = 200, description = "`cancel_at_period_end: true`, or `status: canceled` when immediately", body = Subscription),
+              (status = 404, description = "No Stripe subscription", body = crate::error::ErrorBody)),
+    security(("bearer" = ["billing:manage"])))]
+pub async fn cancel(
+    State(state): State<Shared>,
+    auth: CustomerAuth,
+    Query(query): Query<CancelQuery>,
+) -> Result<Json<Subscription>, ApiError> {
+    auth.require(Scope::BillingManage)?;
+    let row = state
+        .subscriptions
+        .cancel(auth.customer, query.immediately)
+        .await?;
     Ok(Json(row.into()))
 }
 

@@ -37,6 +37,8 @@ use crate::state::Shared;
         super::billing::setup_intent,
         super::billing::subscribe,
         super::billing::subscription,
+        super::billing::change_plan,
+        super::billing::cancel,
         super::billing::purchase,
     ),
     components(schemas(crate::error::FieldError)),

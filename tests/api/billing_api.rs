@@ -259,3 +259,105 @@ async fn a_refused_card_is_a_422_and_records_nothing() {
         "one detail per field"
     );
 }
+
+#[tokio::test]
+async fn an_upgrade_opens_more_at_once_a_downgrade_waits_and_cancelling_keeps_the_period() {
+    let (app, stripe) = with_stripe().await;
+    let shop = app.create_customer(None).await;
+    let mut customer = fixture("customer");
+    customer["id"] = json!("cus_standin");
+    stripe_answers(&stripe, "POST", "/v1/customers", 200, customer).await;
+    let starter = subscription_for(shop.id, "price_starter_monthly");
+    let pro = subscription_for(shop.id, "price_pro_monthly");
+    stripe_answers(&stripe, "POST", "/v1/subscriptions", 200, starter.clone()).await;
+    stripe_answers(
+        &stripe,
+        "GET",
+        "/v1/subscriptions/sub_standin",
+        200,
+        starter.clone(),
+    )
+    .await;
+    let on = |needle: &'static str, answer: Value| {
+        Mock::given(method("POST"))
+            .and(path("/v1/subscriptions/sub_standin"))
+            .and(body_string_contains(needle))
+            .respond_with(ResponseTemplate::new(200).set_body_json(answer))
+    };
+    on("price_pro_monthly", pro).mount(&stripe).await;
+    on("proration_behavior=none", starter.clone())
+        .mount(&stripe)
+        .await;
+    let mut cancelling = starter;
+    cancelling["cancel_at_period_end"] = json!(true);
+    on("cancel_at_period_end=true", cancelling)
+        .mount(&stripe)
+        .await;
+
+    let (status, _) = post(
+        &app,
+        &shop,
+        "/api/v1/customer/billing/subscribe",
+        json!({"plan_id": "starter", "payment_method_id": "pm_card_visa"}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    app.activate(&shop, "rec-001").await;
+    let spend = |tokens: i64| {
+        app.consume(
+            &shop.token,
+            json!({"app_id": "rec-001", "tokens_consumed": tokens}),
+        )
+    };
+    assert_eq!(spend(1_000).await.0, 200);
+    assert_eq!(spend(2).await.0, 402, "Starter's 1000 are spent");
+
+    let (status, body) = app
+        .patch_json(
+            "/api/v1/customer/billing/subscription",
+            &shop.token,
+            json!({"plan_id": "professional"}),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["plan_id"]),
+        (200, &json!("professional")),
+        "{body}"
+    );
+    let (status, body) = spend(2).await;
+    assert_eq!(
+        (status, &body["tokens_remaining"]),
+        (200, &json!(10_000 - 1_000 - 2))
+    );
+
+    let (status, body) = app
+        .patch_json(
+            "/api/v1/customer/billing/subscription",
+            &shop.token,
+            json!({"plan_id": "starter"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["plan_id"], "professional",
+        "a downgrade waits for the period's end"
+    );
+    assert_eq!(body["pending_plan_id"], "starter");
+    assert_eq!(
+        spend(2).await.0,
+        200,
+        "Professional's allowance holds this period"
+    );
+
+    let response = app
+        .http
+        .delete(app.url("/api/v1/customer/billing/subscription"))
+        .bearer_auth(&shop.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["cancel_at_period_end"], true);
+    assert_eq!(body["status"], "active", "in force until the period's end");
+}
