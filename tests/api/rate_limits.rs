@@ -166,6 +166,7 @@ async fn each_route_group_has_its_own_limit_per_customer_with_headers_on_every_a
     let app = spawn_app_with(&[
         ("RATE_LIMIT_APPS_PER_HOUR", "3"),
         ("RATE_LIMIT_ACTIVATE_PER_HOUR", "2"),
+        ("RATE_LIMIT_BILLING_PER_HOUR", "1"),
     ])
     .await;
     let shop = app.create_customer(Some("enterprise")).await;
@@ -212,6 +213,16 @@ async fn each_route_group_has_its_own_limit_per_customer_with_headers_on_every_a
         .map(|a| a["app"]["id"].as_str().unwrap())
         .collect();
     assert_eq!(slugs.len(), 2, "{mine}");
+
+    // Billing: one an hour, every billing route counted together.
+    let (status, _) = app
+        .get_json("/api/v1/customer/billing/plans", &shop.token)
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = app
+        .get_json("/api/v1/customer/billing/subscription", &shop.token)
+        .await;
+    assert_eq!(status, 429);
     assert!(!slugs.contains(&"fit-001"), "{mine}");
 }
 

@@ -416,3 +416,26 @@ async fn the_stripe_customer_id_is_sealed_at_rest_and_resealed_under_a_new_key()
         Sealer::from_ring("k2:AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=").unwrap();
     assert_eq!(new_key_only.open(&resealed, &place).unwrap(), "cus_test");
 }
+
+#[tokio::test]
+async fn a_deleted_subscription_stops_consumes_at_once() {
+    let app = spawn_app().await;
+    let shop = subscribed(&app, "price_starter_monthly").await;
+    app.activate(&shop, "rec-001").await;
+    assert_eq!(consume(&app, &shop, 1).await.0, 200);
+
+    let (status, _) = app
+        .stripe_event(
+            "evt_deleted",
+            "customer.subscription.deleted",
+            now() + 1,
+            subscription(shop.id, "price_starter_monthly", "active"),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = consume(&app, &shop, 1).await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (402, &json!("subscription_inactive"))
+    );
+}
