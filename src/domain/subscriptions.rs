@@ -111,12 +111,7 @@ impl Subscriptions {
         self.accounts
             .change(customer, move |tx| {
                 Box::pin(async move {
-                    let plan = catalog::plan(tx, &plan_id)
-                        .await?
-                        .ok_or(ApiError::NotFound("plan"))?;
-                    let price = plan.stripe_price_id.ok_or_else(|| {
-                        ApiError::validation("plan_id", "this plan is not sold through Stripe")
-                    })?;
+                    let (_, price) = stripe_plan(tx, &plan_id).await?;
                     let current = billing::subscription(tx, customer).await?;
                     if current.as_ref().is_some_and(|c| {
                         c.stripe_subscription_id.is_some() && c.status != "canceled"
@@ -148,16 +143,8 @@ impl Subscriptions {
                     let sub = stripe
                         .subscribe(customer, &stripe_customer, &price, &payment_method)
                         .await?;
-                    let facts = Facts {
-                        as_of: Utc::now(),
-                        grace,
-                        stripe_customer: Some(sealer.seal(&stripe_customer, &place)),
-                    };
-                    let (_, changes) = apply_subscription(tx, &hot, customer, &sub, facts).await?;
-                    let row = billing::subscription(tx, customer).await?.ok_or_else(|| {
-                        ApiError::Internal(anyhow::anyhow!("subscription not written"))
-                    })?;
-                    Ok((row, changes))
+                    let sealed = sealer.seal(&stripe_customer, &place);
+                    record(tx, &hot, customer, &sub, grace, Some(sealed)).await
                 })
             })
             .await
@@ -174,12 +161,7 @@ impl Subscriptions {
         let plan_id = plan_id.to_owned();
         self.with_subscription(customer, move |stripe, tx, sub| {
             Box::pin(async move {
-                let plan = catalog::plan(tx, &plan_id)
-                    .await?
-                    .ok_or(ApiError::NotFound("plan"))?;
-                let price = plan.stripe_price_id.ok_or_else(|| {
-                    ApiError::validation("plan_id", "this plan is not sold through Stripe")
-                })?;
+                let (plan, price) = stripe_plan(tx, &plan_id).await?;
                 let current = billing::lock_billing(tx, customer)
                     .await?
                     .ok_or(ApiError::NotFound("subscription"))?;
@@ -225,17 +207,7 @@ impl Subscriptions {
                         .and_then(|row| row.stripe_subscription_id)
                         .ok_or(ApiError::NotFound("subscription"))?;
                     let facts = call(stripe, &mut *tx, sub).await?;
-                    let context = Facts {
-                        as_of: Utc::now(),
-                        grace,
-                        stripe_customer: None,
-                    };
-                    let (_, changes) =
-                        apply_subscription(tx, &hot, customer, &facts, context).await?;
-                    let row = billing::subscription(tx, customer).await?.ok_or_else(|| {
-                        ApiError::Internal(anyhow::anyhow!("subscription vanished"))
-                    })?;
-                    Ok((row, changes))
+                    record(tx, &hot, customer, &facts, grace, None).await
                 })
             })
             .await
@@ -307,4 +279,41 @@ impl Subscriptions {
             credited,
         })
     }
+}
+
+/// A plan on offer and its Stripe price.
+async fn stripe_plan(
+    tx: &mut sqlx::PgConnection,
+    plan_id: &str,
+) -> Result<(catalog::PlanRow, String), ApiError> {
+    let plan = catalog::plan(tx, plan_id)
+        .await?
+        .ok_or(ApiError::NotFound("plan"))?;
+    let price = plan
+        .stripe_price_id
+        .clone()
+        .ok_or_else(|| ApiError::validation("plan_id", "this plan is not sold through Stripe"))?;
+    Ok((plan, price))
+}
+
+/// Applies what Stripe answered, as its webhook will be applied, and
+/// reads the subscription back for the response.
+async fn record(
+    tx: &mut sqlx::PgConnection,
+    hot: &HotStore,
+    customer: Uuid,
+    sub: &SubscriptionFacts,
+    grace: chrono::Duration,
+    stripe_customer: Option<String>,
+) -> Result<(SubscriptionRow, Vec<AccountChange>), ApiError> {
+    let facts = Facts {
+        as_of: Utc::now(),
+        grace,
+        stripe_customer,
+    };
+    let (_, changes) = apply_subscription(tx, hot, customer, sub, facts).await?;
+    let row = billing::subscription(tx, customer)
+        .await?
+        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("subscription not written")))?;
+    Ok((row, changes))
 }

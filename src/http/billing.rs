@@ -15,8 +15,7 @@ use uuid::Uuid;
 
 use super::{
     auth::CustomerAuth,
-    consume::idempotency_key,
-    extract::{Body, Query},
+    extract::{idempotency_key, Body, Query},
     rate_limit,
 };
 use crate::{

@@ -10,12 +10,11 @@ use axum::{
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::{auth::ConsumeAuth, extract::Body};
-use crate::{
-    domain::consume::{ConsumeRequest, MAX_IDEMPOTENCY_KEY_CHARS},
-    error::ApiError,
-    state::Shared,
+use super::{
+    auth::ConsumeAuth,
+    extract::{idempotency_key, Body},
 };
+use crate::{domain::consume::ConsumeRequest, error::ApiError, state::Shared};
 
 pub fn router() -> Router<Shared> {
     Router::new().route("/api/v1/customer/tokens/consume", post(consume))
@@ -99,18 +98,4 @@ pub async fn consume(
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(response)
-}
-
-pub(super) fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
-    let Some(value) = headers.get("idempotency-key") else {
-        return Ok(None);
-    };
-    match value.to_str() {
-        Ok(key) if !key.is_empty() && key.chars().count() <= MAX_IDEMPOTENCY_KEY_CHARS => {
-            Ok(Some(key))
-        }
-        _ => Err(ApiError::InvalidRequest(
-            "Idempotency-Key must be 1 to 255 visible ASCII characters".into(),
-        )),
-    }
 }

@@ -12,7 +12,12 @@ use axum::{
 };
 use serde::de::DeserializeOwned;
 
-use crate::error::{decode_json, ApiError};
+use axum::http::HeaderMap;
+
+use crate::{
+    domain::consume::MAX_IDEMPOTENCY_KEY_CHARS,
+    error::{decode_json, ApiError},
+};
 
 /// Request bodies above this are refused with 413 before they are read whole.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -83,5 +88,20 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for PathPar
             .await
             .map(|Path(v)| PathParam(v))
             .map_err(|_| ApiError::NotFound("resource"))
+    }
+}
+
+/// The `Idempotency-Key` header, checked: at most 255 visible characters.
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(key) if !key.is_empty() && key.chars().count() <= MAX_IDEMPOTENCY_KEY_CHARS => {
+            Ok(Some(key))
+        }
+        _ => Err(ApiError::InvalidRequest(
+            "Idempotency-Key must be 1 to 255 visible ASCII characters".into(),
+        )),
     }
 }
