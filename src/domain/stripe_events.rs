@@ -194,6 +194,16 @@ impl StripeEvents {
                         "payment_intent.succeeded" => {
                             purchase_succeeded(tx, customer, object).await
                         }
+                        "payment_intent.payment_failed" => {
+                            let pi = str_at(object, &["id"]).ok_or_else(|| missing("id"))?;
+                            let failed = billing::fail_purchase(tx, pi).await?;
+                            let outcome = if failed {
+                                Outcome::Applied
+                            } else {
+                                Outcome::Ignored
+                            };
+                            Ok((outcome, Vec::new()))
+                        }
                         "charge.refunded" => refunded(tx, &hot, customer, object).await,
                         _ => Ok((Outcome::Ignored, Vec::new())),
                     }
@@ -221,10 +231,12 @@ impl StripeEvents {
                 Some(sub) => billing::customer_of_subscription(&mut conn, sub).await?,
                 None => None,
             },
-            "payment_intent.succeeded" => match str_at(object, &["id"]) {
-                Some(pi) => billing::customer_of_payment(&mut conn, pi).await?,
-                None => None,
-            },
+            "payment_intent.succeeded" | "payment_intent.payment_failed" => {
+                match str_at(object, &["id"]) {
+                    Some(pi) => billing::customer_of_payment(&mut conn, pi).await?,
+                    None => None,
+                }
+            }
             "charge.refunded" => match str_at(object, &["payment_intent"]) {
                 Some(pi) => billing::customer_of_payment(&mut conn, pi).await?,
                 None => None,

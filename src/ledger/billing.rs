@@ -281,8 +281,9 @@ pub async fn mark_past_due(
 }
 
 /// Credits a purchase once, keyed by its payment intent: the pending row
-/// (or, when Stripe's event came before our row, a new one) becomes
-/// `completed`. Returns the tokens credited, `None` when it was already.
+/// (or one whose first attempt failed: Stripe lets the customer retry the
+/// same intent; or, when Stripe's event came before our row, a new one)
+/// becomes `completed`. Returns the tokens credited, `None` when it was already.
 pub async fn complete_purchase(
     conn: &mut PgConnection,
     customer: Uuid,
@@ -294,7 +295,7 @@ pub async fn complete_purchase(
         "INSERT INTO token_purchases (customer_id, tokens_purchased, price_cents, stripe_payment_intent_id, status, completed_at) \
          VALUES ($1, $2, $3, $4, 'completed', NOW()) \
          ON CONFLICT (stripe_payment_intent_id) DO UPDATE SET status = 'completed', completed_at = NOW() \
-             WHERE token_purchases.status = 'pending' \
+             WHERE token_purchases.status IN ('pending', 'failed') \
          RETURNING tokens_purchased",
     )
     .bind(customer)
@@ -484,4 +485,16 @@ pub async fn record_pending_purchase(
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// A purchase's payment attempt failed: `failed` until an attempt succeeds.
+pub async fn fail_purchase(conn: &mut PgConnection, payment_intent: &str) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "UPDATE token_purchases SET status = 'failed' \
+         WHERE stripe_payment_intent_id = $1 AND status = 'pending'",
+    )
+    .bind(payment_intent)
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
 }

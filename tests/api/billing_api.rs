@@ -361,3 +361,63 @@ async fn an_upgrade_opens_more_at_once_a_downgrade_waits_and_cancelling_keeps_th
     assert_eq!(body["cancel_at_period_end"], true);
     assert_eq!(body["status"], "active", "in force until the period's end");
 }
+
+#[tokio::test]
+async fn a_purchase_awaiting_3d_secure_is_credited_only_when_a_payment_attempt_succeeds() {
+    let (app, stripe) = with_stripe().await;
+    let shop = app.create_customer(None).await;
+    app.activate(&shop, "rec-001").await;
+    stripe_answers(
+        &stripe,
+        "POST",
+        "/v1/payment_intents",
+        200,
+        payment_intent("pi_3ds", "requires_action"),
+    )
+    .await;
+    let (status, body) = post(
+        &app,
+        &shop,
+        "/api/v1/customer/billing/tokens/purchase",
+        json!({"tokens": 500, "payment_method_id": "pm_card_threeDSecure2Required"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (&body["credited"], &body["client_secret"]),
+        (&json!(false), &json!("pi_3ds_secret_1"))
+    );
+    let purchase_status = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT status FROM token_purchases WHERE stripe_payment_intent_id = 'pi_3ds'",
+        )
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
+    };
+    assert_eq!(purchase_status().await, "pending");
+
+    // The first attempt fails; the customer tries again on the same intent.
+    let intent = json!({"id": "pi_3ds", "amount": 250, "amount_received": 250,
+        "metadata": {"customer_id": shop.id.to_string(), "tokens": "500"}});
+    let now = Utc::now().timestamp();
+    app.stripe_event(
+        "evt_3ds_failed",
+        "payment_intent.payment_failed",
+        now,
+        intent.clone(),
+    )
+    .await;
+    assert_eq!(purchase_status().await, "failed");
+    let (_, consumed) = app.consume(&shop.token, json!({"app_id": "rec-001"})).await;
+    assert_eq!(
+        consumed["error"]["code"], "insufficient_tokens",
+        "nothing credited"
+    );
+
+    app.stripe_event("evt_3ds_ok", "payment_intent.succeeded", now + 5, intent)
+        .await;
+    assert_eq!(purchase_status().await, "completed");
+    let (_, consumed) = app.consume(&shop.token, json!({"app_id": "rec-001"})).await;
+    assert_eq!(consumed["tokens_remaining"], 498, "{consumed}");
+}
