@@ -13,11 +13,8 @@ cd "$(dirname "$0")/.."
 base=${BASE_URL:-http://127.0.0.1:8000}
 bin=target/release/connected-apps
 
-admin=$($bin token --admin)
-customer=$(curl -sf "$base/api/v1/admin/customers" -H "Authorization: Bearer $admin" \
-  -H 'Content-Type: application/json' \
-  -d "{\"name\":\"Bench Optics\",\"email\":\"bench-$RANDOM$RANDOM@example.com\",\"plan_id\":\"enterprise\"}" |
-  sed -E 's/.*"id":"([^"]+)".*/\1/')
+. benches/lib.sh
+customer=$(new_enterprise_customer)
 token=$($bin token --sub "$customer")
 curl -sf "$base/api/v1/customer/apps/vto-001/activate" -H "Authorization: Bearer $token" \
   -H 'Content-Type: application/json' -d '{}' >/dev/null

@@ -181,7 +181,6 @@ async fn run(options: &Options, settings: &Settings) -> anyhow::Result<()> {
                     session_id: Some(&session),
                     metadata: Some(&metadata),
                     customer_limit: Limit::NONE,
-                    key_limit: Limit::NONE,
                 };
                 let outcome = hot.charge(&charge).await.expect("charge");
                 assert!(matches!(outcome, ChargeOutcome::Charged { .. }), "{outcome:?}");

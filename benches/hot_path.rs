@@ -83,7 +83,6 @@ fn script_round_trip(c: &mut Criterion) {
                 // A limit the benchmark never reaches: the limiter's
                 // arithmetic and its write run on every charge.
                 customer_limit: UNREACHED,
-                key_limit: Limit::NONE,
             };
             hot.charge(&charge).await.unwrap()
         })

@@ -10,11 +10,8 @@ base=${BASE_URL:-http://127.0.0.1:8000}
 db=${DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/connected_apps}
 bin=target/release/connected-apps
 
-admin=$($bin token --admin)
-customer=$(curl -sf "$base/api/v1/admin/customers" -H "Authorization: Bearer $admin" \
-  -H 'Content-Type: application/json' \
-  -d "{\"name\":\"Bench Optics\",\"email\":\"bench-$RANDOM$RANDOM@example.com\",\"plan_id\":\"enterprise\"}" |
-  sed -E 's/.*"id":"([^"]+)".*/\1/')
+. benches/lib.sh
+customer=$(new_enterprise_customer)
 psql -q "$db" -c "INSERT INTO usage_analytics_daily (customer_id, app_id, date, tokens_consumed, events_count, sessions_count, unique_users)
   SELECT '$customer', a.id, d::date, 100 + (random() * 900)::int, 100, 20, 15
   FROM apps a, generate_series(current_date - 364, current_date, '1 day') d" >&2

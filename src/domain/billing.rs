@@ -87,23 +87,43 @@ impl Periods {
         let Some(period) = billing::roll_period(&mut tx, customer, now).await? else {
             return Ok(false);
         };
-        self.hot
-            .rollover(
-                customer,
-                &Rollover {
-                    start_ms: period.start.timestamp_millis(),
-                    allowance: period.allowance,
-                    period: Period {
-                        end_ms: period.end.timestamp_millis(),
-                        next_end_ms: period.next_end.timestamp_millis(),
-                        next_allowance: period.allowance,
-                    },
-                },
-            )
-            .await?;
+        let next = rollover(
+            period.start,
+            period.allowance,
+            period.anchor,
+            period.end,
+            period.allowance,
+        );
+        self.hot.rollover(customer, &next).await?;
         tx.commit().await?;
         metrics::counter!("billing_periods_rolled_total").increment(1);
         Ok(true)
+    }
+}
+
+/// The hot state's view of the period ending at `end`: its successor
+/// counted from `anchor`, with `next_allowance`.
+pub fn hot_period(anchor: DateTime<Utc>, end: DateTime<Utc>, next_allowance: i64) -> Period {
+    Period {
+        end_ms: end.timestamp_millis(),
+        next_end_ms: period_after(anchor, end).timestamp_millis(),
+        next_allowance,
+    }
+}
+
+/// The hot-state rollover, keyed by `start` (the old period's end), into
+/// the period ending at `end` with `allowance`.
+pub fn rollover(
+    start: DateTime<Utc>,
+    allowance: i64,
+    anchor: DateTime<Utc>,
+    end: DateTime<Utc>,
+    next_allowance: i64,
+) -> Rollover {
+    Rollover {
+        start_ms: start.timestamp_millis(),
+        allowance,
+        period: hot_period(anchor, end, next_allowance),
     }
 }
 

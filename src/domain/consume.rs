@@ -21,7 +21,7 @@ use crate::{
     domain::{accounts::Accounts, catalog::Catalog},
     error::{type_message, ApiError, FieldError},
     hot::{
-        charge::{Charge, ChargeOutcome, Idempotency},
+        charge::{Charge, ChargeOutcome, Idempotency, KeyCharge},
         HotStore,
     },
 };
@@ -299,9 +299,12 @@ impl Metering {
         let fingerprint = idempotency_key.map(|_| hex::encode(Sha256::digest(body)));
         let customer = caller.customer();
         let event_id = Uuid::now_v7();
-        let (embed_key, key_limit) = match caller {
-            Caller::EmbedKey(k) => (Some(k.id), Limit::embed_key(k.rate_limit)),
-            Caller::Customer(_) => (None, Limit::NONE),
+        let embed_key = match caller {
+            Caller::EmbedKey(k) => Some(KeyCharge {
+                id: k.id,
+                limit: Limit::embed_key(k.rate_limit),
+            }),
+            Caller::Customer(_) => None,
         };
         let charge = Charge {
             customer,
@@ -320,7 +323,6 @@ impl Metering {
             session_id: request.session_id.as_deref(),
             metadata: request.metadata,
             customer_limit: self.limit,
-            key_limit,
         };
 
         let mut outcome = self.hot.charge(&charge).await?;

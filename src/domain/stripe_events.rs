@@ -18,10 +18,10 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::{
-    domain::{accounts::Accounts, billing::period_after},
+    domain::{accounts::Accounts, billing::rollover},
     error::ApiError,
     hot::{
-        account::{AccountChange, Period, Rollover, SubscriptionStatus},
+        account::{AccountChange, SubscriptionStatus},
         HotStore,
     },
     ledger::{
@@ -90,15 +90,6 @@ fn status_of(stripe: &str) -> SubscriptionStatus {
         "canceled" | "incomplete_expired" => SubscriptionStatus::Canceled,
         // `incomplete` (first payment pending), `unpaid`, `paused`.
         _ => SubscriptionStatus::Unpaid,
-    }
-}
-
-fn status_name(status: SubscriptionStatus) -> &'static str {
-    match status {
-        SubscriptionStatus::None | SubscriptionStatus::Active => "active",
-        SubscriptionStatus::PastDue => "past_due",
-        SubscriptionStatus::Canceled => "canceled",
-        SubscriptionStatus::Unpaid => "unpaid",
     }
 }
 
@@ -361,7 +352,7 @@ pub async fn apply_subscription(
             subscription: &sub.id,
             plan_id: plan_now,
             pending_plan_id: pending,
-            status: status_name(status),
+            status: status.name(),
             past_due_since,
             start,
             end,
@@ -386,19 +377,15 @@ pub async fn apply_subscription(
         // A new period (or the first): started once, keyed by the old end.
         let old_end = current.as_ref().and_then(|c| c.end).unwrap_or(start);
         let anchor = current.as_ref().and_then(|c| c.anchor).unwrap_or(start);
-        hot.rollover(
-            customer,
-            &Rollover {
-                start_ms: old_end.min(start).timestamp_millis(),
-                allowance: allowance_now,
-                period: Period {
-                    end_ms: end.timestamp_millis(),
-                    next_end_ms: period_after(anchor, end).timestamp_millis(),
-                    next_allowance: i64::from(plan.tokens_per_month),
-                },
-            },
-        )
-        .await?;
+        let next_allowance = i64::from(plan.tokens_per_month);
+        let new_period = rollover(
+            old_end.min(start),
+            allowance_now,
+            anchor,
+            end,
+            next_allowance,
+        );
+        hot.rollover(customer, &new_period).await?;
     } else {
         changes.push(AccountChange::SetAllowance(allowance_now));
     }
@@ -436,21 +423,10 @@ async fn invoice_paid(
     };
     let old_end = current.end.unwrap_or(start);
     if end > old_end {
-        let new_period = billing::roll_to(tx, customer, start, end, created).await?;
+        let allowance = billing::roll_to(tx, customer, start, end, created).await?;
         let anchor = current.anchor.unwrap_or(start);
-        hot.rollover(
-            customer,
-            &Rollover {
-                start_ms: old_end.timestamp_millis(),
-                allowance: new_period,
-                period: Period {
-                    end_ms: end.timestamp_millis(),
-                    next_end_ms: period_after(anchor, end).timestamp_millis(),
-                    next_allowance: new_period,
-                },
-            },
-        )
-        .await?;
+        let paid_for = rollover(old_end, allowance, anchor, end, allowance);
+        hot.rollover(customer, &paid_for).await?;
     } else {
         billing::mark_paid(tx, customer, created).await?;
     }

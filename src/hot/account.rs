@@ -95,6 +95,17 @@ impl SubscriptionStatus {
         }
     }
 
+    /// The name `parse` reads, as `customer_billing.status` holds it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Active => "active",
+            Self::PastDue => "past_due",
+            Self::Canceled => "canceled",
+            Self::Unpaid => "unpaid",
+        }
+    }
+
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "none" => Self::None,

@@ -41,15 +41,21 @@ pub struct Charge<'a> {
     pub app_id: Uuid,
     pub tokens: i64,
     pub event_id: Uuid,
-    pub embed_key: Option<Uuid>,
+    pub embed_key: Option<KeyCharge>,
     pub idempotency: Option<Idempotency<'a>>,
     pub session_id: Option<&'a str>,
     /// The request's `metadata` object, passed on as it came.
     pub metadata: Option<&'a RawValue>,
     /// The customer's consume limit ([`Limit::NONE`] for none).
     pub customer_limit: Limit,
-    /// The embed key's own limit; [`Limit::NONE`] without a key.
-    pub key_limit: Limit,
+}
+
+/// The embed key a consume came with, and the key's own rate limit: a key
+/// limit exists only with a key.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyCharge {
+    pub id: Uuid,
+    pub limit: Limit,
 }
 
 /// The event's details, the `d` field of a usage stream entry (see
@@ -222,12 +228,7 @@ impl HotStore {
         let shard = self.keys.shard_of(charge.customer);
         let account = self.keys.account(charge.customer);
         let (record, record_ttl) = self.outcome_record(charge);
-        // Without a key the script reads the customer's limiter in the
-        // key's place: a key limit then must not apply to it.
-        let key_limit = match charge.embed_key {
-            Some(_) => charge.key_limit,
-            None => Limit::NONE,
-        };
+        let key_limit = charge.embed_key.map_or(Limit::NONE, |k| k.limit);
         let keys = vec![
             account,
             record,
@@ -239,7 +240,7 @@ impl HotStore {
             c: charge.customer,
             a: charge.app_id,
             s: charge.session_id,
-            k: charge.embed_key,
+            k: charge.embed_key.map(|k| k.id),
             m: charge.metadata,
         };
         let args: Vec<Value> = vec![
@@ -248,7 +249,7 @@ impl HotStore {
             Value::from(&*charge.event_id.hyphenated().encode_lower(&mut [0u8; 36])),
             charge
                 .embed_key
-                .map(|k| k.to_string())
+                .map(|k| k.id.to_string())
                 .unwrap_or_default()
                 .into(),
             charge
@@ -312,7 +313,7 @@ fn parse_reply(reply: &[Value], charge: &Charge<'_>) -> Result<ChargeOutcome, Ho
             ChargeOutcome::RateLimited(Throttle {
                 limit: match int(3)? {
                     1 => charge.customer_limit,
-                    _ => charge.key_limit,
+                    _ => charge.embed_key.map_or(Limit::NONE, |k| k.limit),
                 },
                 retry_after: micros(1)?,
                 rested_in: micros(2)?,

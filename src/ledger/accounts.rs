@@ -12,8 +12,8 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::{
-    domain::billing::period_after,
-    hot::account::{AccountState, Period, SubscriptionStatus},
+    domain::billing::hot_period,
+    hot::account::{AccountState, SubscriptionStatus},
 };
 
 /// Locks the customer's row until the transaction ends. False when there
@@ -96,11 +96,11 @@ pub async fn snapshot(
         Some(s) => SubscriptionStatus::parse(s).unwrap_or(SubscriptionStatus::Unpaid),
     };
     let period = match (row.period_end, row.anchor) {
-        (Some(end), Some(anchor)) => Some(Period {
-            end_ms: end.timestamp_millis(),
-            next_end_ms: period_after(anchor, end).timestamp_millis(),
-            next_allowance: row.next_allowance.or(row.allowance).map_or(0, i64::from),
-        }),
+        (Some(end), Some(anchor)) => Some(hot_period(
+            anchor,
+            end,
+            row.next_allowance.or(row.allowance).map_or(0, i64::from),
+        )),
         _ => None,
     };
     Ok(AccountState {

@@ -30,8 +30,8 @@ pub struct NewPeriod {
     /// The old period's end, the new one's start.
     pub start: DateTime<Utc>,
     pub end: DateTime<Utc>,
-    /// The end of the period after.
-    pub next_end: DateTime<Utc>,
+    /// The day periods are counted from.
+    pub anchor: DateTime<Utc>,
     /// The new period's allowance (its plan's; a scheduled downgrade's).
     pub allowance: i64,
 }
@@ -40,25 +40,18 @@ pub struct NewPeriod {
 struct PeriodRow {
     end: Option<DateTime<Utc>>,
     anchor: Option<DateTime<Utc>>,
-    plan_id: String,
-    pending_plan_id: Option<String>,
 }
 
-/// Moves the customer's period on until it contains `now`, applying a
-/// scheduled downgrade. The caller holds the customer's row lock. `None`
-/// when the period has not ended (another replica moved it already).
-///
-/// `tokens_used` is recounted from the usage rows already persisted in the
-/// new period; the flusher adds the rest as it writes them (it counts only
-/// rows inside the period it finds).
+/// Moves the customer's period on until it contains `now` (see
+/// [`move_period`]). The caller holds the customer's row lock. `None` when
+/// the period has not ended (another replica moved it already).
 pub async fn roll_period(
     conn: &mut PgConnection,
     customer: Uuid,
     now: DateTime<Utc>,
 ) -> sqlx::Result<Option<NewPeriod>> {
     let row: Option<PeriodRow> = sqlx::query_as(
-        "SELECT billing_cycle_end AS end, COALESCE(billing_anchor, billing_cycle_start) AS anchor, \
-                plan_id, pending_plan_id \
+        "SELECT billing_cycle_end AS end, COALESCE(billing_anchor, billing_cycle_start) AS anchor \
          FROM customer_billing WHERE customer_id = $1 FOR UPDATE",
     )
     .bind(customer)
@@ -67,8 +60,6 @@ pub async fn roll_period(
     let Some(PeriodRow {
         end: Some(end),
         anchor: Some(anchor),
-        plan_id,
-        pending_plan_id,
     }) = row
     else {
         return Ok(None);
@@ -80,31 +71,38 @@ pub async fn roll_period(
     while new_end <= now {
         (start, new_end) = (new_end, period_after(anchor, new_end));
     }
-    let plan = pending_plan_id.unwrap_or(plan_id);
+    let allowance = move_period(conn, customer, start, new_end).await?;
+    Ok(Some(NewPeriod {
+        start,
+        end: new_end,
+        anchor,
+        allowance,
+    }))
+}
+
+/// Makes `[start, end)` the customer's period: a scheduled downgrade
+/// applies, `tokens_used` is recounted from the usage rows persisted in it
+/// (the flusher adds the rest as it writes them: it counts only rows
+/// inside the period it finds). Returns the period's allowance.
+async fn move_period(
+    conn: &mut PgConnection,
+    customer: Uuid,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+) -> sqlx::Result<i64> {
     let allowance: i32 = sqlx::query_scalar(
         "UPDATE customer_billing b SET billing_cycle_start = $2, billing_cycle_end = $3, \
-                plan_id = $4, pending_plan_id = NULL, updated_at = NOW(), \
-                tokens_used = u.used, \
-                tokens_remaining = CASE WHEN p.tokens_per_month < 0 THEN NULL \
-                                        ELSE GREATEST(p.tokens_per_month - u.used, 0) END \
-         FROM billing_plans p, \
-              (SELECT COALESCE(SUM(tokens_consumed - purchased_tokens_consumed), 0)::int4 AS used \
-               FROM token_usage WHERE customer_id = $1 AND created_at >= $2 AND created_at < $3) u \
-         WHERE b.customer_id = $1 AND p.id = $4 \
+             plan_id = COALESCE(b.pending_plan_id, b.plan_id), pending_plan_id = NULL, updated_at = NOW() \
+         FROM billing_plans p WHERE b.customer_id = $1 AND p.id = COALESCE(b.pending_plan_id, b.plan_id) \
          RETURNING p.tokens_per_month",
     )
     .bind(customer)
     .bind(start)
-    .bind(new_end)
-    .bind(&plan)
+    .bind(end)
     .fetch_one(&mut *conn)
     .await?;
-    Ok(Some(NewPeriod {
-        start,
-        end: new_end,
-        next_end: period_after(anchor, new_end),
-        allowance: i64::from(allowance),
-    }))
+    recount_period_usage(conn, customer).await?;
+    Ok(i64::from(allowance))
 }
 
 /// Records a Stripe event as applied. False when it was applied before:
@@ -365,22 +363,9 @@ pub async fn roll_to(
     end: DateTime<Utc>,
     synced_at: DateTime<Utc>,
 ) -> sqlx::Result<i64> {
-    let allowance: i32 = sqlx::query_scalar(
-        "UPDATE customer_billing b SET billing_cycle_start = $2, billing_cycle_end = $3, \
-             plan_id = COALESCE(b.pending_plan_id, b.plan_id), pending_plan_id = NULL, \
-             status = 'active', past_due_since = NULL, \
-             stripe_synced_at = GREATEST(b.stripe_synced_at, $4), updated_at = NOW() \
-         FROM billing_plans p WHERE b.customer_id = $1 AND p.id = COALESCE(b.pending_plan_id, b.plan_id) \
-         RETURNING p.tokens_per_month",
-    )
-    .bind(customer)
-    .bind(start)
-    .bind(end)
-    .bind(synced_at)
-    .fetch_one(&mut *conn)
-    .await?;
-    recount_period_usage(conn, customer).await?;
-    Ok(i64::from(allowance))
+    let allowance = move_period(conn, customer, start, end).await?;
+    mark_paid(conn, customer, synced_at).await?;
+    Ok(allowance)
 }
 
 /// A paid invoice for the current period: the subscription is in good

@@ -7,7 +7,7 @@ use connected_apps::{
     config::{Limit, Settings},
     hot::{
         account::{AccountChange, AccountState, SubscriptionStatus},
-        charge::{Charge, ChargeOutcome, Idempotency},
+        charge::{Charge, ChargeOutcome, Idempotency, KeyCharge},
         HotStore,
     },
 };
@@ -215,7 +215,10 @@ async fn run_case(
                     app_id,
                     tokens,
                     event_id: Uuid::now_v7(),
-                    embed_key: key.map(|k| key_ids[k]),
+                    embed_key: key.map(|k| KeyCharge {
+                        id: key_ids[k],
+                        limit: Limit::NONE,
+                    }),
                     idempotency: idem_key.as_deref().zip(fingerprint.as_deref()).map(
                         |(key, fingerprint)| Idempotency {
                             key,
@@ -226,7 +229,6 @@ async fn run_case(
                     session_id: Some("s"),
                     metadata: None,
                     customer_limit: Limit::NONE,
-                    key_limit: Limit::NONE,
                 };
                 let got = comparable(hot.charge(&charge).await.unwrap());
                 let expected = model.consume(app, tokens, key, idem);

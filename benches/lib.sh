@@ -1,0 +1,13 @@
+# Shared by the benchmark set-up scripts; sourced, not run.
+# Expects $base (the service's URL) and $bin (the release binary).
+
+# Creates an enterprise customer (unlimited, so nothing runs out) through
+# the operator API and prints its id.
+new_enterprise_customer() {
+  local admin
+  admin=$($bin token --admin)
+  curl -sf "$base/api/v1/admin/customers" -H "Authorization: Bearer $admin" \
+    -H 'Content-Type: application/json' \
+    -d "{\"name\":\"Bench Optics\",\"email\":\"bench-$RANDOM$RANDOM@example.com\",\"plan_id\":\"enterprise\"}" |
+    sed -E 's/.*"id":"([^"]+)".*/\1/'
+}
