@@ -10,9 +10,9 @@ that the rebuild would then refuse to overwrite.
 
 KEYS  1  account hash <prefix>:{<shard>}:c:<customer>:acct
 ARGV  op, field, value, op, field, value, …
-      op is `set` (HSET field value), `del` (HDEL field), `incr`
-      (HINCRBY field value, an integer) or `take` (subtract value, an
-      integer, but not below zero: a refund takes back only unspent tokens)
+      op is `set` (HSET field value), `del` (HDEL field) or `incr`
+      (HINCRBY field value, an integer). A refund's take is
+      `account_take.lua`: its caller needs the amount taken.
 Reply 1 when applied, 0 when the account is not loaded.
 ]]
 
@@ -21,11 +21,11 @@ if #ARGV == 0 or #ARGV % 3 ~= 0 then
 end
 for i = 1, #ARGV, 3 do
   local op = ARGV[i]
-  if op ~= 'set' and op ~= 'del' and op ~= 'incr' and op ~= 'take' then
+  if op ~= 'set' and op ~= 'del' and op ~= 'incr' then
     return redis.error_reply('ERR unknown op ' .. op)
   end
-  if (op == 'incr' or op == 'take') and not tonumber(ARGV[i + 2]) then
-    return redis.error_reply('ERR incr and take need an integer')
+  if op == 'incr' and not tonumber(ARGV[i + 2]) then
+    return redis.error_reply('ERR incr needs an integer')
   end
 end
 local key_type = redis.call('TYPE', KEYS[1])['ok']
@@ -41,9 +41,6 @@ for i = 1, #ARGV, 3 do
     redis.call('HSET', KEYS[1], field, value)
   elseif op == 'del' then
     redis.call('HDEL', KEYS[1], field)
-  elseif op == 'take' then
-    local have = tonumber(redis.call('HGET', KEYS[1], field)) or 0
-    redis.call('HSET', KEYS[1], field, string.format('%d', math.max(have - tonumber(value), 0)))
   else
     redis.call('HINCRBY', KEYS[1], field, value)
   end

@@ -75,7 +75,8 @@ impl Accounts {
     /// them. Should the commit then fail, the changes that could let a
     /// consume through (an activation, a new key, added tokens) are undone
     /// in Redis; those that only refuse (a pause, a revocation) are left,
-    /// and the next rebuild or a retry of the request settles them.
+    /// and the next rebuild or a retry of the request settles them. Tokens a
+    /// refund took back are given back too: the retry takes them again.
     pub async fn change<T: Send>(
         &self,
         customer: Uuid,
@@ -106,6 +107,7 @@ fn undo_of_permissive(change: &AccountChange) -> Option<AccountChange> {
         AccountChange::ActivateApp(slug) => Some(AccountChange::DeactivateApp(slug.clone())),
         AccountChange::AddEmbedKey { id, .. } => Some(AccountChange::RemoveEmbedKey(*id)),
         AccountChange::AddPurchased(n) if *n > 0 => Some(AccountChange::AddPurchased(-n)),
+        AccountChange::TookPurchased(n) if *n > 0 => Some(AccountChange::AddPurchased(*n)),
         _ => None,
     }
 }

@@ -26,6 +26,7 @@ use crate::{
     },
     ledger::{
         billing::{self, SubscriptionState},
+        customers,
         sealed::{stripe_customer_place, Sealer},
     },
 };
@@ -489,12 +490,12 @@ async fn refunded(
     if more <= 0 {
         return Ok((Outcome::Duplicate, Vec::new()));
     }
-    // Unspent tokens, as the hot state (the live balance) holds them.
-    let unspent = hot
-        .balance(customer)
-        .await?
-        .map_or(more, |b| b.purchased.max(0));
-    let taken = more.min(unspent);
+    // The live balance decides what is unspent, atomically with the
+    // consumes spending it; the ledger records exactly what was taken.
+    let taken = match hot.take_purchased(customer, more).await? {
+        Some(taken) => taken,
+        None => more.min(customers::purchased_balance(tx, customer).await?.max(0)),
+    };
     billing::record_refund(tx, pi, share, refunded >= amount, customer, taken).await?;
-    Ok((Outcome::Applied, vec![AccountChange::TakePurchased(taken)]))
+    Ok((Outcome::Applied, vec![AccountChange::TookPurchased(taken)]))
 }

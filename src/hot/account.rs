@@ -135,8 +135,10 @@ pub enum AccountChange {
     },
     RemoveEmbedKey(Uuid),
     AddPurchased(i64),
-    /// Takes back up to this many purchased tokens, not below zero.
-    TakePurchased(i64),
+    /// Purchased tokens a refund has already taken back (see
+    /// [`HotStore::take_purchased`]): nothing to apply; given back if the
+    /// ledger's transaction then fails.
+    TookPurchased(i64),
     /// The plan's allowance per period (-1 = unlimited).
     SetAllowance(i64),
     /// The allowance of the period after this one.
@@ -162,7 +164,7 @@ impl AccountChange {
                 op("del", format!("rl:{id}"), "".into());
             }
             Self::AddPurchased(n) => op("incr", "purchased".into(), (*n).into()),
-            Self::TakePurchased(n) => op("take", "purchased".into(), (*n).into()),
+            Self::TookPurchased(_) => {}
             Self::SetAllowance(n) => op("set", "allowance".into(), (*n).into()),
             Self::SetNextAllowance(n) => op("set", "next_allowance".into(), (*n).into()),
             Self::SetOpenUntil(ms) => op("set", "open_until".into(), (*ms).into()),
@@ -221,12 +223,12 @@ impl HotStore {
         customer: Uuid,
         changes: &[AccountChange],
     ) -> Result<bool, HotError> {
-        if changes.is_empty() {
-            return Ok(false);
-        }
         let mut args = Vec::with_capacity(changes.len() * 3);
         for change in changes {
             change.push_args(&mut args);
+        }
+        if args.is_empty() {
+            return Ok(false);
         }
         let applied: i64 = self
             .scripts
@@ -234,6 +236,26 @@ impl HotStore {
             .evalsha_with_reload(self.client(), vec![self.keys.account(customer)], args)
             .await?;
         Ok(applied == 1)
+    }
+
+    /// Takes back up to `tokens` purchased tokens, not below zero, and
+    /// returns how many were taken; `None` when the account is not loaded
+    /// (see `lua/account_take.lua`).
+    pub async fn take_purchased(
+        &self,
+        customer: Uuid,
+        tokens: i64,
+    ) -> Result<Option<i64>, HotError> {
+        let taken: i64 = self
+            .scripts
+            .account_take
+            .evalsha_with_reload(
+                self.client(),
+                vec![self.keys.account(customer)],
+                vec![Value::from(tokens)],
+            )
+            .await?;
+        Ok((taken >= 0).then_some(taken))
     }
 
     /// Starts a new billing period, once (see `lua/account_rollover.lua`).

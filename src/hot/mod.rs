@@ -39,6 +39,7 @@ pub(crate) struct Scripts {
     pub consume: Script,
     pub account_load: Script,
     pub account_update: Script,
+    pub account_take: Script,
     pub account_rollover: Script,
 }
 
@@ -59,6 +60,7 @@ impl Scripts {
             consume: Script::from_lua(Self::CONSUME),
             account_load: Script::from_lua(include_str!("../../lua/account_load.lua")),
             account_update: Script::from_lua(include_str!("../../lua/account_update.lua")),
+            account_take: Script::from_lua(include_str!("../../lua/account_take.lua")),
             account_rollover: Script::from_lua(include_str!("../../lua/account_rollover.lua")),
         }
     }

@@ -90,6 +90,17 @@ pub async fn credit_purchased(
     Ok(())
 }
 
+/// Purchased tokens not yet spent, as far as the ledger knows: the live
+/// balance when the hot state is not loaded (nothing is being spent).
+pub async fn purchased_balance(conn: &mut PgConnection, customer: Uuid) -> sqlx::Result<i64> {
+    sqlx::query_scalar(
+        "SELECT purchased_tokens_credited - purchased_tokens_used FROM customers WHERE id = $1",
+    )
+    .bind(customer)
+    .fetch_one(conn)
+    .await
+}
+
 pub async fn find(conn: &mut PgConnection, customer: Uuid) -> sqlx::Result<Option<CustomerRow>> {
     sqlx::query_as("SELECT id, name, email, created_at FROM customers WHERE id = $1")
         .bind(customer)

@@ -193,6 +193,7 @@ impl Drop for Replica {
     }
 }
 
+#[derive(Clone)]
 pub struct Customer {
     pub id: Uuid,
     pub token: String,

@@ -25,6 +25,8 @@ enum Op {
         idem: Option<(usize, usize)>,
     },
     AddPurchased(i64),
+    /// A refund taking back up to this many purchased tokens.
+    Refund(i64),
     Activate(usize),
     Deactivate(usize),
     RevokeKey(usize),
@@ -35,6 +37,7 @@ fn op() -> impl Strategy<Value = Op> {
         6 => (0..3usize, 1..400i64, proptest::option::of(0..3usize), proptest::option::of((0..3usize, 0..2usize)))
             .prop_map(|(app, tokens, key, idem)| Op::Consume { app, tokens, key, idem }),
         1 => (1..500i64).prop_map(Op::AddPurchased),
+        1 => (1..500i64).prop_map(Op::Refund),
         1 => (0..3usize).prop_map(Op::Activate),
         1 => (0..3usize).prop_map(Op::Deactivate),
         1 => (0..3usize).prop_map(Op::RevokeKey),
@@ -239,6 +242,12 @@ async fn run_case(
                     .await
                     .unwrap();
                 model.purchased += n;
+            }
+            Op::Refund(n) => {
+                let taken = hot.take_purchased(customer, n).await.unwrap();
+                let expected = n.min(model.purchased.max(0));
+                prop_assert_eq!(taken, Some(expected), "only unspent tokens come back");
+                model.purchased -= expected;
             }
             Op::Activate(app) => {
                 hot.update_account(customer, &[AccountChange::ActivateApp(APPS[app].into())])

@@ -317,6 +317,116 @@ async fn a_refund_takes_back_the_unspent_purchased_tokens() {
 }
 
 #[tokio::test]
+async fn a_refund_after_redis_lost_the_hot_state_takes_back_what_the_ledger_holds_unspent() {
+    let app = spawn_app().await;
+    let shop = app.create_customer(None).await;
+    app.activate(&shop, "rec-001").await;
+    app.stripe_event(
+        "evt_pi",
+        "payment_intent.succeeded",
+        now(),
+        payment_intent(shop.id, "pi_cold", 500),
+    )
+    .await;
+    assert_eq!(consume(&app, &shop, 100).await.0, 200);
+    app.drain_usage().await;
+    app.wipe_redis().await;
+
+    let charge = json!({"id": "ch_cold", "object": "charge", "payment_intent": "pi_cold",
+                        "amount": 1000, "amount_refunded": 1000, "refunded": true});
+    let (status, body) = app
+        .stripe_event("evt_refund_cold", "charge.refunded", now(), charge)
+        .await;
+    assert_eq!((status, body["outcome"].as_str()), (200, Some("applied")));
+
+    let credited: i64 =
+        sqlx::query_scalar("SELECT purchased_tokens_credited FROM customers WHERE id = $1")
+            .bind(shop.id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(
+        credited, 100,
+        "the 400 unspent taken back, the 100 spent kept"
+    );
+    let (status, body) = consume(&app, &shop, 1).await;
+    assert_eq!((status, &body["tokens_remaining"]), (402, &json!(0)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refund_racing_consumes_takes_back_in_the_ledger_exactly_what_it_took_from_the_live_balance(
+) {
+    let app = Arc::new(spawn_app().await);
+    let mut shops = tokio::task::JoinSet::new();
+    for i in 0..4 {
+        let app = app.clone();
+        shops.spawn(async move {
+            let shop = app.create_customer(None).await;
+            app.activate(&shop, "rec-001").await;
+            let pi = format!("pi_race_{i}");
+            app.stripe_event(
+                &format!("evt_pi_race_{i}"),
+                "payment_intent.succeeded",
+                now(),
+                payment_intent(shop.id, &pi, 300),
+            )
+            .await;
+
+            // The shop spends its 300 tokens one at a time, eight at once,
+            // and its purchase is refunded in full while it does.
+            let spending = {
+                let (app, shop) = (app.clone(), shop.clone());
+                tokio::spawn(async move { app.consume_many(&shop, "rec-001", 400, 8).await })
+            };
+            while app
+                .hot_balance(shop.id)
+                .await
+                .is_none_or(|(_, left)| left > 250)
+            {
+                tokio::task::yield_now().await;
+            }
+            let charge = json!({"id": format!("ch_race_{i}"), "object": "charge",
+                                "payment_intent": pi, "amount": 600, "amount_refunded": 600,
+                                "refunded": true});
+            let (status, body) = app
+                .stripe_event(
+                    &format!("evt_refund_race_{i}"),
+                    "charge.refunded",
+                    now(),
+                    charge,
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+            let charged = spending.await.unwrap().len() as i64;
+            (shop, charged)
+        });
+    }
+    let shops = shops.join_all().await;
+    app.drain_usage().await;
+
+    for (shop, charged) in shops {
+        let (credited, used): (i64, i64) = sqlx::query_as(
+            "SELECT purchased_tokens_credited, purchased_tokens_used FROM customers WHERE id = $1",
+        )
+        .bind(shop.id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+        let (rows, spent) = app.usage_rows(shop.id).await;
+        assert_eq!((rows, used), (charged, spent));
+        assert_eq!(
+            credited, spent,
+            "each of the 300 tokens either spent or refunded, once"
+        );
+        assert_eq!(
+            app.hot_balance(shop.id).await,
+            Some((0, credited - used)),
+            "the live balance and the ledger agree"
+        );
+    }
+}
+
+#[tokio::test]
 async fn events_we_do_not_act_on_are_acknowledged() {
     let app = spawn_app().await;
     let (status, body) = app
