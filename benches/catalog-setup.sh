@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Prepares the catalog benchmark on a running service: a customer, and its
+# token with the scope apps:read, printed.
+#
+#   BASE_URL=http://127.0.0.1:8000 benches/catalog-setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+base=${BASE_URL:-http://127.0.0.1:8000}
+bin=target/release/connected-apps
+
+. benches/lib.sh
+customer=$(new_enterprise_customer)
+$bin token --sub "$customer" --scope "apps:read"
