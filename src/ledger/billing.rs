@@ -245,7 +245,7 @@ pub async fn write_subscription(
 pub async fn recount_period_usage(conn: &mut PgConnection, customer: Uuid) -> sqlx::Result<()> {
     sqlx::query(
         "WITH u AS ( \
-             SELECT COALESCE(SUM(t.tokens_consumed - t.purchased_tokens_consumed), 0)::int4 AS used \
+             SELECT COALESCE(SUM(t.tokens_consumed - t.purchased_tokens_consumed), 0)::int8 AS used \
              FROM customer_billing cb JOIN token_usage t ON t.customer_id = cb.customer_id \
               AND t.created_at >= cb.billing_cycle_start AND t.created_at < cb.billing_cycle_end \
              WHERE cb.customer_id = $1) \

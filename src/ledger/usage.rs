@@ -255,7 +255,7 @@ pub async fn apply_to_balances(conn: &mut PgConnection, rows: &[&UsageRow]) -> s
                tokens_remaining = CASE WHEN p.tokens_per_month < 0 THEN NULL \
                                        ELSE GREATEST(p.tokens_per_month - (b.tokens_used + d.amount), 0) END, \
                updated_at = NOW() \
-             FROM (SELECT u.id, SUM(u.amount)::int4 AS amount FROM UNNEST($1::uuid[], $2::int8[], $3::timestamptz[]) AS u(id, amount, at) \
+             FROM (SELECT u.id, SUM(u.amount)::int8 AS amount FROM UNNEST($1::uuid[], $2::int8[], $3::timestamptz[]) AS u(id, amount, at) \
                    JOIN customer_billing cb ON cb.customer_id = u.id \
                    WHERE u.at >= cb.billing_cycle_start AND u.at < cb.billing_cycle_end \
                    GROUP BY u.id ORDER BY u.id) AS d, billing_plans p \

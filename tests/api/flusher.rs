@@ -339,3 +339,42 @@ async fn the_backlog_is_measured_per_shard_and_trimming_keeps_what_is_not_flushe
     let charged: HashSet<_> = first.union(&second).copied().collect();
     app.assert_ledger_exact(&charged).await;
 }
+
+#[tokio::test]
+async fn an_unlimited_plan_persists_usage_past_two_to_the_thirty_one_tokens_in_a_period() {
+    let app = spawn_app_with(&[("FLUSH_MAX_DELIVERIES", "1")]).await;
+    let shop = app.customer_with_apps("enterprise", &["vto-001"]).await;
+    let mut charged = HashSet::new();
+    for _ in 0..3 {
+        let (status, body) = app
+            .consume(
+                &shop.token,
+                json!({"app_id": "vto-001", "tokens_consumed": i32::MAX}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        charged.insert(body["event_id"].as_str().unwrap().parse().unwrap());
+    }
+
+    app.drain_usage().await;
+
+    assert_eq!(app.pending_entries().await, 0);
+    assert_eq!(
+        app.usage_rows(shop.id).await,
+        (3, 3 * i64::from(i32::MAX)),
+        "every row persisted, none dead-lettered"
+    );
+    let (period, day): (i64, i64) = sqlx::query_as(
+        "SELECT b.tokens_used, d.tokens_consumed FROM customer_billing b \
+         JOIN usage_analytics_daily d ON d.customer_id = b.customer_id WHERE b.customer_id = $1",
+    )
+    .bind(shop.id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        (period, day),
+        (3 * i64::from(i32::MAX), 3 * i64::from(i32::MAX))
+    );
+    app.assert_ledger_exact(&charged).await;
+}

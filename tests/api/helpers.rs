@@ -490,11 +490,11 @@ impl TestApp {
             r#"
             WITH rows AS (
                 SELECT customer_id, app_id, (created_at AT TIME ZONE 'UTC')::date AS date,
-                       SUM(tokens_consumed)::int8 AS tokens, COUNT(*)::int4 AS events,
-                       COUNT(DISTINCT session_id)::int4 AS sessions,
+                       SUM(tokens_consumed)::int8 AS tokens, COUNT(*)::int8 AS events,
+                       COUNT(DISTINCT session_id)::int8 AS sessions,
                        COUNT(DISTINCT COALESCE('v:' || NULLIF(metadata->>'visitor_id', ''),
                            CASE WHEN ip_address IS NOT NULL OR user_agent IS NOT NULL
-                                THEN 'a:' || COALESCE(host(ip_address), '') || '|' || COALESCE(user_agent, '') END))::int4 AS visitors,
+                                THEN 'a:' || COALESCE(host(ip_address), '') || '|' || COALESCE(user_agent, '') END))::int8 AS visitors,
                        ROUND(AVG(ROUND((metadata->>'processing_time_ms')::numeric * 1000)) / 1000, 2) AS avg_ms
                 FROM token_usage GROUP BY 1, 2, 3
             )
@@ -521,7 +521,7 @@ impl TestApp {
                   (SELECT COALESCE(SUM(purchased_tokens_consumed), 0) FROM token_usage u WHERE u.customer_id = c.id)
                OR (b.customer_id IS NOT NULL AND b.tokens_used IS DISTINCT FROM
                   (SELECT COALESCE(SUM(tokens_consumed - purchased_tokens_consumed), 0) FROM token_usage u
-                   WHERE u.customer_id = c.id AND u.created_at >= b.billing_cycle_start AND u.created_at < b.billing_cycle_end)::int4)
+                   WHERE u.customer_id = c.id AND u.created_at >= b.billing_cycle_start AND u.created_at < b.billing_cycle_end)::int8)
             "#,
         )
         .fetch_all(&self.db)
