@@ -131,6 +131,18 @@ fn check_metadata(raw: &RawValue, problems: &mut Vec<FieldError>) {
         problems.push(FieldError::new("metadata", "must not contain U+0000"));
         return;
     }
+    // Nor a lone UTF-16 surrogate, which the raw value lets through
+    // undecoded. Decoding checks the pairs; only text naming a surrogate
+    // pays for it.
+    if (text.contains("\\ud") || text.contains("\\uD"))
+        && serde_json::from_str::<serde_json::Value>(text).is_err()
+    {
+        problems.push(FieldError::new(
+            "metadata",
+            "must not contain unpaired UTF-16 surrogates",
+        ));
+        return;
+    }
     let known: KnownMetadata =
         match serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(text)) {
             Ok(k) => k,
@@ -397,6 +409,16 @@ mod tests {
         assert_eq!(r.app_id, "vto-001");
         assert_eq!(r.tokens_consumed, Some(5));
         assert!(r.metadata.unwrap().get().contains("frame-001"));
+    }
+
+    #[test]
+    fn metadata_may_name_paired_surrogates_but_not_lone_ones() {
+        let paired = parse(r#"{"app_id":"vto-001","metadata":{"note":"\ud83d\udc53 frames"}}"#);
+        assert!(paired.is_ok());
+        for lone in [r#""\ud83d""#, r#""\ud83dx""#, r#""\udc53""#] {
+            let body = format!(r#"{{"app_id":"vto-001","metadata":{{"note":{lone}}}}}"#);
+            assert_eq!(fields(parse(&body).unwrap_err()), ["metadata"], "{lone}");
+        }
     }
 
     #[test]

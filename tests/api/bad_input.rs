@@ -138,6 +138,18 @@ async fn every_kind_of_bad_body_is_refused_in_the_contract_shape_and_charges_not
             "validation_failed",
         ),
         (
+            "lone high surrogate in metadata",
+            br#"{"app_id": "vto-001", "metadata": {"note": "a\ud800b"}}"#.to_vec(),
+            422,
+            "validation_failed",
+        ),
+        (
+            "lone low surrogate in metadata",
+            br#"{"app_id": "vto-001", "metadata": {"note": "\uDC00"}}"#.to_vec(),
+            422,
+            "validation_failed",
+        ),
+        (
             "unknown field",
             br#"{"app_id": "vto-001", "tokens": 5}"#.to_vec(),
             422,
