@@ -227,6 +227,15 @@ impl From<sqlx::Error> for ApiError {
             sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => {
                 ApiError::Unavailable(e.into())
             }
+            // A value Postgres cannot encode (U+0000 in a path or query
+            // parameter) is the request's fault; the statement wrote nothing.
+            sqlx::Error::Database(db)
+                if matches!(db.code().as_deref(), Some("22021" | "22P05")) =>
+            {
+                ApiError::InvalidRequest(
+                    "a parameter holds a character that cannot be stored (U+0000)".to_owned(),
+                )
+            }
             other => ApiError::Internal(other.into()),
         }
     }
@@ -243,6 +252,17 @@ impl From<crate::hot::HotError> for ApiError {
 
 /// Deserializes `body`, mapping serde's errors onto the contract's.
 pub fn decode_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+    // Postgres stores no U+0000 in text or jsonb, and JSON carries it only
+    // escaped: refuse it by field before it reaches a query as a 500.
+    if body.windows(6).any(|w| w == b"\\u0000") {
+        if let Some(path) = serde_json::from_slice(body).ok().and_then(|v| nul_at(&v)) {
+            let field = if path == "." { "body".to_owned() } else { path };
+            return Err(ApiError::Validation(vec![FieldError::new(
+                field,
+                "must not contain U+0000",
+            )]));
+        }
+    }
     // The common case, valid input, pays for no path tracking; only a
     // failure is parsed again to name the field.
     if let Ok(value) = serde_json::from_slice(body) {
@@ -272,6 +292,34 @@ pub fn decode_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError
     Ok(value)
 }
 
+/// The path (`a.b[0]`, as serde_path_to_error writes it) of the first key
+/// or string holding U+0000.
+fn nul_at(value: &serde_json::Value) -> Option<String> {
+    use serde_json::Value;
+    match value {
+        Value::String(s) if s.contains('\0') => Some(".".to_owned()),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| nul_at(item).map(|rest| join_path(&format!("[{i}]"), &rest))),
+        Value::Object(fields) => fields.iter().find_map(|(key, item)| {
+            if key.contains('\0') {
+                return Some(key.replace('\0', "\\u0000"));
+            }
+            nul_at(item).map(|rest| join_path(key, &rest))
+        }),
+        _ => None,
+    }
+}
+
+fn join_path(head: &str, rest: &str) -> String {
+    match rest {
+        "." => head.to_owned(),
+        _ if rest.starts_with('[') => format!("{head}{rest}"),
+        _ => format!("{head}.{rest}"),
+    }
+}
+
 /// The field serde names in "missing field `x`" or "unknown field `x`".
 fn named_field(message: &str) -> Option<&str> {
     message
@@ -287,5 +335,46 @@ pub fn type_message(e: &serde_json::Error) -> String {
     match text.find(" at line ") {
         Some(i) => text[..i].to_owned(),
         None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    use super::*;
+
+    fn refused_field(body: &str) -> Option<String> {
+        match decode_json::<Value>(body.as_bytes()) {
+            Err(ApiError::Validation(details)) => Some(details[0].field.clone()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_nul_anywhere_in_a_body_is_refused_by_its_path() {
+        assert_eq!(
+            refused_field(r#"{"name": "a\u0000b"}"#).as_deref(),
+            Some("name")
+        );
+        assert_eq!(
+            refused_field(r#"{"configuration": {"sizes": ["ok", "\u0000"]}}"#).as_deref(),
+            Some("configuration.sizes[1]")
+        );
+        assert_eq!(refused_field(r#"["\u0000"]"#).as_deref(), Some("[0]"));
+        assert_eq!(
+            refused_field(r#"{"k\u0000": 1}"#).as_deref(),
+            Some("k\\u0000")
+        );
+    }
+
+    #[test]
+    fn an_escaped_backslash_before_u0000_is_no_nul() {
+        let body = r#"{"note": "\\u0000"}"#;
+        assert_eq!(refused_field(body), None);
+        assert_eq!(
+            decode_json::<Value>(body.as_bytes()).unwrap()["note"],
+            "\\u0000"
+        );
     }
 }

@@ -226,3 +226,78 @@ async fn an_overlong_idempotency_key_is_a_400() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"]["code"], "invalid_request");
 }
+
+#[tokio::test]
+async fn a_nul_character_is_refused_by_field_across_the_api_and_writes_nothing() {
+    let app = spawn_app().await;
+    let shop = app.create_customer(Some("professional")).await;
+    let admin = app.admin_token();
+    let cases = [
+        (
+            "/api/v1/admin/customers",
+            admin.as_str(),
+            json!({"name": "Optics\u{0}", "email": "nul@shop.example"}),
+            "name",
+        ),
+        (
+            "/api/v1/customer/api-keys",
+            shop.token.as_str(),
+            json!({"name": "k\u{0}", "app_permissions": ["vto-001"],
+                   "allowed_origins": ["https://shop.example"]}),
+            "name",
+        ),
+        (
+            "/api/v1/customer/api-keys",
+            shop.token.as_str(),
+            json!({"app_permissions": ["vto-001"], "allowed_origins": ["https://a.example\u{0}"]}),
+            "allowed_origins[0]",
+        ),
+        (
+            "/api/v1/customer/apps/vto-001/activate",
+            shop.token.as_str(),
+            json!({"configuration": {"style_customization": {"button_text": "Try\u{0}"}}}),
+            "configuration.style_customization.button_text",
+        ),
+        (
+            "/api/v1/customer/billing/subscribe",
+            shop.token.as_str(),
+            json!({"plan_id": "starter\u{0}", "payment_method_id": "pm_card_visa"}),
+            "plan_id",
+        ),
+    ];
+    for (path, credential, body, field) in cases {
+        let (status, response) = app.post_json(path, credential, body).await;
+        assert_eq!(status, 422, "{path}: {response}");
+        assert_eq!(detail_fields(&response), [field], "{path}");
+    }
+
+    // In a path or a query, where no body names it.
+    let (status, response) = app
+        .post_json(
+            "/api/v1/customer/apps/vto%00/activate",
+            &shop.token,
+            json!({}),
+        )
+        .await;
+    assert!([400, 404].contains(&status), "{status}: {response}");
+    let (status, response) = app
+        .patch_json(
+            "/api/v1/admin/apps/vto%00",
+            &admin,
+            json!({"status": "disabled"}),
+        )
+        .await;
+    assert!([400, 404].contains(&status), "{status}: {response}");
+    let (status, response) = app.get_json("/api/v1/apps?q=frame%00", &shop.token).await;
+    assert_eq!(status, 200, "a search for it finds nothing: {response}");
+    assert_eq!(response["apps"], json!([]));
+
+    let written: (i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM customers), (SELECT COUNT(*) FROM embed_api_keys), \
+                (SELECT COUNT(*) FROM customer_apps)",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(written, (1, 0, 0));
+}
