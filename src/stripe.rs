@@ -126,13 +126,17 @@ impl Stripe {
     }
 
     /// Subscribes to `price`, charging `payment_method`. Keyed by our
-    /// customer and the price: a retry does not subscribe twice.
+    /// customer, the price and the subscription this one follows (`None`
+    /// for the first): a retry does not subscribe twice, and subscribing
+    /// again after a cancellation is not answered with Stripe's saved reply
+    /// for the cancelled subscription (Stripe keeps keys for 24 hours).
     pub async fn subscribe(
         &self,
         customer: Uuid,
         stripe_customer: &str,
         price: &str,
         payment_method: &str,
+        follows: Option<&str>,
     ) -> Result<SubscriptionFacts, ApiError> {
         let sub = CreateSubscription::new()
             .customer(stripe_customer)
@@ -143,7 +147,10 @@ impl Stripe {
             .default_payment_method(payment_method)
             .metadata(ours(customer))
             .customize()
-            .request_strategy(idempotent(format!("subscribe-{customer}-{price}")))
+            .request_strategy(idempotent(format!(
+                "subscribe-{customer}-{price}-after-{}",
+                follows.unwrap_or("none")
+            )))
             .send(&self.client)
             .await
             .map_err(failure)?;

@@ -140,8 +140,11 @@ impl Subscriptions {
                                 .await?
                         }
                     };
+                    let follows = current
+                        .as_ref()
+                        .and_then(|c| c.stripe_subscription_id.as_deref());
                     let sub = stripe
-                        .subscribe(customer, &stripe_customer, &price, &payment_method)
+                        .subscribe(customer, &stripe_customer, &price, &payment_method, follows)
                         .await?;
                     let sealed = sealer.seal(&stripe_customer, &place);
                     record(tx, &hot, customer, &sub, grace, Some(sealed)).await

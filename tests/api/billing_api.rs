@@ -1,12 +1,17 @@
 //! The billing API against a local stand-in for Stripe (wiremock) that
 //! answers with objects in the shape of Stripe's API fixtures.
 
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Mutex,
+};
+
 use chrono::Utc;
 use serde_json::{json, Value};
 use uuid::Uuid;
 use wiremock::{
     matchers::{body_string_contains, header, method, path},
-    Mock, MockServer, ResponseTemplate,
+    Mock, MockServer, Request, Respond, ResponseTemplate,
 };
 
 use crate::helpers::{spawn_app_with, Customer, TestApp};
@@ -17,6 +22,7 @@ fn fixture(name: &str) -> Value {
         "subscription" => include_str!("stripe/subscription.json"),
         "setup_intent" => include_str!("stripe/setup_intent.json"),
         "payment_intent" => include_str!("stripe/payment_intent.json"),
+        "payment_method" => include_str!("stripe/payment_method.json"),
         _ => unreachable!(),
     };
     serde_json::from_str(text).unwrap()
@@ -420,4 +426,95 @@ async fn a_purchase_awaiting_3d_secure_is_credited_only_when_a_payment_attempt_s
     assert_eq!(purchase_status().await, "completed");
     let (_, consumed) = app.consume(&shop.token, json!({"app_id": "rec-001"})).await;
     assert_eq!(consumed["tokens_remaining"], 498, "{consumed}");
+}
+
+/// Stripe's idempotency as Stripe keeps it: a key seen before is answered
+/// with the reply saved for it, a new one with the next fresh object.
+struct Idempotent {
+    saved: Mutex<HashMap<String, Value>>,
+    fresh: Mutex<VecDeque<Value>>,
+}
+
+impl Respond for Idempotent {
+    fn respond(&self, request: &Request) -> ResponseTemplate {
+        let key = request
+            .headers
+            .get("Idempotency-Key")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let mut saved = self.saved.lock().unwrap();
+        let reply = saved
+            .entry(key)
+            .or_insert_with(|| self.fresh.lock().unwrap().pop_front().unwrap());
+        ResponseTemplate::new(200).set_body_json(reply.clone())
+    }
+}
+
+#[tokio::test]
+async fn subscribing_again_after_cancelling_at_once_makes_a_new_subscription() {
+    let (app, stripe) = with_stripe().await;
+    let shop = app.create_customer(None).await;
+    let mut customer = fixture("customer");
+    customer["id"] = json!("cus_standin");
+    stripe_answers(&stripe, "POST", "/v1/customers", 200, customer).await;
+    stripe_answers(
+        &stripe,
+        "POST",
+        "/v1/payment_methods/pm_card_visa/attach",
+        200,
+        fixture("payment_method"),
+    )
+    .await;
+    let first = subscription_for(shop.id, "price_starter_monthly");
+    let mut second = first.clone();
+    second["id"] = json!("sub_second");
+    let mut cancelled = first.clone();
+    cancelled["status"] = json!("canceled");
+    stripe_answers(
+        &stripe,
+        "DELETE",
+        "/v1/subscriptions/sub_standin",
+        200,
+        cancelled,
+    )
+    .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/subscriptions"))
+        .respond_with(Idempotent {
+            saved: Mutex::default(),
+            fresh: Mutex::new(VecDeque::from([first, second])),
+        })
+        .mount(&stripe)
+        .await;
+    let subscribe = json!({"plan_id": "starter", "payment_method_id": "pm_card_visa"});
+
+    let (status, body) = post(
+        &app,
+        &shop,
+        "/api/v1/customer/billing/subscribe",
+        subscribe.clone(),
+    )
+    .await;
+    assert_eq!(
+        (status, &body["stripe_subscription_id"]),
+        (201, &json!("sub_standin")),
+        "{body}"
+    );
+    let response = app
+        .http
+        .delete(app.url("/api/v1/customer/billing/subscription?immediately=true"))
+        .bearer_auth(&shop.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let (status, body) = post(&app, &shop, "/api/v1/customer/billing/subscribe", subscribe).await;
+
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        (&body["stripe_subscription_id"], &body["status"]),
+        (&json!("sub_second"), &json!("active")),
+        "a new subscription, not Stripe's saved reply for the cancelled one"
+    );
 }
