@@ -178,35 +178,11 @@ impl HotStore {
         let Some(found) = found else {
             return Ok(ChargeOutcome::DeadlinePassed);
         };
-        let fields: Vec<&str> = found.split('|').collect();
-        let (event, tokens, remaining) = match fields.as_slice() {
-            [_, event, tokens, remaining] => (
-                Uuid::parse_str(event).ok(),
-                tokens.parse::<i64>().ok(),
-                remaining.parse::<i64>().ok(),
-            ),
-            _ => (None, None, None),
-        };
-        match (event, tokens, remaining) {
-            (Some(event), _, Some(tokens_remaining)) if event == charge.event_id => {
-                metrics::counter!("consume_settled_after_timeout_total").increment(1);
-                Ok(ChargeOutcome::Charged {
-                    tokens_remaining,
-                    from_purchased: 0,
-                    at_ms: 0,
-                })
-            }
-            // The record of an earlier request with the same Idempotency-Key:
-            // this one was a replay.
-            (Some(event_id), Some(tokens), Some(tokens_remaining)) => Ok(ChargeOutcome::Replayed {
-                event_id,
-                tokens,
-                tokens_remaining,
-            }),
-            _ => Err(HotError::Internal(anyhow::anyhow!(
-                "malformed outcome record {found:?}"
-            ))),
+        let outcome = settled_outcome(&found, charge)?;
+        if matches!(outcome, ChargeOutcome::Charged { .. }) {
+            metrics::counter!("consume_settled_after_timeout_total").increment(1);
         }
+        Ok(outcome)
     }
 
     /// The key and TTL of the record the script leaves of a charge: the
@@ -277,6 +253,38 @@ fn in_doubt(e: &fred::error::Error) -> bool {
     matches!(e.kind(), Timeout | IO | Canceled)
 }
 
+/// What the outcome record `fingerprint|event|tokens|remaining`, found
+/// after a reply was lost, says of `charge`: charged by this request, or
+/// the record of an earlier request with the same Idempotency-Key, whose
+/// replay this was unless its body differs (a conflict, as the script
+/// would have answered).
+fn settled_outcome(found: &str, charge: &Charge<'_>) -> Result<ChargeOutcome, HotError> {
+    let malformed = || HotError::Internal(anyhow::anyhow!("malformed outcome record {found:?}"));
+    let [fingerprint, event, tokens, remaining] = found.split('|').collect::<Vec<_>>()[..] else {
+        return Err(malformed());
+    };
+    let event = Uuid::parse_str(event).map_err(|_| malformed())?;
+    let tokens_remaining = remaining.parse::<i64>().map_err(|_| malformed())?;
+    if event == charge.event_id {
+        return Ok(ChargeOutcome::Charged {
+            tokens_remaining,
+            from_purchased: 0,
+            at_ms: 0,
+        });
+    }
+    if charge
+        .idempotency
+        .is_some_and(|idem| idem.fingerprint != fingerprint)
+    {
+        return Ok(ChargeOutcome::IdempotencyConflict);
+    }
+    Ok(ChargeOutcome::Replayed {
+        event_id: event,
+        tokens: tokens.parse::<i64>().map_err(|_| malformed())?,
+        tokens_remaining,
+    })
+}
+
 fn parse_reply(reply: &[Value], charge: &Charge<'_>) -> Result<ChargeOutcome, HotError> {
     let int = |i: usize| -> Result<i64, HotError> {
         reply
@@ -327,4 +335,57 @@ fn malformed(reply: &[Value]) -> HotError {
     HotError::Internal(anyhow::anyhow!(
         "unexpected consume script reply: {reply:?}"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn charge(event_id: Uuid, idempotency: Option<Idempotency<'static>>) -> Charge<'static> {
+        Charge {
+            customer: Uuid::nil(),
+            app_slug: "vto-001",
+            app_id: Uuid::nil(),
+            tokens: 5,
+            event_id,
+            embed_key: None,
+            idempotency,
+            session_id: None,
+            metadata: None,
+            customer_limit: Limit::NONE,
+        }
+    }
+
+    const KEY: Idempotency<'static> = Idempotency {
+        key: "order-1",
+        fingerprint: "fp-a",
+        ttl_secs: 60,
+    };
+
+    #[test]
+    fn a_record_found_after_a_lost_reply_tells_charged_replayed_or_conflict() {
+        let (mine, earlier) = (Uuid::now_v7(), Uuid::now_v7());
+
+        let own = settled_outcome(&format!("fp-a|{mine}|5|95"), &charge(mine, Some(KEY)));
+        assert!(matches!(
+            own,
+            Ok(ChargeOutcome::Charged {
+                tokens_remaining: 95,
+                ..
+            })
+        ));
+        let same_body = settled_outcome(&format!("fp-a|{earlier}|5|95"), &charge(mine, Some(KEY)));
+        assert_eq!(
+            same_body.unwrap(),
+            ChargeOutcome::Replayed {
+                event_id: earlier,
+                tokens: 5,
+                tokens_remaining: 95
+            }
+        );
+        let other_body = settled_outcome(&format!("fp-b|{earlier}|7|93"), &charge(mine, Some(KEY)));
+        assert_eq!(other_body.unwrap(), ChargeOutcome::IdempotencyConflict);
+        assert!(settled_outcome("fp-a|not-an-id|5|95", &charge(mine, Some(KEY))).is_err());
+        assert!(settled_outcome("garbage", &charge(mine, None)).is_err());
+    }
 }
