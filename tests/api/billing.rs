@@ -134,7 +134,7 @@ async fn a_rollover_racing_consumes_at_the_boundary_counts_each_in_one_period_an
         (50, 50),
         "each consume counted in exactly one period, by its time"
     );
-    let (start, used): (DateTime<Utc>, i32) = sqlx::query_as(
+    let (start, used): (DateTime<Utc>, i64) = sqlx::query_as(
         "SELECT billing_cycle_start, tokens_used FROM customer_billing WHERE customer_id = $1",
     )
     .bind(shop.id)

@@ -71,7 +71,7 @@ async fn the_flusher_writes_each_event_once_with_its_details() {
     assert_eq!(agent.as_deref(), Some("Mozilla/5.0"));
     assert_eq!(purchased, 0);
 
-    let (used, billing_used): (i64, i32) = sqlx::query_as(
+    let (used, billing_used): (i64, i64) = sqlx::query_as(
         "SELECT c.purchased_tokens_used, b.tokens_used FROM customers c JOIN customer_billing b ON b.customer_id = c.id WHERE c.id = $1",
     )
     .bind(shop.id)
@@ -99,7 +99,7 @@ async fn a_redelivered_batch_changes_nothing() {
         );
     }
     app.drain_usage().await;
-    let before: (i64, i32) = sqlx::query_as(
+    let before: (i64, i64) = sqlx::query_as(
         "SELECT (SELECT COUNT(*) FROM token_usage), (SELECT tokens_used FROM customer_billing WHERE customer_id = $1)",
     )
     .bind(shop.id)
@@ -148,7 +148,7 @@ async fn a_redelivered_batch_changes_nothing() {
     flusher.ensure_groups().await.unwrap();
     while flusher.step().await.unwrap() > 0 {}
 
-    let after: (i64, i32) = sqlx::query_as(
+    let after: (i64, i64) = sqlx::query_as(
         "SELECT (SELECT COUNT(*) FROM token_usage), (SELECT tokens_used FROM customer_billing WHERE customer_id = $1)",
     )
     .bind(shop.id)
