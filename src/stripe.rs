@@ -14,7 +14,7 @@ use stripe_billing::subscription::{
 };
 use stripe_core::{
     customer::{CreateCustomer, CreateCustomerInvoiceSettings},
-    payment_intent::CreatePaymentIntent,
+    payment_intent::{CreatePaymentIntent, RetrievePaymentIntent},
     setup_intent::CreateSetupIntent,
 };
 use stripe_payment::payment_method::AttachPaymentMethod;
@@ -237,11 +237,24 @@ impl Stripe {
             .send(&self.client)
             .await
             .map_err(failure)?;
-        Ok(Payment {
-            id: intent.id.to_string(),
-            status: intent.status.as_str().to_owned(),
-            client_secret: intent.client_secret,
-        })
+        Ok(payment(intent))
+    }
+
+    /// A payment intent as it stands now.
+    pub async fn payment(&self, id: &str) -> Result<Payment, ApiError> {
+        let intent = RetrievePaymentIntent::new(id)
+            .send(&self.client)
+            .await
+            .map_err(failure)?;
+        Ok(payment(intent))
+    }
+}
+
+fn payment(intent: stripe_shared::PaymentIntent) -> Payment {
+    Payment {
+        id: intent.id.to_string(),
+        status: intent.status.as_str().to_owned(),
+        client_secret: intent.client_secret,
     }
 }
 

@@ -453,8 +453,10 @@ async fn purchase_succeeded(
         // Not a token purchase of ours.
         return Ok((Outcome::Ignored, Vec::new()));
     };
+    let purchase =
+        str_at(object, &["metadata", "purchase_id"]).and_then(|p| Uuid::parse_str(p).ok());
     Ok(
-        match billing::complete_purchase(tx, customer, pi, tokens, amount).await? {
+        match billing::complete_purchase(tx, customer, purchase, pi, tokens, amount).await? {
             Some(credited) => (
                 Outcome::Applied,
                 vec![AccountChange::AddPurchased(i64::from(credited))],

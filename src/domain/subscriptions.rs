@@ -231,19 +231,33 @@ impl Subscriptions {
         }
         // Stripe's smallest charge is 50 cents.
         let price_cents = ((i64::from(tokens) * self.cents_per_1000 + 999) / 1000).max(50);
-        let row = billing::subscription(&mut *self.db.acquire().await?, customer).await?;
-        let stripe_customer = self.stripe_customer(customer, row.as_ref())?;
-        let payment = self
-            .stripe
-            .pay(
-                customer,
-                purchase,
-                stripe_customer.as_deref(),
-                payment_method,
-                price_cents,
-                tokens,
-            )
-            .await?;
+        let mut conn = self.db.acquire().await?;
+        // A purchase we recorded is answered from its payment intent, never
+        // charged again: Stripe forgets an idempotency key after 24 hours,
+        // our purchase id (from the request's Idempotency-Key) it does not.
+        let payment = match billing::purchase(&mut conn, purchase).await? {
+            Some((recorded, _)) if recorded != tokens => {
+                return Err(ApiError::Conflict(
+                    "this Idempotency-Key was used for another purchase".into(),
+                ))
+            }
+            Some((_, payment_intent)) => self.stripe.payment(&payment_intent).await?,
+            None => {
+                let row = billing::subscription(&mut conn, customer).await?;
+                let stripe_customer = self.stripe_customer(customer, row.as_ref())?;
+                self.stripe
+                    .pay(
+                        customer,
+                        purchase,
+                        stripe_customer.as_deref(),
+                        payment_method,
+                        price_cents,
+                        tokens,
+                    )
+                    .await?
+            }
+        };
+        drop(conn);
         let price_cents = i32::try_from(price_cents).map_err(|e| ApiError::Internal(e.into()))?;
         let (id, succeeded) = (payment.id.clone(), payment.status == "succeeded");
         let credited = self
@@ -264,8 +278,15 @@ impl Subscriptions {
                     }
                     // Credited once, whether this or the webhook comes first.
                     Ok(
-                        match billing::complete_purchase(tx, customer, &id, tokens, price_cents)
-                            .await?
+                        match billing::complete_purchase(
+                            tx,
+                            customer,
+                            Some(purchase),
+                            &id,
+                            tokens,
+                            price_cents,
+                        )
+                        .await?
                         {
                             Some(n) => (true, vec![AccountChange::AddPurchased(i64::from(n))]),
                             None => (true, Vec::new()),

@@ -276,8 +276,9 @@ pub struct PurchaseAnswer {
 #[utoipa::path(post, path = "/api/v1/customer/billing/tokens/purchase", tag = "billing",
     request_body = PurchaseBody,
     params(("Idempotency-Key" = Option<String>, Header,
-        description = "A retry with the same key is the same purchase: Stripe charges it once")),
+        description = "A retry with the same key is the same purchase, charged once, however late")),
     responses((status = 200, body = PurchaseAnswer),
+              (status = 409, description = "The Idempotency-Key was used for a purchase of other `tokens`", body = crate::error::ErrorBody),
               (status = 422, description = "Bad `tokens` or `payment_method_id`, or the card was refused", body = crate::error::ErrorBody),
               (status = 503, description = "Stripe unreachable", body = crate::error::ErrorBody)),
     security(("bearer" = ["billing:manage"])))]

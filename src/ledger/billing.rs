@@ -282,16 +282,20 @@ pub async fn mark_past_due(
 /// (or one whose first attempt failed: Stripe lets the customer retry the
 /// same intent; or, when Stripe's event came before our row, a new one)
 /// becomes `completed`. Returns the tokens credited, `None` when it was already.
+/// A new row takes our purchase id (from the intent's metadata) when it
+/// is free, so a retried request finds its purchase whichever came first.
 pub async fn complete_purchase(
     conn: &mut PgConnection,
     customer: Uuid,
+    purchase: Option<Uuid>,
     payment_intent: &str,
     tokens: i32,
     price_cents: i32,
 ) -> sqlx::Result<Option<i32>> {
     let credited: Option<i32> = sqlx::query_scalar(
-        "INSERT INTO token_purchases (customer_id, tokens_purchased, price_cents, stripe_payment_intent_id, status, completed_at) \
-         VALUES ($1, $2, $3, $4, 'completed', NOW()) \
+        "INSERT INTO token_purchases (id, customer_id, tokens_purchased, price_cents, stripe_payment_intent_id, status, completed_at) \
+         VALUES (COALESCE((SELECT $5::uuid WHERE NOT EXISTS (SELECT 1 FROM token_purchases WHERE id = $5)), gen_random_uuid()), \
+                 $1, $2, $3, $4, 'completed', NOW()) \
          ON CONFLICT (stripe_payment_intent_id) DO UPDATE SET status = 'completed', completed_at = NOW() \
              WHERE token_purchases.status IN ('pending', 'failed') \
          RETURNING tokens_purchased",
@@ -300,6 +304,7 @@ pub async fn complete_purchase(
     .bind(tokens)
     .bind(price_cents)
     .bind(payment_intent)
+    .bind(purchase)
     .fetch_optional(&mut *conn)
     .await?;
     if let Some(tokens) = credited {
@@ -444,6 +449,19 @@ pub async fn subscription(
          FROM customer_billing WHERE customer_id = $1",
     )
     .bind(customer)
+    .fetch_optional(conn)
+    .await
+}
+
+/// A purchase we recorded: its tokens and its payment intent.
+pub async fn purchase(
+    conn: &mut PgConnection,
+    purchase: Uuid,
+) -> sqlx::Result<Option<(i32, String)>> {
+    sqlx::query_as(
+        "SELECT tokens_purchased, stripe_payment_intent_id FROM token_purchases WHERE id = $1",
+    )
+    .bind(purchase)
     .fetch_optional(conn)
     .await
 }
