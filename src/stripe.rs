@@ -269,12 +269,16 @@ fn facts(sub: stripe_shared::Subscription) -> Result<SubscriptionFacts, ApiError
         DateTime::<Utc>::from_timestamp(secs, 0)
             .ok_or_else(|| ApiError::Unavailable(anyhow::anyhow!("stripe: bad period")))
     };
+    let (start, end) = (at(item.current_period_start)?, at(item.current_period_end)?);
+    if end <= start {
+        return Err(ApiError::Unavailable(anyhow::anyhow!("stripe: bad period")));
+    }
     Ok(SubscriptionFacts {
         id: sub.id.to_string(),
         price: item.price.id.to_string(),
         status: sub.status.as_str().to_owned(),
-        start: at(item.current_period_start)?,
-        end: at(item.current_period_end)?,
+        start,
+        end,
         cancel_at_period_end: sub.cancel_at_period_end,
     })
 }

@@ -263,6 +263,17 @@ impl SubscriptionFacts {
                 .ok_or_else(|| missing(field))
                 .and_then(time)
         };
+        let (start, end) = (
+            period("current_period_start")?,
+            period("current_period_end")?,
+        );
+        if end <= start {
+            // Applied, it would be a period no consume could be in; a 400
+            // rather than a 500 Stripe would retry for days.
+            return Err(ApiError::InvalidRequest(
+                "the subscription's period does not end after it starts".into(),
+            ));
+        }
         Ok(Self {
             id: str_at(object, &["id"])
                 .ok_or_else(|| missing("id"))?
@@ -277,8 +288,8 @@ impl SubscriptionFacts {
                     .ok_or_else(|| missing("status"))?
                     .to_owned()
             },
-            start: period("current_period_start")?,
-            end: period("current_period_end")?,
+            start,
+            end,
             cancel_at_period_end: object["cancel_at_period_end"].as_bool().unwrap_or(false),
         })
     }

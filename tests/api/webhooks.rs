@@ -427,6 +427,35 @@ async fn a_refund_racing_consumes_takes_back_in_the_ledger_exactly_what_it_took_
 }
 
 #[tokio::test]
+async fn a_subscription_whose_period_ends_before_it_starts_is_a_400_and_changes_nothing() {
+    let app = spawn_app().await;
+    let shop = app.create_customer(None).await;
+    let mut sub = subscription(shop.id, "price_pro_monthly", "active");
+    let start = &sub["items"]["data"][0]["current_period_start"].clone();
+    sub["items"]["data"][0]["current_period_end"] = start.clone();
+
+    let (status, body) = app
+        .stripe_event(
+            "evt_empty_period",
+            "customer.subscription.created",
+            now(),
+            sub,
+        )
+        .await;
+
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (400, &json!("invalid_request")),
+        "{body}"
+    );
+    assert_eq!(events_recorded(&app).await, 0);
+    let (status, _) = app
+        .get_json("/api/v1/customer/billing/subscription", &shop.token)
+        .await;
+    assert_eq!(status, 404, "no subscription recorded");
+}
+
+#[tokio::test]
 async fn events_we_do_not_act_on_are_acknowledged() {
     let app = spawn_app().await;
     let (status, body) = app
