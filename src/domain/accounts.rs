@@ -76,7 +76,13 @@ impl Accounts {
     /// consume through (an activation, a new key, added tokens) are undone
     /// in Redis; those that only refuse (a pause, a revocation) are left,
     /// and the next rebuild or a retry of the request settles them. Tokens a
-    /// refund took back are given back too: the retry takes them again.
+    /// refund took back are given back too.
+    ///
+    /// Credits and takes of tokens are done once per effect (see
+    /// [`crate::hot::account::Once`]): if the process dies between Redis and
+    /// the commit, or Redis's reply is lost, the retry (Stripe's, or the
+    /// client's) finds them done and the ledger catches up; their undo
+    /// reverses them only if they were done.
     pub async fn change<T: Send>(
         &self,
         customer: Uuid,
@@ -90,24 +96,42 @@ impl Accounts {
             return Err(ApiError::NotFound("customer"));
         }
         let (result, changes) = change(&mut tx).await?;
-        self.hot.update_account(customer, &changes).await?;
-        if let Err(e) = tx.commit().await {
-            let undo: Vec<AccountChange> = changes.iter().filter_map(undo_of_permissive).collect();
-            if let Err(undo_err) = self.hot.update_account(customer, &undo).await {
-                tracing::error!(%customer, error = ?undo_err, "could not undo hot-state change after a failed commit");
+        if let Err(e) = self.hot.update_account(customer, &changes).await {
+            // The reply may be what was lost; only a gated update can be
+            // undone without knowing whether it was applied.
+            if changes.iter().any(AccountChange::is_once) {
+                self.undo(customer, &changes, "update").await;
             }
+            return Err(e.into());
+        }
+        if let Err(e) = tx.commit().await {
+            self.undo(customer, &changes, "commit").await;
             return Err(e.into());
         }
         Ok(result)
     }
+
+    async fn undo(&self, customer: Uuid, changes: &[AccountChange], failed: &str) {
+        let undo: Vec<AccountChange> = changes.iter().flat_map(undo_of_permissive).collect();
+        if let Err(e) = self.hot.update_account(customer, &undo).await {
+            tracing::error!(%customer, error = ?e, failed, "could not undo a hot-state change");
+        }
+    }
 }
 
-fn undo_of_permissive(change: &AccountChange) -> Option<AccountChange> {
+fn undo_of_permissive(change: &AccountChange) -> Vec<AccountChange> {
     match change {
-        AccountChange::ActivateApp(slug) => Some(AccountChange::DeactivateApp(slug.clone())),
-        AccountChange::AddEmbedKey { id, .. } => Some(AccountChange::RemoveEmbedKey(*id)),
-        AccountChange::AddPurchased(n) if *n > 0 => Some(AccountChange::AddPurchased(-n)),
-        AccountChange::TookPurchased(n) if *n > 0 => Some(AccountChange::AddPurchased(*n)),
-        _ => None,
+        AccountChange::ActivateApp(slug) => vec![AccountChange::DeactivateApp(slug.clone())],
+        AccountChange::AddEmbedKey { id, .. } => vec![AccountChange::RemoveEmbedKey(*id)],
+        AccountChange::AddPurchased(n) if *n > 0 => vec![AccountChange::AddPurchased(-n)],
+        AccountChange::CreditPurchased { tokens, once } => vec![
+            AccountChange::Forget(once.clone()),
+            AccountChange::AddPurchased(-tokens),
+        ],
+        AccountChange::TookPurchased { tokens, once } => vec![
+            AccountChange::Forget(once.clone()),
+            AccountChange::AddPurchased(*tokens),
+        ],
+        _ => Vec::new(),
     }
 }

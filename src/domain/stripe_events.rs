@@ -21,7 +21,7 @@ use crate::{
     domain::{accounts::Accounts, billing::rollover},
     error::ApiError,
     hot::{
-        account::{AccountChange, SubscriptionStatus},
+        account::{AccountChange, Once, SubscriptionStatus},
         HotStore,
     },
     ledger::{
@@ -470,7 +470,10 @@ async fn purchase_succeeded(
         match billing::complete_purchase(tx, customer, purchase, pi, tokens, amount).await? {
             Some(credited) => (
                 Outcome::Applied,
-                vec![AccountChange::AddPurchased(i64::from(credited))],
+                vec![AccountChange::CreditPurchased {
+                    tokens: i64::from(credited),
+                    once: Once::purchase(pi),
+                }],
             ),
             None => (Outcome::Duplicate, Vec::new()),
         },
@@ -505,10 +508,17 @@ async fn refunded(
     }
     // The live balance decides what is unspent, atomically with the
     // consumes spending it; the ledger records exactly what was taken.
-    let taken = match hot.take_purchased(customer, more).await? {
+    let once = Once::refund(pi, share);
+    let taken = match hot.take_purchased(customer, &once, more).await? {
         Some(taken) => taken,
         None => more.min(customers::purchased_balance(tx, customer).await?.max(0)),
     };
     billing::record_refund(tx, pi, share, refunded >= amount, customer, taken).await?;
-    Ok((Outcome::Applied, vec![AccountChange::TookPurchased(taken)]))
+    Ok((
+        Outcome::Applied,
+        vec![AccountChange::TookPurchased {
+            tokens: taken,
+            once,
+        }],
+    ))
 }

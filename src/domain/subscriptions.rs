@@ -19,7 +19,10 @@ use crate::{
         stripe_events::{apply_subscription, is_smaller, Facts, SubscriptionFacts},
     },
     error::ApiError,
-    hot::{account::AccountChange, HotStore},
+    hot::{
+        account::{AccountChange, Once},
+        HotStore,
+    },
     ledger::{
         billing::{self, SubscriptionRow},
         catalog, customers,
@@ -288,7 +291,13 @@ impl Subscriptions {
                         )
                         .await?
                         {
-                            Some(n) => (true, vec![AccountChange::AddPurchased(i64::from(n))]),
+                            Some(n) => (
+                                true,
+                                vec![AccountChange::CreditPurchased {
+                                    tokens: i64::from(n),
+                                    once: Once::purchase(&id),
+                                }],
+                            ),
                             None => (true, Vec::new()),
                         },
                     )

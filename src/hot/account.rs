@@ -134,11 +134,25 @@ pub enum AccountChange {
         expires_at_ms: i64,
     },
     RemoveEmbedKey(Uuid),
+    /// Adds purchased tokens (or, negative, takes them), unconditionally.
     AddPurchased(i64),
+    /// Adds purchased tokens once per `once`: a retry after a crash, or
+    /// after a lost reply, between this change and the ledger's commit
+    /// finds it applied.
+    CreditPurchased {
+        tokens: i64,
+        once: Once,
+    },
     /// Purchased tokens a refund has already taken back (see
     /// [`HotStore::take_purchased`]): nothing to apply; given back if the
     /// ledger's transaction then fails.
-    TookPurchased(i64),
+    TookPurchased {
+        tokens: i64,
+        once: Once,
+    },
+    /// Undoes what was done under `once`: the other changes of the update
+    /// apply only if it was done, and it is forgotten.
+    Forget(Once),
     /// The plan's allowance per period (-1 = unlimited).
     SetAllowance(i64),
     /// The allowance of the period after this one.
@@ -147,7 +161,54 @@ pub enum AccountChange {
     SetOpenUntil(i64),
 }
 
+/// The identity of a change to a balance that must happen once: the
+/// effect it belongs to (a purchase's payment intent, a refund's share, a
+/// grant), the same however often the request or the webhook is retried.
+/// Remembered for [`ONCE_TTL_SECS`], longer than Stripe retries a webhook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Once(String);
+
+/// Seven days; Stripe retries a webhook for up to three.
+pub const ONCE_TTL_SECS: i64 = 7 * 86_400;
+
+impl Once {
+    pub fn purchase(payment_intent: &str) -> Self {
+        Self(format!("purchase:{payment_intent}"))
+    }
+
+    /// A refund taking back the purchase's tokens up to `refunded`.
+    pub fn refund(payment_intent: &str, refunded: i32) -> Self {
+        Self(format!("refund:{payment_intent}:{refunded}"))
+    }
+
+    pub fn grant(grant: Uuid) -> Self {
+        Self(format!("grant:{grant}"))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 impl AccountChange {
+    /// The gate of an update: `once` applies the update once per id,
+    /// `forget` undoes it.
+    fn gate(&self) -> Option<(&'static str, &Once)> {
+        match self {
+            Self::CreditPurchased { once, .. } => Some(("once", once)),
+            Self::Forget(once) => Some(("forget", once)),
+            _ => None,
+        }
+    }
+
+    /// Done once per [`Once`]: credits and takes of tokens.
+    pub fn is_once(&self) -> bool {
+        matches!(
+            self,
+            Self::CreditPurchased { .. } | Self::TookPurchased { .. }
+        )
+    }
+
     fn push_args(&self, args: &mut Vec<Value>) {
         let mut op = |op: &str, field: String, value: Value| {
             args.extend([op.into(), field.into(), value]);
@@ -163,13 +224,26 @@ impl AccountChange {
                 op("del", format!("key:{id}"), "".into());
                 op("del", format!("rl:{id}"), "".into());
             }
-            Self::AddPurchased(n) => op("incr", "purchased".into(), (*n).into()),
-            Self::TookPurchased(_) => {}
+            Self::AddPurchased(n) | Self::CreditPurchased { tokens: n, .. } => {
+                op("incr", "purchased".into(), (*n).into())
+            }
+            Self::TookPurchased { .. } | Self::Forget(_) => {}
             Self::SetAllowance(n) => op("set", "allowance".into(), (*n).into()),
             Self::SetNextAllowance(n) => op("set", "next_allowance".into(), (*n).into()),
             Self::SetOpenUntil(ms) => op("set", "open_until".into(), (*ms).into()),
         }
     }
+}
+
+/// What an update did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Updated {
+    Applied,
+    /// The account is not loaded: its next rebuild reads the change from
+    /// Postgres.
+    NotLoaded,
+    /// Its gate held it back: done once already, or nothing to undo.
+    Gated,
 }
 
 impl HotStore {
@@ -217,33 +291,51 @@ impl HotStore {
     }
 
     /// Applies changes to a loaded account; an account not loaded is left
-    /// for the next rebuild, which reads the change from Postgres.
+    /// for the next rebuild, which reads the change from Postgres. At most
+    /// one change of an update may be gated (see [`Once`]).
     pub async fn update_account(
         &self,
         customer: Uuid,
         changes: &[AccountChange],
-    ) -> Result<bool, HotError> {
-        let mut args = Vec::with_capacity(changes.len() * 3);
+    ) -> Result<Updated, HotError> {
+        let mut keys = vec![self.keys.account(customer)];
+        let mut args = Vec::with_capacity(changes.len() * 3 + 3);
+        let mut gates = changes.iter().filter_map(AccountChange::gate);
+        if let Some((op, once)) = gates.next() {
+            args.extend([op.into(), "".into(), ONCE_TTL_SECS.into()]);
+            keys.push(self.keys.once(customer, once.as_str()));
+        }
+        if gates.next().is_some() {
+            return Err(HotError::Internal(anyhow::anyhow!(
+                "an account update takes one gated change: {changes:?}"
+            )));
+        }
         for change in changes {
             change.push_args(&mut args);
         }
         if args.is_empty() {
-            return Ok(false);
+            return Ok(Updated::NotLoaded);
         }
-        let applied: i64 = self
+        let reply: i64 = self
             .scripts
             .account_update
-            .evalsha_with_reload(self.client(), vec![self.keys.account(customer)], args)
+            .evalsha_with_reload(self.client(), keys, args)
             .await?;
-        Ok(applied == 1)
+        Ok(match reply {
+            1 => Updated::Applied,
+            2 => Updated::Gated,
+            _ => Updated::NotLoaded,
+        })
     }
 
-    /// Takes back up to `tokens` purchased tokens, not below zero, and
-    /// returns how many were taken; `None` when the account is not loaded
-    /// (see `lua/account_take.lua`).
+    /// Takes back up to `tokens` purchased tokens, not below zero, once per
+    /// `once`, and returns how many were taken (by the first call, for a
+    /// repeated one); `None` when the account is not loaded (see
+    /// `lua/account_take.lua`).
     pub async fn take_purchased(
         &self,
         customer: Uuid,
+        once: &Once,
         tokens: i64,
     ) -> Result<Option<i64>, HotError> {
         let taken: i64 = self
@@ -251,8 +343,11 @@ impl HotStore {
             .account_take
             .evalsha_with_reload(
                 self.client(),
-                vec![self.keys.account(customer)],
-                vec![Value::from(tokens)],
+                vec![
+                    self.keys.account(customer),
+                    self.keys.once(customer, once.as_str()),
+                ],
+                vec![Value::from(tokens), Value::from(ONCE_TTL_SECS)],
             )
             .await?;
         Ok((taken >= 0).then_some(taken))

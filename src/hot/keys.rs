@@ -15,6 +15,7 @@
 //! | `…:{s<n>}:c:<customer>:acct` | hash | the customer's hot state: allowance, usage this period, purchased tokens, subscription status, active apps, live embed keys, and the consume rate limiters (fields in `lua/consume.lua`) | none: it is the live balance; rebuilt from Postgres when missing |
 //! | `…:{s<n>}:c:<customer>:idem:<sha256>` | string | the first answer to a consume sent with an `Idempotency-Key` (hashed, so any 255 characters make a short, safe key) | `IDEMPOTENCY_TTL_SECS`, 24 h |
 //! | `…:{s<n>}:c:<customer>:ev:<event>` | string | the outcome of a consume sent without `Idempotency-Key`, read only when its reply was late (see `hot/charge.rs`) | 10 s |
+//! | `…:{s<n>}:c:<customer>:once:<sha256>` | string | a change to the balance done once (a purchase credited, a refund's take; the value is the tokens a take took), so a retry after a crash or a lost reply before the ledger's commit does not do it again (`lua/account_update.lua`, `lua/account_take.lua`) | 7 days (Stripe retries a webhook for 3) |
 //! | `…:{s<n>}:usage` | stream | usage events waiting for the flusher (consumer group `flusher`) | none: trimmed by the flusher once persisted |
 //! | `…:{s<n>}:apps:disabled` | set | slugs of apps an operator disabled, one copy per shard so the consume script reads it in its own slot | none: written by `PATCH /api/v1/admin/apps/{id}` |
 //! | `<prefix>:v1:rl:<group>:<customer>` | string | a route group's rate limiter (`apps`, `activate`, `billing`): its GCRA theoretical arrival time in µs (`lua/gcra.lua`), in `API_RATE_LIMIT_REDIS_URL`; no hash tag, the script reads one key (`hot/rate_limit.rs`). The consume limiters are fields of the account hash | until the limiter is rested (at most a burst's worth of intervals) |
@@ -75,6 +76,19 @@ impl Keys {
         let digest = Sha256::digest(idempotency_key.as_bytes());
         format!(
             "{}:{{s{}}}:c:{}:idem:{}",
+            self.root,
+            self.shard_of(customer),
+            customer,
+            hex::encode(digest)
+        )
+    }
+
+    /// The marker of a change done once; the id is hashed, as it may hold
+    /// a webhook's strings.
+    pub fn once(&self, customer: Uuid, id: &str) -> String {
+        let digest = Sha256::digest(id.as_bytes());
+        format!(
+            "{}:{{s{}}}:c:{}:once:{}",
             self.root,
             self.shard_of(customer),
             customer,

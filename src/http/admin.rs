@@ -12,7 +12,7 @@ use super::{
 };
 use crate::{
     error::{ApiError, FieldError},
-    hot::account::AccountChange,
+    hot::account::{AccountChange, Once},
     ledger::{catalog, customers},
     state::Shared,
 };
@@ -156,7 +156,13 @@ pub async fn grant_tokens(
             Box::pin(async move {
                 let id = customers::grant(tx, customer, tokens as i32, &reason_for_tx, &operator)
                     .await?;
-                Ok((id, vec![AccountChange::AddPurchased(tokens)]))
+                Ok((
+                    id,
+                    vec![AccountChange::CreditPurchased {
+                        tokens,
+                        once: Once::grant(id),
+                    }],
+                ))
             })
         })
         .await?;

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use connected_apps::{
     config::{Limit, Settings},
     hot::{
-        account::{AccountChange, AccountState, SubscriptionStatus},
+        account::{AccountChange, AccountState, Once, SubscriptionStatus, Updated},
         charge::{Charge, ChargeOutcome, Idempotency, KeyCharge},
         HotStore,
     },
@@ -238,15 +238,32 @@ async fn run_case(
                 prop_assert_eq!(got, expected);
             }
             Op::AddPurchased(n) => {
-                hot.update_account(customer, &[AccountChange::AddPurchased(n)])
-                    .await
-                    .unwrap();
+                // A credit, then its retry: credited once.
+                let credit = [AccountChange::CreditPurchased {
+                    tokens: n,
+                    once: Once::grant(Uuid::new_v4()),
+                }];
+                prop_assert_eq!(
+                    hot.update_account(customer, &credit).await.unwrap(),
+                    Updated::Applied
+                );
+                prop_assert_eq!(
+                    hot.update_account(customer, &credit).await.unwrap(),
+                    Updated::Gated
+                );
                 model.purchased += n;
             }
             Op::Refund(n) => {
-                let taken = hot.take_purchased(customer, n).await.unwrap();
+                let once = Once::refund(&format!("pi_{}", Uuid::new_v4().simple()), 1);
+                let taken = hot.take_purchased(customer, &once, n).await.unwrap();
                 let expected = n.min(model.purchased.max(0));
                 prop_assert_eq!(taken, Some(expected), "only unspent tokens come back");
+                let retried = hot.take_purchased(customer, &once, n).await.unwrap();
+                prop_assert_eq!(
+                    retried,
+                    taken,
+                    "a retry is told the first take, takes nothing"
+                );
                 model.purchased -= expected;
             }
             Op::Activate(app) => {

@@ -4,7 +4,10 @@
 use std::sync::Arc;
 
 use chrono::Utc;
-use connected_apps::auth::stripe_signature::sign;
+use connected_apps::{
+    auth::stripe_signature::sign,
+    hot::account::{AccountChange, Once},
+};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -453,6 +456,133 @@ async fn a_subscription_whose_period_ends_before_it_starts_is_a_400_and_changes_
         .get_json("/api/v1/customer/billing/subscription", &shop.token)
         .await;
     assert_eq!(status, 404, "no subscription recorded");
+}
+
+/// A customer with 8 purchased tokens left and its hot state loaded.
+async fn loaded_with_eight_tokens(app: &TestApp) -> Customer {
+    let shop = app.create_customer(None).await;
+    app.activate(&shop, "rec-001").await;
+    app.grant(shop.id, 10).await;
+    assert_eq!(consume(app, &shop, 2).await.0, 200);
+    shop
+}
+
+async fn ledger_purchased(app: &TestApp, shop: &Customer) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT purchased_tokens_credited, purchased_tokens_used FROM customers WHERE id = $1",
+    )
+    .bind(shop.id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_credit_done_in_redis_by_a_delivery_that_died_before_its_commit_is_done_once() {
+    let app = spawn_app().await;
+    let shop = loaded_with_eight_tokens(&app).await;
+    // The first delivery credited the hot state, then its process died
+    // before Postgres committed: Stripe saw no answer and delivers again.
+    app.state
+        .hot
+        .update_account(
+            shop.id,
+            &[AccountChange::CreditPurchased {
+                tokens: 500,
+                once: Once::purchase("pi_crash"),
+            }],
+        )
+        .await
+        .unwrap();
+
+    let (status, body) = app
+        .stripe_event(
+            "evt_pi_crash",
+            "payment_intent.succeeded",
+            now(),
+            payment_intent(shop.id, "pi_crash", 500),
+        )
+        .await;
+
+    assert_eq!((status, &body["outcome"]), (200, &json!("applied")));
+    assert_eq!(app.hot_balance(shop.id).await, Some((0, 508)));
+    app.drain_usage().await;
+    assert_eq!(
+        ledger_purchased(&app, &shop).await,
+        (510, 2),
+        "the ledger caught up"
+    );
+}
+
+#[tokio::test]
+async fn a_take_done_in_redis_by_a_refund_that_died_before_its_commit_is_done_once() {
+    let app = spawn_app().await;
+    let shop = loaded_with_eight_tokens(&app).await;
+    app.stripe_event(
+        "evt_pi",
+        "payment_intent.succeeded",
+        now(),
+        payment_intent(shop.id, "pi_back", 500),
+    )
+    .await;
+    // The refund's first delivery took the 500 back in Redis and died.
+    let once = Once::refund("pi_back", 500);
+    let taken = app.state.hot.take_purchased(shop.id, &once, 500).await;
+    assert_eq!(taken.unwrap(), Some(500));
+
+    let charge = json!({"id": "ch_back", "object": "charge", "payment_intent": "pi_back",
+                        "amount": 1000, "amount_refunded": 1000, "refunded": true});
+    let (status, body) = app
+        .stripe_event("evt_refund_back", "charge.refunded", now(), charge)
+        .await;
+
+    assert_eq!((status, &body["outcome"]), (200, &json!("applied")));
+    assert_eq!(app.hot_balance(shop.id).await, Some((0, 8)));
+    app.drain_usage().await;
+    assert_eq!(ledger_purchased(&app, &shop).await, (10, 2));
+}
+
+#[tokio::test]
+async fn a_credit_whose_commit_fails_is_undone_in_redis_and_done_once_by_the_retry() {
+    let app = spawn_app().await;
+    let shop = loaded_with_eight_tokens(&app).await;
+    // Postgres refuses the next commit that writes a purchase.
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse_commit() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'commit refused'; END $$; \
+         CREATE CONSTRAINT TRIGGER refuse_commit AFTER INSERT OR UPDATE ON token_purchases \
+             DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_commit();",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let intent = payment_intent(shop.id, "pi_refused", 500);
+
+    let (status, _) = app
+        .stripe_event(
+            "evt_refused",
+            "payment_intent.succeeded",
+            now(),
+            intent.clone(),
+        )
+        .await;
+    assert_eq!(status, 500);
+    assert_eq!(
+        app.hot_balance(shop.id).await,
+        Some((0, 8)),
+        "the credit undone with its commit"
+    );
+
+    sqlx::raw_sql("DROP TRIGGER refuse_commit ON token_purchases")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let (status, body) = app
+        .stripe_event("evt_refused", "payment_intent.succeeded", now(), intent)
+        .await;
+    assert_eq!((status, &body["outcome"]), (200, &json!("applied")));
+    assert_eq!(app.hot_balance(shop.id).await, Some((0, 508)));
+    assert_eq!(ledger_purchased(&app, &shop).await.0, 510);
 }
 
 #[tokio::test]
