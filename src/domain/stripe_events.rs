@@ -18,7 +18,10 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::{
-    domain::{accounts::Accounts, billing::rollover},
+    domain::{
+        accounts::Accounts,
+        billing::{hot_period, rollover},
+    },
     error::ApiError,
     hot::{
         account::{AccountChange, Once, SubscriptionStatus},
@@ -345,10 +348,13 @@ pub async fn apply_subscription(
     };
     // A new period begins at or after the end of ours; anything else is a
     // change within the period.
-    let same_period = current
-        .as_ref()
-        .and_then(|c| c.end)
-        .is_some_and(|old_end| start < old_end);
+    let old_end = current.as_ref().and_then(|c| c.end);
+    let same_period = old_end.is_some_and(|old_end| start < old_end);
+    // Neither our period (updated) nor the one after it (renewed): periods
+    // count from Stripe's start from now on, in the ledger and in the hot
+    // state, or the hot state would start a period at our old end, inside
+    // Stripe's.
+    let reanchor = old_end.is_none_or(|old_end| start != old_end && end != old_end);
     // A smaller allowance mid-period waits for the period's end.
     let downgrade = current.as_ref().is_some_and(|c| {
         same_period && c.plan_id != plan.id && is_smaller(plan.tokens_per_month, c.allowance)
@@ -371,6 +377,7 @@ pub async fn apply_subscription(
             cancel_at_period_end: sub.cancel_at_period_end,
             synced_at: created,
             stripe_customer,
+            reanchor,
         },
     )
     .await?;
@@ -387,8 +394,11 @@ pub async fn apply_subscription(
     ];
     if !same_period {
         // A new period (or the first): started once, keyed by the old end.
-        let old_end = current.as_ref().and_then(|c| c.end).unwrap_or(start);
-        let anchor = current.as_ref().and_then(|c| c.anchor).unwrap_or(start);
+        let old_end = old_end.unwrap_or(start);
+        let anchor = match current.as_ref().and_then(|c| c.anchor) {
+            Some(anchor) if !reanchor => anchor,
+            _ => start,
+        };
         let next_allowance = i64::from(plan.tokens_per_month);
         let new_period = rollover(
             old_end.min(start),
@@ -400,6 +410,15 @@ pub async fn apply_subscription(
         hot.rollover(customer, &new_period).await?;
     } else {
         changes.push(AccountChange::SetAllowance(allowance_now));
+        if reanchor {
+            let next_allowance = i64::from(plan.tokens_per_month);
+            changes.push(AccountChange::SetPeriod(hot_period(
+                start,
+                end,
+                next_allowance,
+            )));
+            billing::recount_period_usage(tx, customer).await?;
+        }
     }
     Ok((Outcome::Applied, changes))
 }

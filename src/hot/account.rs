@@ -153,6 +153,9 @@ pub enum AccountChange {
     /// Undoes what was done under `once`: the other changes of the update
     /// apply only if it was done, and it is forgotten.
     Forget(Once),
+    /// The current period's end and what follows it, when Stripe's period
+    /// replaces ours mid-way.
+    SetPeriod(Period),
     /// The plan's allowance per period (-1 = unlimited).
     SetAllowance(i64),
     /// The allowance of the period after this one.
@@ -228,6 +231,11 @@ impl AccountChange {
                 op("incr", "purchased".into(), (*n).into())
             }
             Self::TookPurchased { .. } | Self::Forget(_) => {}
+            Self::SetPeriod(period) => {
+                op("set", "period_end".into(), period.end_ms.into());
+                op("set", "next_end".into(), period.next_end_ms.into());
+                op("set", "next_allowance".into(), period.next_allowance.into());
+            }
             Self::SetAllowance(n) => op("set", "allowance".into(), (*n).into()),
             Self::SetNextAllowance(n) => op("set", "next_allowance".into(), (*n).into()),
             Self::SetOpenUntil(ms) => op("set", "open_until".into(), (*ms).into()),

@@ -207,6 +207,10 @@ pub struct SubscriptionState<'a> {
     pub synced_at: DateTime<Utc>,
     /// Stripe's customer id, sealed (`ledger::sealed`).
     pub stripe_customer: Option<String>,
+    /// Periods count from `start` from now on: Stripe's period is not ours
+    /// nor the one after it (a switch from an operator's subscription, a
+    /// subscription begun again after a gap).
+    pub reanchor: bool,
 }
 
 pub async fn write_subscription(
@@ -221,7 +225,8 @@ pub async fn write_subscription(
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7, $9, $10, $11) \
          ON CONFLICT (customer_id) DO UPDATE SET plan_id = $2, pending_plan_id = $3, stripe_subscription_id = $4, \
              status = $5, past_due_since = $6, billing_cycle_start = $7, billing_cycle_end = $8, \
-             billing_anchor = COALESCE(customer_billing.billing_anchor, $7), cancel_at_period_end = $9, \
+             billing_anchor = CASE WHEN $12 THEN $7 ELSE COALESCE(customer_billing.billing_anchor, $7) END, \
+             cancel_at_period_end = $9, \
              stripe_synced_at = $10, updated_at = NOW(), \
              stripe_customer_id = COALESCE($11, customer_billing.stripe_customer_id)",
     )
@@ -236,6 +241,7 @@ pub async fn write_subscription(
     .bind(s.cancel_at_period_end)
     .bind(s.synced_at)
     .bind(&s.stripe_customer)
+    .bind(s.reanchor)
     .execute(&mut *conn)
     .await?;
     recount_period_usage(conn, customer).await

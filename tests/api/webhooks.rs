@@ -586,6 +586,56 @@ async fn a_credit_whose_commit_fails_is_undone_in_redis_and_done_once_by_the_ret
 }
 
 #[tokio::test]
+async fn a_switch_from_an_operators_subscription_to_stripe_mid_period_follows_stripes_period() {
+    use fred::prelude::*;
+    let app = spawn_app().await;
+    let shop = app.create_customer(Some("starter")).await;
+    app.activate(&shop, "rec-001").await;
+    assert_eq!(consume(&app, &shop, 100).await.0, 200);
+    // Stripe's period began ten days ago: not ours, not the one after.
+    let (start, end) = (now() - 10 * 86_400, now() + 20 * 86_400);
+    let mut sub = subscription(shop.id, "price_pro_monthly", "active");
+    sub["items"]["data"][0]["current_period_start"] = json!(start);
+    sub["items"]["data"][0]["current_period_end"] = json!(end);
+
+    let (status, body) = app
+        .stripe_event("evt_switch", "customer.subscription.created", now(), sub)
+        .await;
+
+    assert_eq!(
+        (status, &body["outcome"]),
+        (200, &json!("applied")),
+        "{body}"
+    );
+    let account = app.state.hot.keys().account(shop.id);
+    let (period_end, next_end): (i64, i64) = app
+        .redis
+        .hmget(account, vec!["period_end", "next_end"])
+        .await
+        .unwrap();
+    assert_eq!(
+        period_end,
+        end * 1000,
+        "no period starts at the operator's end, inside Stripe's"
+    );
+    assert!(next_end > period_end);
+    let (anchor, ends): (chrono::DateTime<Utc>, chrono::DateTime<Utc>) = sqlx::query_as(
+        "SELECT billing_anchor, billing_cycle_end FROM customer_billing WHERE customer_id = $1",
+    )
+    .bind(shop.id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!((anchor.timestamp(), ends.timestamp()), (start, end));
+    let (status, body) = consume(&app, &shop, 2).await;
+    assert_eq!(
+        (status, &body["tokens_remaining"]),
+        (200, &json!(10_000 - 102)),
+        "Professional at once, this period's use kept"
+    );
+}
+
+#[tokio::test]
 async fn events_we_do_not_act_on_are_acknowledged() {
     let app = spawn_app().await;
     let (status, body) = app
