@@ -5,8 +5,6 @@
 #   BASE_URL=http://127.0.0.1:8000 benches/catalog-setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-base=${BASE_URL:-http://127.0.0.1:8000}
-bin=target/release/connected-apps
 
 . benches/lib.sh
 customer=$(new_enterprise_customer)

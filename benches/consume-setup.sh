@@ -10,8 +10,6 @@
 # key a rate_limit above the load (KEY_RATE_LIMIT), or wrk measures 429s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-base=${BASE_URL:-http://127.0.0.1:8000}
-bin=target/release/connected-apps
 
 . benches/lib.sh
 customer=$(new_enterprise_customer)

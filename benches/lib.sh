@@ -1,5 +1,10 @@
-# Shared by the benchmark set-up scripts; sourced, not run.
-# Expects $base (the service's URL) and $bin (the release binary).
+# shellcheck shell=bash
+# Shared by the benchmark set-up scripts; sourced, not run, from the
+# repository's root.
+
+# The service under test, and the release binary that mints its tokens.
+base=${BASE_URL:-http://127.0.0.1:8000}
+bin=target/release/connected-apps
 
 # Creates an enterprise customer (unlimited, so nothing runs out) through
 # the operator API and prints its id.

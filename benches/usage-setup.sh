@@ -6,9 +6,7 @@
 #   BASE_URL=http://127.0.0.1:8000 DATABASE_URL=postgres://… benches/usage-setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-base=${BASE_URL:-http://127.0.0.1:8000}
 db=${DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/connected_apps}
-bin=target/release/connected-apps
 
 . benches/lib.sh
 customer=$(new_enterprise_customer)

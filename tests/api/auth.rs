@@ -205,14 +205,8 @@ async fn a_revoked_key_is_refused_at_once() {
         .await;
     assert_eq!(app.consume(&key, json!({"app_id": "vto-001"})).await.0, 200);
 
-    let response = app
-        .http
-        .delete(app.url(&format!("/api/v1/customer/api-keys/{key_id}")))
-        .bearer_auth(&shop.token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    let path = format!("/api/v1/customer/api-keys/{key_id}");
+    assert_eq!(app.delete_json(&path, &shop.token).await.0, 200);
 
     let (status, body) = app.consume(&key, json!({"app_id": "vto-001"})).await;
     assert_eq!(status, 401);

@@ -373,15 +373,10 @@ async fn an_upgrade_opens_more_at_once_a_downgrade_waits_and_cancelling_keeps_th
         "Professional's allowance holds this period"
     );
 
-    let response = app
-        .http
-        .delete(app.url("/api/v1/customer/billing/subscription"))
-        .bearer_auth(&shop.token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let body: Value = response.json().await.unwrap();
+    let (status, body) = app
+        .delete_json("/api/v1/customer/billing/subscription", &shop.token)
+        .await;
+    assert_eq!(status, 200);
     assert_eq!(body["cancel_at_period_end"], true);
     assert_eq!(body["status"], "active", "in force until the period's end");
 }
@@ -519,14 +514,13 @@ async fn subscribing_again_after_cancelling_at_once_makes_a_new_subscription() {
         (201, &json!("sub_standin")),
         "{body}"
     );
-    let response = app
-        .http
-        .delete(app.url("/api/v1/customer/billing/subscription?immediately=true"))
-        .bearer_auth(&shop.token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
+    let (status, _) = app
+        .delete_json(
+            "/api/v1/customer/billing/subscription?immediately=true",
+            &shop.token,
+        )
+        .await;
+    assert_eq!(status, 200);
     let (status, body) = post(&app, &shop, "/api/v1/customer/billing/subscribe", subscribe).await;
 
     assert_eq!(status, 201, "{body}");

@@ -242,6 +242,11 @@ impl TestApp {
         answer(self.http.get(self.url(path)).bearer_auth(credential)).await
     }
 
+    /// DELETEs with a bearer credential; returns status and body.
+    pub async fn delete_json(&self, path: &str, credential: &str) -> (u16, Value) {
+        answer(self.http.delete(self.url(path)).bearer_auth(credential)).await
+    }
+
     /// The Prometheus text of `/metrics`.
     pub async fn metrics_text(&self) -> String {
         self.http

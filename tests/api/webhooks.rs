@@ -231,6 +231,39 @@ fn payment_intent(customer: Uuid, id: &str, tokens: i64) -> Value {
            "metadata": {"customer_id": customer.to_string(), "tokens": tokens.to_string()}})
 }
 
+/// A shop with rec-001 active that bought `tokens` with payment intent `pi`.
+async fn shop_with_purchase(app: &TestApp, pi: &str, tokens: i64) -> Customer {
+    let shop = app.create_customer(None).await;
+    app.activate(&shop, "rec-001").await;
+    let (status, body) = app
+        .stripe_event(
+            &format!("evt_{pi}"),
+            "payment_intent.succeeded",
+            now(),
+            payment_intent(shop.id, pi, tokens),
+        )
+        .await;
+    assert_eq!((status, &body["outcome"]), (200, &json!("applied")));
+    shop
+}
+
+/// The charge of a purchase of `tokens` (2 cents each), refunded in full.
+fn full_refund(pi: &str, tokens: i64) -> Value {
+    json!({"id": format!("ch_{pi}"), "object": "charge", "payment_intent": pi,
+           "amount": tokens * 2, "amount_refunded": tokens * 2, "refunded": true})
+}
+
+/// (purchased tokens credited, purchased tokens used) in the ledger.
+async fn ledger_purchased(app: &TestApp, shop: &Customer) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT purchased_tokens_credited, purchased_tokens_used FROM customers WHERE id = $1",
+    )
+    .bind(shop.id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn a_purchase_is_credited_once_under_concurrent_duplicate_deliveries() {
     let app = Arc::new(spawn_app().await);
@@ -276,21 +309,16 @@ async fn a_purchase_is_credited_once_under_concurrent_duplicate_deliveries() {
 #[tokio::test]
 async fn a_refund_takes_back_the_unspent_purchased_tokens() {
     let app = spawn_app().await;
-    let shop = app.create_customer(None).await;
-    app.activate(&shop, "rec-001").await;
-    app.stripe_event(
-        "evt_pi",
-        "payment_intent.succeeded",
-        now(),
-        payment_intent(shop.id, "pi_r", 500),
-    )
-    .await;
+    let shop = shop_with_purchase(&app, "pi_r", 500).await;
     assert_eq!(consume(&app, &shop, 100).await.0, 200);
 
-    let charge = json!({"id": "ch_1", "object": "charge", "payment_intent": "pi_r",
-                        "amount": 1000, "amount_refunded": 1000, "refunded": true});
     let (status, body) = app
-        .stripe_event("evt_refund", "charge.refunded", now(), charge.clone())
+        .stripe_event(
+            "evt_refund",
+            "charge.refunded",
+            now(),
+            full_refund("pi_r", 500),
+        )
         .await;
     assert_eq!(
         (status, body["outcome"].as_str()),
@@ -298,22 +326,25 @@ async fn a_refund_takes_back_the_unspent_purchased_tokens() {
         "{body}"
     );
     let (_, again) = app
-        .stripe_event("evt_refund_2", "charge.refunded", now(), charge)
+        .stripe_event(
+            "evt_refund_2",
+            "charge.refunded",
+            now(),
+            full_refund("pi_r", 500),
+        )
         .await;
     assert_eq!(again["outcome"], "duplicate");
 
     let (status, body) = consume(&app, &shop, 1).await;
     assert_eq!((status, &body["tokens_remaining"]), (402, &json!(0)));
-    let (credited, status): (i64, String) = sqlx::query_as(
-        "SELECT c.purchased_tokens_credited, p.status FROM customers c \
-         JOIN token_purchases p ON p.customer_id = c.id WHERE c.id = $1",
+    let status: String = sqlx::query_scalar(
+        "SELECT status FROM token_purchases WHERE stripe_payment_intent_id = 'pi_r'",
     )
-    .bind(shop.id)
     .fetch_one(&app.db)
     .await
     .unwrap();
     assert_eq!(
-        (credited, status.as_str()),
+        (ledger_purchased(&app, &shop).await.0, status.as_str()),
         (100, "refunded"),
         "the 100 spent stay spent"
     );
@@ -322,34 +353,24 @@ async fn a_refund_takes_back_the_unspent_purchased_tokens() {
 #[tokio::test]
 async fn a_refund_after_redis_lost_the_hot_state_takes_back_what_the_ledger_holds_unspent() {
     let app = spawn_app().await;
-    let shop = app.create_customer(None).await;
-    app.activate(&shop, "rec-001").await;
-    app.stripe_event(
-        "evt_pi",
-        "payment_intent.succeeded",
-        now(),
-        payment_intent(shop.id, "pi_cold", 500),
-    )
-    .await;
+    let shop = shop_with_purchase(&app, "pi_cold", 500).await;
     assert_eq!(consume(&app, &shop, 100).await.0, 200);
     app.drain_usage().await;
     app.wipe_redis().await;
 
-    let charge = json!({"id": "ch_cold", "object": "charge", "payment_intent": "pi_cold",
-                        "amount": 1000, "amount_refunded": 1000, "refunded": true});
     let (status, body) = app
-        .stripe_event("evt_refund_cold", "charge.refunded", now(), charge)
+        .stripe_event(
+            "evt_refund_cold",
+            "charge.refunded",
+            now(),
+            full_refund("pi_cold", 500),
+        )
         .await;
     assert_eq!((status, body["outcome"].as_str()), (200, Some("applied")));
 
-    let credited: i64 =
-        sqlx::query_scalar("SELECT purchased_tokens_credited FROM customers WHERE id = $1")
-            .bind(shop.id)
-            .fetch_one(&app.db)
-            .await
-            .unwrap();
     assert_eq!(
-        credited, 100,
+        ledger_purchased(&app, &shop).await,
+        (100, 100),
         "the 400 unspent taken back, the 100 spent kept"
     );
     let (status, body) = consume(&app, &shop, 1).await;
@@ -364,16 +385,8 @@ async fn a_refund_racing_consumes_takes_back_in_the_ledger_exactly_what_it_took_
     for i in 0..4 {
         let app = app.clone();
         shops.spawn(async move {
-            let shop = app.create_customer(None).await;
-            app.activate(&shop, "rec-001").await;
             let pi = format!("pi_race_{i}");
-            app.stripe_event(
-                &format!("evt_pi_race_{i}"),
-                "payment_intent.succeeded",
-                now(),
-                payment_intent(shop.id, &pi, 300),
-            )
-            .await;
+            let shop = shop_with_purchase(&app, &pi, 300).await;
 
             // The shop spends its 300 tokens one at a time, eight at once,
             // and its purchase is refunded in full while it does.
@@ -388,15 +401,12 @@ async fn a_refund_racing_consumes_takes_back_in_the_ledger_exactly_what_it_took_
             {
                 tokio::task::yield_now().await;
             }
-            let charge = json!({"id": format!("ch_race_{i}"), "object": "charge",
-                                "payment_intent": pi, "amount": 600, "amount_refunded": 600,
-                                "refunded": true});
             let (status, body) = app
                 .stripe_event(
                     &format!("evt_refund_race_{i}"),
                     "charge.refunded",
                     now(),
-                    charge,
+                    full_refund(&pi, 300),
                 )
                 .await;
             assert_eq!(status, 200, "{body}");
@@ -408,13 +418,7 @@ async fn a_refund_racing_consumes_takes_back_in_the_ledger_exactly_what_it_took_
     app.drain_usage().await;
 
     for (shop, charged) in shops {
-        let (credited, used): (i64, i64) = sqlx::query_as(
-            "SELECT purchased_tokens_credited, purchased_tokens_used FROM customers WHERE id = $1",
-        )
-        .bind(shop.id)
-        .fetch_one(&app.db)
-        .await
-        .unwrap();
+        let (credited, used) = ledger_purchased(&app, &shop).await;
         let (rows, spent) = app.usage_rows(shop.id).await;
         assert_eq!((rows, used), (charged, spent));
         assert_eq!(
@@ -467,16 +471,6 @@ async fn loaded_with_eight_tokens(app: &TestApp) -> Customer {
     shop
 }
 
-async fn ledger_purchased(app: &TestApp, shop: &Customer) -> (i64, i64) {
-    sqlx::query_as(
-        "SELECT purchased_tokens_credited, purchased_tokens_used FROM customers WHERE id = $1",
-    )
-    .bind(shop.id)
-    .fetch_one(&app.db)
-    .await
-    .unwrap()
-}
-
 #[tokio::test]
 async fn a_credit_done_in_redis_by_a_delivery_that_died_before_its_commit_is_done_once() {
     let app = spawn_app().await;
@@ -519,7 +513,7 @@ async fn a_take_done_in_redis_by_a_refund_that_died_before_its_commit_is_done_on
     let app = spawn_app().await;
     let shop = loaded_with_eight_tokens(&app).await;
     app.stripe_event(
-        "evt_pi",
+        "evt_pi_back",
         "payment_intent.succeeded",
         now(),
         payment_intent(shop.id, "pi_back", 500),
@@ -530,10 +524,13 @@ async fn a_take_done_in_redis_by_a_refund_that_died_before_its_commit_is_done_on
     let taken = app.state.hot.take_purchased(shop.id, &once, 500).await;
     assert_eq!(taken.unwrap(), Some(500));
 
-    let charge = json!({"id": "ch_back", "object": "charge", "payment_intent": "pi_back",
-                        "amount": 1000, "amount_refunded": 1000, "refunded": true});
     let (status, body) = app
-        .stripe_event("evt_refund_back", "charge.refunded", now(), charge)
+        .stripe_event(
+            "evt_refund_back",
+            "charge.refunded",
+            now(),
+            full_refund("pi_back", 500),
+        )
         .await;
 
     assert_eq!((status, &body["outcome"]), (200, &json!("applied")));
