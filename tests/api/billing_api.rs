@@ -67,6 +67,12 @@ async fn post(app: &TestApp, shop: &Customer, at: &str, body: Value) -> (u16, Va
     app.post_json(at, &shop.token, body).await
 }
 
+/// Subscribes `shop` to Starter with Stripe's test card.
+async fn subscribe_to_starter(app: &TestApp, shop: &Customer) -> (u16, Value) {
+    let body = json!({"plan_id": "starter", "payment_method_id": "pm_card_visa"});
+    post(app, shop, "/api/v1/customer/billing/subscribe", body).await
+}
+
 #[tokio::test]
 async fn subscribing_creates_the_stripe_customer_once_and_opens_the_plan() {
     let (app, stripe) = with_stripe().await;
@@ -109,14 +115,7 @@ async fn subscribing_creates_the_stripe_customer_once_and_opens_the_plan() {
     assert_eq!(body["client_secret"], "seti_standin_secret_1");
     assert_eq!(body["publishable_key"], "pk_test_standin");
 
-    let subscribe = json!({"plan_id": "starter", "payment_method_id": "pm_card_visa"});
-    let (status, body) = post(
-        &app,
-        &shop,
-        "/api/v1/customer/billing/subscribe",
-        subscribe.clone(),
-    )
-    .await;
+    let (status, body) = subscribe_to_starter(&app, &shop).await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["plan_id"], "starter");
     assert_eq!(body["status"], "active");
@@ -126,7 +125,7 @@ async fn subscribing_creates_the_stripe_customer_once_and_opens_the_plan() {
     let (status, consumed) = app.consume(&shop.token, json!({"app_id": "rec-001"})).await;
     assert_eq!((status, &consumed["tokens_remaining"]), (200, &json!(998)));
 
-    let (status, _) = post(&app, &shop, "/api/v1/customer/billing/subscribe", subscribe).await;
+    let (status, _) = subscribe_to_starter(&app, &shop).await;
     assert_eq!(status, 409, "subscribed once");
     let (status, shown) = app
         .get_json("/api/v1/customer/billing/subscription", &shop.token)
@@ -318,13 +317,7 @@ async fn an_upgrade_opens_more_at_once_a_downgrade_waits_and_cancelling_keeps_th
         .mount(&stripe)
         .await;
 
-    let (status, _) = post(
-        &app,
-        &shop,
-        "/api/v1/customer/billing/subscribe",
-        json!({"plan_id": "starter", "payment_method_id": "pm_card_visa"}),
-    )
-    .await;
+    let (status, _) = subscribe_to_starter(&app, &shop).await;
     assert_eq!(status, 201);
     app.activate(&shop, "rec-001").await;
     let spend = |tokens: i64| {
@@ -500,15 +493,7 @@ async fn subscribing_again_after_cancelling_at_once_makes_a_new_subscription() {
         })
         .mount(&stripe)
         .await;
-    let subscribe = json!({"plan_id": "starter", "payment_method_id": "pm_card_visa"});
-
-    let (status, body) = post(
-        &app,
-        &shop,
-        "/api/v1/customer/billing/subscribe",
-        subscribe.clone(),
-    )
-    .await;
+    let (status, body) = subscribe_to_starter(&app, &shop).await;
     assert_eq!(
         (status, &body["stripe_subscription_id"]),
         (201, &json!("sub_standin")),
@@ -521,7 +506,7 @@ async fn subscribing_again_after_cancelling_at_once_makes_a_new_subscription() {
         )
         .await;
     assert_eq!(status, 200);
-    let (status, body) = post(&app, &shop, "/api/v1/customer/billing/subscribe", subscribe).await;
+    let (status, body) = subscribe_to_starter(&app, &shop).await;
 
     assert_eq!(status, 201, "{body}");
     assert_eq!(
