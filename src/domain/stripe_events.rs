@@ -417,7 +417,6 @@ pub async fn apply_subscription(
                 end,
                 next_allowance,
             )));
-            billing::recount_period_usage(tx, customer).await?;
         }
     }
     Ok((Outcome::Applied, changes))
