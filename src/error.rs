@@ -263,6 +263,13 @@ pub fn decode_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError
             )]));
         }
     }
+    decode_json_with_nul(body)
+}
+
+/// Deserializes `body` as [`decode_json`] does but lets U+0000 through: for
+/// a body whose free text is never stored (a Stripe event carries what
+/// customers typed, and refusing it would refuse the event on every retry).
+pub fn decode_json_with_nul<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
     // The common case, valid input, pays for no path tracking; only a
     // failure is parsed again to name the field.
     if let Ok(value) = serde_json::from_slice(body) {

@@ -76,7 +76,9 @@ impl Accounts {
     /// consume through (an activation, a new key, added tokens) are undone
     /// in Redis; those that only refuse (a pause, a revocation) are left,
     /// and the next rebuild or a retry of the request settles them. Tokens a
-    /// refund took back are given back too.
+    /// refund took back are given back too when the commit fails (an error
+    /// inside `change` after the take leaves it to the marker: the retry is
+    /// told what was taken).
     ///
     /// Credits and takes of tokens are done once per effect (see
     /// [`crate::hot::account::Once`]): if the process dies between Redis and
@@ -97,8 +99,9 @@ impl Accounts {
         }
         let (result, changes) = change(&mut tx).await?;
         if let Err(e) = self.hot.update_account(customer, &changes).await {
-            // The reply may be what was lost; only a gated update can be
-            // undone without knowing whether it was applied.
+            // The reply may be what was lost; only credits and takes, gated
+            // by their marker, can be undone without knowing whether they
+            // were applied.
             if changes.iter().any(AccountChange::is_once) {
                 self.undo(customer, &changes, "update").await;
             }
@@ -112,14 +115,17 @@ impl Accounts {
     }
 
     async fn undo(&self, customer: Uuid, changes: &[AccountChange], failed: &str) {
-        let undo: Vec<AccountChange> = changes.iter().flat_map(undo_of_permissive).collect();
+        let undo: Vec<AccountChange> = changes.iter().flat_map(undo_of).collect();
         if let Err(e) = self.hot.update_account(customer, &undo).await {
             tracing::error!(%customer, error = ?e, failed, "could not undo a hot-state change");
         }
     }
 }
 
-fn undo_of_permissive(change: &AccountChange) -> Vec<AccountChange> {
+/// What reverses `change` after its commit failed: the changes that could
+/// let a consume through, and the gated credits and takes (reversed only
+/// if their marker says they were done).
+fn undo_of(change: &AccountChange) -> Vec<AccountChange> {
     match change {
         AccountChange::ActivateApp(slug) => vec![AccountChange::DeactivateApp(slug.clone())],
         AccountChange::AddEmbedKey { id, .. } => vec![AccountChange::RemoveEmbedKey(*id)],

@@ -271,8 +271,9 @@ impl SubscriptionFacts {
             period("current_period_end")?,
         );
         if end <= start {
-            // Applied, it would be a period no consume could be in; a 400
-            // rather than a 500 Stripe would retry for days.
+            // Applied, it would be a period no consume could be in (and
+            // the rollover script refuses it). The payload is at fault, not
+            // us: a 400, never a 500.
             return Err(ApiError::InvalidRequest(
                 "the subscription's period does not end after it starts".into(),
             ));

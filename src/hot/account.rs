@@ -165,9 +165,11 @@ pub enum AccountChange {
 }
 
 /// The identity of a change to a balance that must happen once: the
-/// effect it belongs to (a purchase's payment intent, a refund's share, a
-/// grant), the same however often the request or the webhook is retried.
-/// Remembered for [`ONCE_TTL_SECS`], longer than Stripe retries a webhook.
+/// effect it belongs to (a purchase's payment intent, a refund's share of
+/// a purchase, a grant), the same however often Stripe's webhook or the
+/// purchase request is retried (a grant's id is new with each request, so
+/// it guards only that request's own undo). Remembered for
+/// [`ONCE_TTL_SECS`], longer than Stripe retries a webhook.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Once(String);
 
@@ -179,9 +181,10 @@ impl Once {
         Self(format!("purchase:{payment_intent}"))
     }
 
-    /// A refund taking back the purchase's tokens up to `refunded`.
-    pub fn refund(payment_intent: &str, refunded: i32) -> Self {
-        Self(format!("refund:{payment_intent}:{refunded}"))
+    /// A refund taking back the purchase's tokens up to `refunded_tokens`
+    /// (its refunded share, in tokens).
+    pub fn refund(payment_intent: &str, refunded_tokens: i32) -> Self {
+        Self(format!("refund:{payment_intent}:{refunded_tokens}"))
     }
 
     pub fn grant(grant: Uuid) -> Self {

@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::{
     auth::stripe_signature::{self, SignatureError},
     domain::stripe_events::{Event, Outcome},
-    error::{decode_json, ApiError},
+    error::{decode_json_with_nul, ApiError},
     state::Shared,
 };
 
@@ -65,7 +65,7 @@ pub async fn stripe(
         .collect();
     stripe_signature::verify(&secrets, header, &body, chrono::Utc::now().timestamp())
         .map_err(ApiError::InvalidSignature)?;
-    let event: Event = decode_json(&body)?;
+    let event: Event = decode_json_with_nul(&body)?;
     let outcome = state.stripe_events.apply(event).await?;
     Ok(Json(Received {
         received: true,

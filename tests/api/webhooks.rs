@@ -633,6 +633,26 @@ async fn a_switch_from_an_operators_subscription_to_stripe_mid_period_follows_st
 }
 
 #[tokio::test]
+async fn an_event_carrying_a_nul_in_customer_text_is_applied() {
+    let app = spawn_app().await;
+    let shop = app.create_customer(None).await;
+    let mut intent = payment_intent(shop.id, "pi_nul", 300);
+    intent["description"] = json!("gift for Ann\u{0}e");
+    intent["shipping"] = json!({"name": "\u{0}"});
+
+    let (status, body) = app
+        .stripe_event("evt_pi_nul", "payment_intent.succeeded", now(), intent)
+        .await;
+
+    assert_eq!(
+        (status, &body["outcome"]),
+        (200, &json!("applied")),
+        "{body}"
+    );
+    assert_eq!(ledger_purchased(&app, &shop).await, (300, 0));
+}
+
+#[tokio::test]
 async fn events_we_do_not_act_on_are_acknowledged() {
     let app = spawn_app().await;
     let (status, body) = app
