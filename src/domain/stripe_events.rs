@@ -356,6 +356,12 @@ pub async fn apply_subscription(
     // state, or the hot state would start a period at our old end, inside
     // Stripe's.
     let reanchor = old_end.is_none_or(|old_end| start != old_end && end != old_end);
+    // Within our period, its start stays ours: the ledger counts the
+    // period's usage over the same window as the hot state's `used`.
+    let recorded_start = match (&current, same_period) {
+        (Some(c), true) => c.start.unwrap_or(start),
+        _ => start,
+    };
     // A smaller allowance mid-period waits for the period's end.
     let downgrade = current.as_ref().is_some_and(|c| {
         same_period && c.plan_id != plan.id && is_smaller(plan.tokens_per_month, c.allowance)
@@ -373,12 +379,12 @@ pub async fn apply_subscription(
             pending_plan_id: pending,
             status: status.name(),
             past_due_since,
-            start,
+            start: recorded_start,
             end,
             cancel_at_period_end: sub.cancel_at_period_end,
             synced_at: created,
             stripe_customer,
-            reanchor,
+            anchor: reanchor.then_some(start),
         },
     )
     .await?;

@@ -170,6 +170,7 @@ pub struct BillingRow {
     pub plan_id: String,
     pub allowance: i32,
     pub status: String,
+    pub start: Option<DateTime<Utc>>,
     pub end: Option<DateTime<Utc>>,
     pub anchor: Option<DateTime<Utc>>,
     pub past_due_since: Option<DateTime<Utc>>,
@@ -181,7 +182,8 @@ pub async fn lock_billing(
     customer: Uuid,
 ) -> sqlx::Result<Option<BillingRow>> {
     sqlx::query_as(
-        "SELECT b.plan_id, p.tokens_per_month AS allowance, b.status, b.billing_cycle_end AS end, \
+        "SELECT b.plan_id, p.tokens_per_month AS allowance, b.status, \
+                b.billing_cycle_start AS start, b.billing_cycle_end AS end, \
                 COALESCE(b.billing_anchor, b.billing_cycle_start) AS anchor, b.past_due_since, \
                 b.stripe_synced_at AS synced_at \
          FROM customer_billing b JOIN billing_plans p ON p.id = b.plan_id \
@@ -207,10 +209,11 @@ pub struct SubscriptionState<'a> {
     pub synced_at: DateTime<Utc>,
     /// Stripe's customer id, sealed (`ledger::sealed`).
     pub stripe_customer: Option<String>,
-    /// Periods count from `start` from now on: Stripe's period is not ours
-    /// nor the one after it (a switch from an operator's subscription, a
-    /// subscription begun again after a gap).
-    pub reanchor: bool,
+    /// Periods count from here from now on (Stripe's start, when Stripe's
+    /// period is neither ours nor the one after it: a switch from an
+    /// operator's subscription, a subscription begun again after a gap);
+    /// `None` keeps the anchor.
+    pub anchor: Option<DateTime<Utc>>,
 }
 
 pub async fn write_subscription(
@@ -222,10 +225,10 @@ pub async fn write_subscription(
         "INSERT INTO customer_billing (customer_id, plan_id, pending_plan_id, stripe_subscription_id, status, \
              past_due_since, billing_cycle_start, billing_cycle_end, billing_anchor, cancel_at_period_end, stripe_synced_at, \
              stripe_customer_id) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $7, $9, $10, $11) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, COALESCE($12, $7), $9, $10, $11) \
          ON CONFLICT (customer_id) DO UPDATE SET plan_id = $2, pending_plan_id = $3, stripe_subscription_id = $4, \
              status = $5, past_due_since = $6, billing_cycle_start = $7, billing_cycle_end = $8, \
-             billing_anchor = CASE WHEN $12 THEN $7 ELSE COALESCE(customer_billing.billing_anchor, $7) END, \
+             billing_anchor = COALESCE($12, customer_billing.billing_anchor, $7), \
              cancel_at_period_end = $9, \
              stripe_synced_at = $10, updated_at = NOW(), \
              stripe_customer_id = COALESCE($11, customer_billing.stripe_customer_id)",
@@ -241,7 +244,7 @@ pub async fn write_subscription(
     .bind(s.cancel_at_period_end)
     .bind(s.synced_at)
     .bind(&s.stripe_customer)
-    .bind(s.reanchor)
+    .bind(s.anchor)
     .execute(&mut *conn)
     .await?;
     recount_period_usage(conn, customer).await

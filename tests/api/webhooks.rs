@@ -589,6 +589,13 @@ async fn a_switch_from_an_operators_subscription_to_stripe_mid_period_follows_st
     let shop = app.create_customer(Some("starter")).await;
     app.activate(&shop, "rec-001").await;
     assert_eq!(consume(&app, &shop, 100).await.0, 200);
+    let our_start: chrono::DateTime<Utc> = sqlx::query_scalar(
+        "SELECT billing_cycle_start FROM customer_billing WHERE customer_id = $1",
+    )
+    .bind(shop.id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
     // Stripe's period began ten days ago: not ours, not the one after.
     let (start, end) = (now() - 10 * 86_400, now() + 20 * 86_400);
     let mut sub = subscription(shop.id, "price_pro_monthly", "active");
@@ -616,14 +623,23 @@ async fn a_switch_from_an_operators_subscription_to_stripe_mid_period_follows_st
         "no period starts at the operator's end, inside Stripe's"
     );
     assert!(next_end > period_end);
-    let (anchor, ends): (chrono::DateTime<Utc>, chrono::DateTime<Utc>) = sqlx::query_as(
-        "SELECT billing_anchor, billing_cycle_end FROM customer_billing WHERE customer_id = $1",
+    let (anchor, starts, ends): (
+        chrono::DateTime<Utc>,
+        chrono::DateTime<Utc>,
+        chrono::DateTime<Utc>,
+    ) = sqlx::query_as(
+        "SELECT billing_anchor, billing_cycle_start, billing_cycle_end FROM customer_billing \
+             WHERE customer_id = $1",
     )
     .bind(shop.id)
     .fetch_one(&app.db)
     .await
     .unwrap();
     assert_eq!((anchor.timestamp(), ends.timestamp()), (start, end));
+    assert_eq!(
+        starts, our_start,
+        "this period's usage is counted over the hot state's window"
+    );
     let (status, body) = consume(&app, &shop, 2).await;
     assert_eq!(
         (status, &body["tokens_remaining"]),
