@@ -73,22 +73,21 @@ impl Keys {
     }
 
     pub fn idempotency(&self, customer: Uuid, idempotency_key: &str) -> String {
-        let digest = Sha256::digest(idempotency_key.as_bytes());
-        format!(
-            "{}:{{s{}}}:c:{}:idem:{}",
-            self.root,
-            self.shard_of(customer),
-            customer,
-            hex::encode(digest)
-        )
+        self.hashed(customer, "idem", idempotency_key)
     }
 
     /// The marker of a change done once; the id is hashed, as it may hold
     /// a webhook's strings.
     pub fn once(&self, customer: Uuid, id: &str) -> String {
+        self.hashed(customer, "once", id)
+    }
+
+    /// A customer's key named by the SHA-256 of `id`: any string makes a
+    /// short, safe key.
+    fn hashed(&self, customer: Uuid, kind: &str, id: &str) -> String {
         let digest = Sha256::digest(id.as_bytes());
         format!(
-            "{}:{{s{}}}:c:{}:once:{}",
+            "{}:{{s{}}}:c:{}:{kind}:{}",
             self.root,
             self.shard_of(customer),
             customer,

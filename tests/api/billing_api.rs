@@ -67,6 +67,17 @@ async fn post(app: &TestApp, shop: &Customer, at: &str, body: Value) -> (u16, Va
     app.post_json(at, &shop.token, body).await
 }
 
+/// Buys `tokens` with `payment_method` (no Idempotency-Key).
+async fn purchase_tokens(
+    app: &TestApp,
+    shop: &Customer,
+    tokens: i64,
+    payment_method: &str,
+) -> (u16, Value) {
+    let body = json!({"tokens": tokens, "payment_method_id": payment_method});
+    post(app, shop, "/api/v1/customer/billing/tokens/purchase", body).await
+}
+
 /// Subscribes `shop` to Starter with Stripe's test card.
 async fn subscribe_to_starter(app: &TestApp, shop: &Customer) -> (u16, Value) {
     let body = json!({"plan_id": "starter", "payment_method_id": "pm_card_visa"});
@@ -246,13 +257,7 @@ async fn a_refused_card_is_a_422_and_records_nothing() {
                          "message": "Your card was declined."}}),
     )
     .await;
-    let (status, body) = post(
-        &app,
-        &shop,
-        "/api/v1/customer/billing/tokens/purchase",
-        json!({"tokens": 500, "payment_method_id": "pm_card_chargeDeclined"}),
-    )
-    .await;
+    let (status, body) = purchase_tokens(&app, &shop, 500, "pm_card_chargeDeclined").await;
     assert_eq!(status, 422, "{body}");
     assert_eq!(body["error"]["details"][0]["field"], "payment_method_id");
     let purchases: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM token_purchases")
@@ -261,13 +266,7 @@ async fn a_refused_card_is_a_422_and_records_nothing() {
         .unwrap();
     assert_eq!(purchases, 0);
 
-    let (status, body) = post(
-        &app,
-        &shop,
-        "/api/v1/customer/billing/tokens/purchase",
-        json!({"tokens": 5, "payment_method_id": "not-a-pm"}),
-    )
-    .await;
+    let (status, body) = purchase_tokens(&app, &shop, 5, "not-a-pm").await;
     assert_eq!(status, 422);
     let mut fields: Vec<&str> = body["error"]["details"]
         .as_array()
@@ -387,13 +386,7 @@ async fn a_purchase_awaiting_3d_secure_is_credited_only_when_a_payment_attempt_s
         payment_intent("pi_3ds", "requires_action"),
     )
     .await;
-    let (status, body) = post(
-        &app,
-        &shop,
-        "/api/v1/customer/billing/tokens/purchase",
-        json!({"tokens": 500, "payment_method_id": "pm_card_threeDSecure2Required"}),
-    )
-    .await;
+    let (status, body) = purchase_tokens(&app, &shop, 500, "pm_card_threeDSecure2Required").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         (&body["credited"], &body["client_secret"]),
