@@ -51,6 +51,17 @@ impl CatalogApp {
     pub fn is_disabled(&self) -> bool {
         self.row.status == "disabled"
     }
+
+    /// Whether merchants may see and activate the app: never when
+    /// disabled, and a beta app only with `ENABLE_BETA_APPS`. Hidden means
+    /// not activatable either.
+    pub fn is_offered(&self, include_beta: bool) -> bool {
+        match self.row.status.as_str() {
+            "disabled" => false,
+            "beta" => include_beta,
+            _ => true,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -75,12 +86,7 @@ pub struct Filter<'a> {
 impl Filter<'_> {
     fn admits(&self, app: &CatalogApp, q: Option<&str>) -> bool {
         let row = &app.row;
-        let listed = match row.status.as_str() {
-            "disabled" => false,
-            "beta" => self.include_beta,
-            _ => true,
-        };
-        listed
+        app.is_offered(self.include_beta)
             && self.category.is_none_or(|c| row.category == c)
             && self.status.is_none_or(|s| row.status == s)
             && self.pricing_tier.is_none_or(|t| row.pricing_tier == t)

@@ -91,7 +91,7 @@ impl From<activations::ActivationRow> for Activation {
     params(("app_id" = String, Path, description = "e.g. `vto-001`")), request_body = ActivateBody,
     responses((status = 200, body = Activation),
               (status = 403, description = "`plan_upgrade_required`", body = crate::error::ErrorBody),
-              (status = 404, body = crate::error::ErrorBody),
+              (status = 404, description = "Unknown app, or one not offered: disabled, or beta without `ENABLE_BETA_APPS`", body = crate::error::ErrorBody),
               (status = 422, description = "`configuration` does not fit the app's `configuration_schema`: one detail per field (unknown fields, wrong types, a `select` value not among its options); omitted fields take their defaults", body = crate::error::ErrorBody),
               (status = 429, description = "`rate_limited`: over `RATE_LIMIT_ACTIVATE_PER_HOUR` (10 an hour); nothing activated", body = crate::error::ErrorBody,
                   headers(("Retry-After" = u64, description = "Seconds until a request is allowed again"),
@@ -109,7 +109,7 @@ pub async fn activate(
     let app = state
         .catalog
         .get(&app_id)
-        .filter(|a| !a.is_disabled())
+        .filter(|a| a.is_offered(state.settings.enable_beta_apps))
         .ok_or(ApiError::NotFound("app"))?;
     // An empty body activates with the defaults.
     let body: ActivateBody = if body.is_empty() {
@@ -210,7 +210,8 @@ pub async fn update(
         .get(&app_id)
         .ok_or(ApiError::NotFound("app"))?;
     let body: UpdateBody = decode_json(&body)?;
-    if body.status == Some(UpdateStatus::Active) && app.is_disabled() {
+    if body.status == Some(UpdateStatus::Active) && !app.is_offered(state.settings.enable_beta_apps)
+    {
         return Err(ApiError::NotFound("app"));
     }
     let configuration = body

@@ -1,14 +1,20 @@
 //! Operator bootstrap: customers and grants, so a fresh install is usable
 //! without Stripe.
 
-use axum::{extract::State, http::StatusCode, routing::post, Router};
+use axum::{
+    extract::State,
+    http::{HeaderMap, HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+    routing::post,
+    Router,
+};
 use chrono::{DateTime, Months, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::{
     auth::AdminAuth,
-    extract::{Json, PathParam},
+    extract::{idempotency_key, Json, PathParam},
 };
 use crate::{
     error::{ApiError, FieldError},
@@ -123,16 +129,20 @@ pub struct GrantCreated {
 }
 
 #[utoipa::path(post, path = "/api/v1/admin/customers/{id}/grants", tag = "admin", request_body = NewGrant,
-    params(("id" = Uuid, Path)),
+    params(("id" = Uuid, Path),
+           ("Idempotency-Key" = Option<String>, Header,
+            description = "At most 255 characters. A retry with the same key and body returns the first grant (with `Idempotent-Replayed: true`) and credits nothing; the same key with another body is a 409. Kept as long as the grant.")),
     responses((status = 201, body = GrantCreated), (status = 404, body = crate::error::ErrorBody),
+              (status = 409, description = "`conflict`: the Idempotency-Key was used for another grant", body = crate::error::ErrorBody),
               (status = 422, body = crate::error::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn grant_tokens(
     State(state): State<Shared>,
     admin: AdminAuth,
     PathParam(customer): PathParam<Uuid>,
+    headers: HeaderMap,
     Json(body): Json<NewGrant>,
-) -> Result<(StatusCode, axum::Json<GrantCreated>), ApiError> {
+) -> Result<Response, ApiError> {
     let mut problems = Vec::new();
     if !(1..=100_000_000).contains(&body.tokens) {
         problems.push(FieldError::new(
@@ -147,33 +157,61 @@ pub async fn grant_tokens(
     if !problems.is_empty() {
         return Err(ApiError::Validation(problems));
     }
-    let tokens = body.tokens;
+    // A keyed grant's id is derived from the key, so a retry names the
+    // same grant: the ledger records it once and the credit's marker
+    // (`Once::grant`) gates Redis.
+    let id = match idempotency_key(&headers)? {
+        Some(key) => Uuid::new_v5(&customer, format!("grant:{key}").as_bytes()),
+        None => Uuid::now_v7(),
+    };
+    let tokens = body.tokens as i32;
     let operator = admin.operator.to_string();
     let reason_for_tx = reason.clone();
-    let id = state
+    let granted = state
         .accounts
         .change(customer, move |tx| {
             Box::pin(async move {
-                let id = customers::grant(tx, customer, tokens as i32, &reason_for_tx, &operator)
-                    .await?;
-                Ok((
-                    id,
-                    vec![AccountChange::CreditPurchased {
-                        tokens,
+                let granted =
+                    customers::grant(tx, id, customer, tokens, &reason_for_tx, &operator).await?;
+                let changes = match &granted {
+                    customers::Granted::New(_) => vec![AccountChange::CreditPurchased {
+                        tokens: i64::from(tokens),
                         once: Once::grant(id),
                     }],
-                ))
+                    customers::Granted::Before(_) => Vec::new(),
+                };
+                Ok((granted, changes))
             })
         })
         .await?;
-    tracing::info!(%customer, tokens, "tokens granted");
-    Ok((
+    let (row, replayed) = match granted {
+        customers::Granted::New(row) => {
+            tracing::info!(%customer, tokens, "tokens granted");
+            (row, false)
+        }
+        customers::Granted::Before(row) if row.tokens == tokens && row.reason == reason => {
+            (row, true)
+        }
+        customers::Granted::Before(_) => {
+            return Err(ApiError::Conflict(
+                "this Idempotency-Key was used for another grant".into(),
+            ))
+        }
+    };
+    let mut response = (
         StatusCode::CREATED,
         axum::Json(GrantCreated {
-            id,
+            id: row.id,
             customer_id: customer,
-            tokens,
-            reason,
+            tokens: i64::from(row.tokens),
+            reason: row.reason,
         }),
-    ))
+    )
+        .into_response();
+    if replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
 }

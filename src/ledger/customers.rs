@@ -51,25 +51,61 @@ pub async fn subscribe_manually(
     Ok(())
 }
 
-/// Records a grant and credits it to the customer's purchased balance.
+/// A grant as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct GrantRow {
+    pub id: Uuid,
+    pub tokens: i32,
+    pub reason: String,
+}
+
+/// What [`grant`] did.
+pub enum Granted {
+    /// Recorded and credited now.
+    New(GrantRow),
+    /// A grant with this id was recorded before (a retry under the same
+    /// `Idempotency-Key`): nothing credited.
+    Before(GrantRow),
+}
+
+/// Records grant `id` and credits it to the customer's purchased balance,
+/// unless a grant with that id exists: then it returns that one and
+/// credits nothing.
 pub async fn grant(
     conn: &mut PgConnection,
+    id: Uuid,
     customer: Uuid,
     tokens: i32,
     reason: &str,
     granted_by: &str,
-) -> sqlx::Result<Uuid> {
-    let id = Uuid::now_v7();
-    sqlx::query("INSERT INTO token_grants (id, customer_id, tokens, reason, granted_by) VALUES ($1, $2, $3, $4, $5)")
-        .bind(id)
-        .bind(customer)
-        .bind(tokens)
-        .bind(reason)
-        .bind(granted_by)
-        .execute(&mut *conn)
-        .await?;
-    credit_purchased(conn, customer, i64::from(tokens)).await?;
-    Ok(id)
+) -> sqlx::Result<Granted> {
+    let inserted: Option<GrantRow> = sqlx::query_as(
+        "INSERT INTO token_grants (id, customer_id, tokens, reason, granted_by) VALUES ($1, $2, $3, $4, $5) \
+         ON CONFLICT (id) DO NOTHING RETURNING id, tokens, reason",
+    )
+    .bind(id)
+    .bind(customer)
+    .bind(tokens)
+    .bind(reason)
+    .bind(granted_by)
+    .fetch_optional(&mut *conn)
+    .await?;
+    match inserted {
+        Some(row) => {
+            credit_purchased(conn, customer, i64::from(tokens)).await?;
+            Ok(Granted::New(row))
+        }
+        None => {
+            let row = sqlx::query_as(
+                "SELECT id, tokens, reason FROM token_grants WHERE id = $1 AND customer_id = $2",
+            )
+            .bind(id)
+            .bind(customer)
+            .fetch_one(conn)
+            .await?;
+            Ok(Granted::Before(row))
+        }
+    }
 }
 
 /// Adds to (or, negative, takes from) the customer's purchased tokens in

@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::helpers::{detail_fields, spawn_app, Customer, TestApp};
+use crate::helpers::{detail_fields, spawn_app, spawn_app_with, Customer, TestApp};
 
 async fn patch(app: &TestApp, shop: &Customer, slug: &str, body: Value) -> (u16, Value) {
     app.patch_json(&format!("/api/v1/customer/apps/{slug}"), &shop.token, body)
@@ -138,4 +138,37 @@ async fn only_an_active_or_paused_activation_can_be_patched() {
     assert_eq!(status, 404, "never activated");
     let (status, _) = patch(&app, &shop, "no-such-app", json!({})).await;
     assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn a_beta_app_hidden_from_the_catalog_cannot_be_activated_either() {
+    let hidden = spawn_app().await;
+    let shop = hidden.create_customer(Some("enterprise")).await;
+
+    let (status, body) = hidden
+        .post_json(
+            "/api/v1/customer/apps/mirror-001/activate",
+            &shop.token,
+            json!({}),
+        )
+        .await;
+
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "not_found");
+    let (_, listed) = hidden.get_json("/api/v1/customer/apps", &shop.token).await;
+    assert_eq!(listed["apps"], json!([]), "nothing was activated");
+
+    let offered = spawn_app_with(&[("ENABLE_BETA_APPS", "true")]).await;
+    let shop = offered.create_customer(Some("enterprise")).await;
+    let (status, body) = offered
+        .post_json(
+            "/api/v1/customer/apps/mirror-001/activate",
+            &shop.token,
+            json!({}),
+        )
+        .await;
+    assert_eq!(
+        status, 200,
+        "with ENABLE_BETA_APPS the beta app activates: {body}"
+    );
 }

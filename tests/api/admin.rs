@@ -1,8 +1,8 @@
 //! The operator bootstrap.
 
-use serde_json::json;
+use serde_json::{json, Value};
 
-use crate::helpers::{detail_fields, spawn_app, Customer};
+use crate::helpers::{detail_fields, spawn_app, Customer, TestApp};
 
 const CUSTOMERS: &str = "/api/v1/admin/customers";
 
@@ -154,4 +154,64 @@ async fn the_openapi_document_and_probes_are_served() {
     assert_eq!(ready["checks"]["postgres"], "ok");
     let metrics = app.metrics_text().await;
     assert!(metrics.contains("http_requests_total"), "{metrics}");
+}
+
+/// Posts a grant with an `Idempotency-Key`; returns status, body and
+/// whether it was answered as a replay.
+async fn keyed_grant(app: &TestApp, shop: &Customer, key: &str, tokens: i64) -> (u16, Value, bool) {
+    let response = app
+        .http
+        .post(app.url(&format!("{CUSTOMERS}/{}/grants", shop.id)))
+        .bearer_auth(app.admin_token())
+        .header("Idempotency-Key", key)
+        .json(&json!({"tokens": tokens, "reason": "goodwill"}))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let replayed = response.headers().get("idempotent-replayed").is_some();
+    (status, response.json().await.unwrap(), replayed)
+}
+
+#[tokio::test]
+async fn a_grant_retried_with_its_idempotency_key_credits_once() {
+    let app = spawn_app().await;
+    let shop = app.create_customer(None).await;
+    app.state.accounts.rebuild(shop.id).await.unwrap();
+
+    let (first_status, first, first_replayed) = keyed_grant(&app, &shop, "grant-7", 40).await;
+    let retries =
+        futures::future::join_all((0..8).map(|_| keyed_grant(&app, &shop, "grant-7", 40))).await;
+
+    assert_eq!((first_status, first_replayed), (201, false), "{first}");
+    for (status, body, replayed) in retries {
+        assert_eq!((status, replayed), (201, true), "{body}");
+        assert_eq!(body["id"], first["id"], "the first grant, answered again");
+    }
+    assert_eq!(app.hot_balance(shop.id).await.map(|b| b.1), Some(40));
+    let (grants, credited): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM token_grants), purchased_tokens_credited FROM customers WHERE id = $1",
+    )
+    .bind(shop.id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!((grants, credited), (1, 40));
+}
+
+#[tokio::test]
+async fn a_grant_key_reused_with_another_body_is_a_409_crediting_nothing() {
+    let app = spawn_app().await;
+    let shop = app.create_customer(None).await;
+    app.state.accounts.rebuild(shop.id).await.unwrap();
+    keyed_grant(&app, &shop, "grant-8", 40).await;
+
+    let (status, body, _) = keyed_grant(&app, &shop, "grant-8", 400).await;
+
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["error"]["code"], "conflict");
+    assert_eq!(app.hot_balance(shop.id).await.map(|b| b.1), Some(40));
+    let (_, other, replayed) = keyed_grant(&app, &shop, "grant-9", 400).await;
+    assert!(!replayed, "another key is another grant: {other}");
+    assert_eq!(app.hot_balance(shop.id).await.map(|b| b.1), Some(440));
 }
