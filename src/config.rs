@@ -102,8 +102,28 @@ pub struct Settings {
     pub enable_beta_apps: bool,
     pub log_level: String,
     pub log_json: bool,
+    pub http: HttpSettings,
     /// True when some setting fell back to a development default.
     pub uses_dev_defaults: bool,
+}
+
+/// How long a client may take to send a request. Defaults are a reverse
+/// proxy's (nginx gives 60 s to headers and body each; these are tighter
+/// for an API whose requests are small): a client that trickles its
+/// request holds a connection no longer than these.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpSettings {
+    /// `HTTP_HEADER_TIMEOUT_SECS` (30): the whole header block must arrive
+    /// within this, counted from when the server starts waiting for it, so
+    /// it also closes keep-alive connections idle this long (hyper's
+    /// header read timeout).
+    pub header_timeout: Duration,
+    /// `HTTP_BODY_TIMEOUT_SECS` (30): the longest wait for the next piece
+    /// of a body (nginx's `client_body_timeout`).
+    pub body_timeout: Duration,
+    /// `HTTP_REQUEST_TIMEOUT_SECS` (60): the whole body must have arrived
+    /// this long after the request began, however steadily it trickles.
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -275,7 +295,17 @@ impl Settings {
     /// process environment.
     pub fn from_map(vars: &HashMap<String, String>) -> Result<Self, ConfigError> {
         let env = Env { vars };
-        let production = env.get("APP_ENV").is_some_and(|v| v == "production");
+        let production = match env.get("APP_ENV") {
+            None | Some("" | "development") => false,
+            Some("production") => true,
+            // A typo here would silently mean development defaults.
+            Some(_) => {
+                return Err(ConfigError::new(
+                    "APP_ENV",
+                    "must be `production` or `development`",
+                ))
+            }
+        };
         let mut dev_defaults = false;
         let mut required = |name: &str, dev: &str| -> Result<String, ConfigError> {
             match env.get(name) {
@@ -307,19 +337,45 @@ impl Settings {
             ));
         }
 
-        let port: u16 = env.parse("PORT", 8000)?;
-        let host: std::net::IpAddr = env.parse("BIND_ADDRESS", [0, 0, 0, 0].into())?;
-        let leeway: u64 = env.parse("JWT_LEEWAY_SECS", 30)?;
-        if leeway > 60 {
-            return Err(ConfigError::new("JWT_LEEWAY_SECS", "must be at most 60"));
-        }
-        let shards: u16 = env.parse("USAGE_STREAM_SHARDS", 16)?;
-        if shards == 0 || shards > 1024 {
+        // The development secrets are in this repository: anyone who can
+        // reach the port could mint an admin token or open sealed data.
+        // They may serve only this machine.
+        let public_secrets: Vec<&str> = [
+            ("JWT_SECRET", jwt_secret == DEV_JWT_SECRET),
+            (
+                "DATA_ENCRYPTION_KEYS",
+                data_encryption_keys == DEV_DATA_KEYS,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, public)| public.then_some(name))
+        .collect();
+        if production && !public_secrets.is_empty() {
             return Err(ConfigError::new(
-                "USAGE_STREAM_SHARDS",
-                "must be in 1..=1024",
+                public_secrets[0],
+                "is the public development value; production needs its own",
             ));
         }
+        let port: u16 = env.parse("PORT", 8000)?;
+        let loopback: std::net::IpAddr = [127, 0, 0, 1].into();
+        let default_host = if public_secrets.is_empty() {
+            [0, 0, 0, 0].into()
+        } else {
+            loopback
+        };
+        let host: std::net::IpAddr = env.parse("BIND_ADDRESS", default_host)?;
+        if !host.is_loopback() && !public_secrets.is_empty() {
+            return Err(ConfigError::new(
+                "BIND_ADDRESS",
+                &format!(
+                    "is {host}, not loopback, while {} holds the public development value: set {} (or bind to 127.0.0.1)",
+                    public_secrets.join(" and "),
+                    public_secrets.join(" and ")
+                ),
+            ));
+        }
+        let leeway: u64 = env.ranged("JWT_LEEWAY_SECS", 30, 0..=60)?;
+        let shards: u16 = env.ranged("USAGE_STREAM_SHARDS", 16, 1..=1024)?;
         let key_prefix = env.get("REDIS_KEY_PREFIX").unwrap_or("ca").to_owned();
         if key_prefix.is_empty() || key_prefix.contains(['{', '}', ' ']) {
             return Err(ConfigError::new(
@@ -327,11 +383,8 @@ impl Settings {
                 "must be non-empty without braces or spaces",
             ));
         }
-        let timeout_ms: u64 = env.parse("REDIS_TIMEOUT_MS", 250)?;
-        let batch_size: usize = env.parse("FLUSH_BATCH_SIZE", 8000)?;
-        if batch_size == 0 || batch_size > 50_000 {
-            return Err(ConfigError::new("FLUSH_BATCH_SIZE", "must be in 1..=50000"));
-        }
+        let timeout_ms: u64 = env.ranged("REDIS_TIMEOUT_MS", 250, 10..=60_000)?;
+        let batch_size: usize = env.ranged("FLUSH_BATCH_SIZE", 8000, 1..=50_000)?;
         let rate_limit_redis_url = env
             .get("API_RATE_LIMIT_REDIS_URL")
             .filter(|v| !v.is_empty())
@@ -362,12 +415,19 @@ impl Settings {
             billing: Limit::hourly(env.parse("RATE_LIMIT_BILLING_PER_HOUR", 50)?),
             redis_url: Secret::new(rate_limit_redis_url),
         };
+        let api_base = env
+            .get("STRIPE_API_BASE")
+            .filter(|v| !v.is_empty())
+            .unwrap_or("https://api.stripe.com/")
+            .to_owned();
+        if !(api_base.starts_with("https://") || api_base.starts_with("http://")) {
+            return Err(ConfigError::new(
+                "STRIPE_API_BASE",
+                "must be an http:// or https:// URL",
+            ));
+        }
         let stripe = StripeSettings {
-            api_base: env
-                .get("STRIPE_API_BASE")
-                .filter(|v| !v.is_empty())
-                .unwrap_or("https://api.stripe.com/")
-                .to_owned(),
+            api_base,
             secret_key: Secret::new(env.get("STRIPE_SECRET_KEY").unwrap_or_default()),
             publishable_key: env
                 .get("STRIPE_PUBLISHABLE_KEY")
@@ -381,44 +441,77 @@ impl Settings {
                 .filter(|s| !s.is_empty())
                 .map(Secret::new)
                 .collect(),
-            cents_per_1000_tokens: positive(
+            cents_per_1000_tokens: env.ranged(
                 "PAYG_PRICE_CENTS_PER_1000_TOKENS",
-                env.parse("PAYG_PRICE_CENTS_PER_1000_TOKENS", 500)?,
-            )? as i64,
+                500,
+                1..=1_000_000,
+            )?,
         };
         let log_level = env.get("LOG_LEVEL").unwrap_or("info").to_ascii_lowercase();
-        let cors_origins = env
+        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+            return Err(ConfigError::new(
+                "LOG_LEVEL",
+                "must be a level (error, warn, info, debug, trace) or a tracing filter",
+            ));
+        }
+        let log_json = match env.get("LOG_FORMAT") {
+            None | Some("" | "json") => true,
+            Some("text") => false,
+            Some(_) => return Err(ConfigError::new("LOG_FORMAT", "must be `json` or `text`")),
+        };
+        let mut cors_origins = Vec::new();
+        for origin in env
             .get("CORS_ORIGINS")
-            .map(|v| {
-                v.split(',')
-                    .map(|o| o.trim().to_owned())
-                    .filter(|o| !o.is_empty())
-                    .collect()
-            })
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|o| !o.is_empty())
+        {
+            // An origin is scheme://host[:port], nothing after: a browser
+            // never sends a path, so one here would never match.
+            let rest = origin
+                .strip_prefix("https://")
+                .or_else(|| origin.strip_prefix("http://"));
+            if !rest.is_some_and(|r| !r.is_empty() && !r.contains('/')) {
+                return Err(ConfigError::new(
+                    "CORS_ORIGINS",
+                    &format!("holds `{origin}`, which is not an origin (https://host[:port])"),
+                ));
+            }
+            cors_origins.push(origin.to_owned());
+        }
+        let consumer_name = match env.get("FLUSHER_CONSUMER") {
+            Some(name) if name.is_empty() || name.contains(char::is_whitespace) => {
+                return Err(ConfigError::new(
+                    "FLUSHER_CONSUMER",
+                    "must be a name without spaces",
+                ))
+            }
+            Some(name) => name.to_owned(),
+            None => format!("flusher-{}", uuid::Uuid::new_v4().simple()),
+        };
 
         Ok(Settings {
             bind: SocketAddr::new(host, port),
             production,
             database: DatabaseSettings {
                 url: Secret::new(database_url),
-                max_connections: env.parse("DATABASE_MAX_CONNECTIONS", 10)?,
+                max_connections: env.ranged("DATABASE_MAX_CONNECTIONS", 10, 1..=1000)?,
                 migrate_on_start: env.parse("MIGRATE_ON_START", true)?,
-                partitions_ahead_months: env.parse("USAGE_PARTITIONS_AHEAD_MONTHS", 3)?,
-                usage_retention_days: positive(
-                    "USAGE_RETENTION_DAYS",
-                    env.parse::<u32>("USAGE_RETENTION_DAYS", 400)?.into(),
-                )? as u32,
+                partitions_ahead_months: env.ranged("USAGE_PARTITIONS_AHEAD_MONTHS", 3, 0..=36)?,
+                usage_retention_days: env.ranged("USAGE_RETENTION_DAYS", 400, 1..=36_500)?,
             },
             redis: RedisSettings {
                 url: Secret::new(redis_url),
-                pool_size: env.parse("REDIS_POOL_SIZE", 1)?,
+                pool_size: env.ranged("REDIS_POOL_SIZE", 1, 1..=64)?,
                 key_prefix,
                 stream_shards: shards,
-                timeout: Duration::from_millis(positive("REDIS_TIMEOUT_MS", timeout_ms)?),
-                settle_timeout: Duration::from_millis(
-                    env.parse("REDIS_SETTLE_TIMEOUT_MS", (timeout_ms * 2 / 5).max(1))?,
-                ),
+                timeout: Duration::from_millis(timeout_ms),
+                settle_timeout: Duration::from_millis(env.ranged(
+                    "REDIS_SETTLE_TIMEOUT_MS",
+                    (timeout_ms * 2 / 5).max(1),
+                    1..=60_000,
+                )?),
             },
             auth: AuthSettings {
                 jwt_secret: Secret::new(jwt_secret),
@@ -430,24 +523,33 @@ impl Settings {
                 jwt_leeway_secs: leeway,
             },
             consume: ConsumeSettings {
-                idempotency_ttl: Duration::from_secs(env.parse("IDEMPOTENCY_TTL_SECS", 86_400)?),
+                // At least a minute: a retry must find its first answer.
+                idempotency_ttl: Duration::from_secs(env.ranged(
+                    "IDEMPOTENCY_TTL_SECS",
+                    86_400,
+                    60..=30 * 86_400,
+                )?),
                 grace_period: Duration::from_secs(
-                    3600 * env.parse::<u64>("PAST_DUE_GRACE_HOURS", 72)?,
+                    3600 * env.ranged::<u64>("PAST_DUE_GRACE_HOURS", 72, 0..=24 * 90)?,
                 ),
             },
             flusher: FlusherSettings {
                 batch_size,
-                max_batch_age: Duration::from_millis(env.parse("FLUSH_MAX_AGE_MS", 250)?),
-                consumer_name: env
-                    .get("FLUSHER_CONSUMER")
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| format!("flusher-{}", uuid::Uuid::new_v4().simple())),
-                claim_idle: Duration::from_millis(env.parse("FLUSH_CLAIM_IDLE_MS", 30_000)?),
-                max_deliveries: positive(
-                    "FLUSH_MAX_DELIVERIES",
-                    env.parse("FLUSH_MAX_DELIVERIES", 5)?,
-                )?,
-                workers: positive("FLUSHER_WORKERS", env.parse("FLUSHER_WORKERS", 2)?)? as usize,
+                max_batch_age: Duration::from_millis(env.ranged(
+                    "FLUSH_MAX_AGE_MS",
+                    250,
+                    1..=60_000,
+                )?),
+                consumer_name,
+                // Shorter than a slow batch would take over entries a live
+                // flusher is still writing.
+                claim_idle: Duration::from_millis(env.ranged(
+                    "FLUSH_CLAIM_IDLE_MS",
+                    30_000,
+                    1_000..=86_400_000,
+                )?),
+                max_deliveries: env.ranged("FLUSH_MAX_DELIVERIES", 5, 1..=1000)?,
+                workers: env.ranged("FLUSHER_WORKERS", 2, 1..=64)?,
                 upkeep: true,
             },
             rate_limits,
@@ -456,17 +558,27 @@ impl Settings {
             cors_origins,
             enable_beta_apps: env.parse("ENABLE_BETA_APPS", false)?,
             log_level,
-            log_json: env.get("LOG_FORMAT").is_none_or(|f| f != "text"),
+            log_json,
+            http: HttpSettings {
+                header_timeout: Duration::from_secs(env.ranged(
+                    "HTTP_HEADER_TIMEOUT_SECS",
+                    30,
+                    1..=3600,
+                )?),
+                body_timeout: Duration::from_secs(env.ranged(
+                    "HTTP_BODY_TIMEOUT_SECS",
+                    30,
+                    1..=3600,
+                )?),
+                request_timeout: Duration::from_secs(env.ranged(
+                    "HTTP_REQUEST_TIMEOUT_SECS",
+                    60,
+                    1..=3600,
+                )?),
+            },
             uses_dev_defaults: dev_defaults,
         })
     }
-}
-
-fn positive(name: &str, value: u64) -> Result<u64, ConfigError> {
-    if value == 0 {
-        return Err(ConfigError::new(name, "must be greater than zero"));
-    }
-    Ok(value)
 }
 
 struct Env<'a> {
@@ -488,6 +600,29 @@ impl Env<'_> {
                 .parse()
                 .map_err(|e| ConfigError::new(name, &format!("could not be read ({e})"))),
         }
+    }
+
+    /// A number that must lie in `range`: a value outside it (a TTL of 0,
+    /// a pool of no connections) would start a service that fails on
+    /// every request, so it stops the start instead.
+    fn ranged<T>(
+        &self,
+        name: &str,
+        default: T,
+        range: std::ops::RangeInclusive<T>,
+    ) -> Result<T, ConfigError>
+    where
+        T: FromStr + PartialOrd + fmt::Display,
+        T::Err: fmt::Display,
+    {
+        let value = self.parse(name, default)?;
+        if !range.contains(&value) {
+            return Err(ConfigError::new(
+                name,
+                &format!("is {value}, outside {}..={}", range.start(), range.end()),
+            ));
+        }
+        Ok(value)
     }
 }
 
@@ -593,6 +728,84 @@ mod tests {
         let r: Roles = "api, flusher".parse().unwrap();
         assert!(r.api && r.flusher && !r.scheduler);
         assert!("web".parse::<Roles>().is_err());
+    }
+
+    #[test]
+    fn development_secrets_serve_only_this_machine() {
+        let dev = Settings::from_map(&vars(&[])).unwrap();
+        assert!(dev.bind.ip().is_loopback(), "{}", dev.bind);
+
+        let exposed = Settings::from_map(&vars(&[("BIND_ADDRESS", "0.0.0.0")])).unwrap_err();
+        assert!(exposed.to_string().contains("BIND_ADDRESS"), "{exposed}");
+        assert!(exposed.to_string().contains("JWT_SECRET"), "{exposed}");
+
+        let own_secrets = vars(&[
+            ("JWT_SECRET", "a-real-secret-of-at-least-32-bytes-000"),
+            (
+                "DATA_ENCRYPTION_KEYS",
+                "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+            ),
+        ]);
+        let served = Settings::from_map(&own_secrets).unwrap();
+        assert!(served.bind.ip().is_unspecified(), "{}", served.bind);
+    }
+
+    #[test]
+    fn production_refuses_the_public_development_secret_even_when_set() {
+        let err = Settings::from_map(&vars(&[
+            ("APP_ENV", "production"),
+            ("DATABASE_URL", "postgres://db/x"),
+            ("REDIS_URL", "redis://cache"),
+            ("JWT_SECRET", DEV_JWT_SECRET),
+            (
+                "DATA_ENCRYPTION_KEYS",
+                "k1:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+            ),
+        ]))
+        .unwrap_err();
+        assert!(err.to_string().contains("JWT_SECRET"), "{err}");
+    }
+
+    #[test]
+    fn settings_outside_their_meaningful_range_stop_the_start_naming_them() {
+        for (name, value) in [
+            ("IDEMPOTENCY_TTL_SECS", "0"),
+            ("REDIS_POOL_SIZE", "0"),
+            ("REDIS_TIMEOUT_MS", "0"),
+            ("REDIS_SETTLE_TIMEOUT_MS", "0"),
+            ("DATABASE_MAX_CONNECTIONS", "0"),
+            ("FLUSH_BATCH_SIZE", "0"),
+            ("FLUSH_MAX_AGE_MS", "0"),
+            ("FLUSH_CLAIM_IDLE_MS", "10"),
+            ("FLUSH_MAX_DELIVERIES", "0"),
+            ("FLUSHER_WORKERS", "0"),
+            ("USAGE_RETENTION_DAYS", "0"),
+            ("USAGE_STREAM_SHARDS", "0"),
+            ("PAYG_PRICE_CENTS_PER_1000_TOKENS", "0"),
+            ("HTTP_HEADER_TIMEOUT_SECS", "0"),
+            ("HTTP_BODY_TIMEOUT_SECS", "0"),
+            ("HTTP_REQUEST_TIMEOUT_SECS", "0"),
+            ("PAST_DUE_GRACE_HOURS", "100000"),
+            ("APP_ENV", "prod"),
+            ("LOG_FORMAT", "pretty"),
+            ("LOG_LEVEL", "loud[="),
+            ("CORS_ORIGINS", "https://shop.example/path"),
+            ("STRIPE_API_BASE", "api.stripe.com"),
+            ("FLUSHER_CONSUMER", "two words"),
+        ] {
+            let err = Settings::from_map(&vars(&[(name, value)]))
+                .err()
+                .unwrap_or_else(|| panic!("{name}={value} was accepted"));
+            assert!(err.to_string().contains(name), "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn http_timeouts_default_to_a_reverse_proxys() {
+        let s = Settings::from_map(&vars(&[])).unwrap();
+        assert_eq!(s.http.header_timeout, Duration::from_secs(30));
+        assert_eq!(s.http.body_timeout, Duration::from_secs(30));
+        assert_eq!(s.http.request_timeout, Duration::from_secs(60));
     }
 
     #[test]

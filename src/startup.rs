@@ -45,7 +45,7 @@ impl Application {
         // First, so every metric handle registered below records.
         let metrics = telemetry::metrics_handle();
         if settings.uses_dev_defaults {
-            tracing::warn!("running with development defaults (local Redis and Postgres, development JWT secret); set APP_ENV=production to forbid this");
+            tracing::warn!("running with development defaults (local Redis and Postgres; the development secrets, if used, serve loopback only); APP_ENV=production forbids them");
         }
         let db = ledger::pool(&settings.database)?;
         if settings.database.migrate_on_start {
