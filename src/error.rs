@@ -38,6 +38,10 @@ pub enum ApiError {
     InvalidRequest(String),
     #[error("request body exceeds 64 KiB")]
     PayloadTooLarge,
+    #[error("the request did not arrive in time")]
+    RequestTimeout,
+    #[error("the request body must be JSON (Content-Type: application/json)")]
+    UnsupportedMediaType,
     #[error("validation failed")]
     Validation(Vec<FieldError>),
 
@@ -75,6 +79,10 @@ pub enum ApiError {
     Conflict(String),
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// An error status a library or layer answered with, given the
+    /// contract's body by [`contract_shaped`].
+    #[error("{}", .0.canonical_reason().unwrap_or("the request failed"))]
+    Other(StatusCode),
 
     /// A dependency (Redis, Postgres) is down or too slow. Nothing was charged.
     #[error("a dependency is unavailable")]
@@ -102,10 +110,13 @@ impl ApiError {
             Conflict(_) => StatusCode::CONFLICT,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
             RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Other(status) => *status,
         }
     }
 
@@ -116,6 +127,8 @@ impl ApiError {
             InvalidJson(_) => "invalid_json",
             InvalidRequest(_) => "invalid_request",
             PayloadTooLarge => "payload_too_large",
+            RequestTimeout => "request_timeout",
+            UnsupportedMediaType => "unsupported_media_type",
             Validation(_) => "validation_failed",
             Unauthenticated => "unauthenticated",
             InvalidToken => "invalid_token",
@@ -134,6 +147,8 @@ impl ApiError {
             MethodNotAllowed => "method_not_allowed",
             Unavailable(_) => "unavailable",
             Internal(_) => "internal_error",
+            Other(status) if status.is_server_error() => "internal_error",
+            Other(_) => "invalid_request",
         }
     }
 
@@ -221,6 +236,56 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl ApiError {
+    /// The error the contract names for an error status.
+    fn for_status(status: StatusCode) -> ApiError {
+        match status {
+            StatusCode::BAD_REQUEST => ApiError::InvalidRequest("the request is malformed".into()),
+            StatusCode::UNAUTHORIZED => ApiError::Unauthenticated,
+            StatusCode::NOT_FOUND => ApiError::NotFound("route"),
+            StatusCode::METHOD_NOT_ALLOWED => ApiError::MethodNotAllowed,
+            StatusCode::REQUEST_TIMEOUT => ApiError::RequestTimeout,
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType,
+            StatusCode::SERVICE_UNAVAILABLE => {
+                ApiError::Unavailable(anyhow::anyhow!("a layer answered 503"))
+            }
+            other => ApiError::Other(other),
+        }
+    }
+}
+
+/// Gives an error answer that is not in the contract's shape (written by a
+/// library or a layer, such as a body-limit rejection in plain text) the
+/// contract's body for its status, keeping its headers (`Allow`,
+/// `Retry-After`). The edge layer runs every response through it, so no
+/// route can answer an error in another shape.
+pub fn contract_shaped(response: Response) -> Response {
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json {
+        return response;
+    }
+    tracing::debug!(%status, "an error answer without the contract's body was given one");
+    let (parts, _) = response.into_parts();
+    let mut shaped = ApiError::for_status(status).into_response();
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            shaped
+                .headers_mut()
+                .entry(name)
+                .or_insert_with(|| value.clone());
+        }
+    }
+    shaped
+}
+
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         match e {
@@ -274,6 +339,13 @@ pub fn decode_json_with_nul<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T,
     // failure is parsed again to name the field.
     if let Ok(value) = serde_json::from_slice(body) {
         return Ok(value);
+    }
+    // Text that is not JSON at all is a 400 whatever it starts with; only
+    // JSON of the wrong shape is a 422 (else `{"unknown":` would be one).
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(body) {
+        if !matches!(e.classify(), Category::Data) {
+            return Err(ApiError::InvalidJson(type_message(&e)));
+        }
     }
     let mut de = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {

@@ -157,13 +157,7 @@ impl Application {
             tracing::info!(address = %listener.local_addr()?, "serving probes and metrics");
             crate::http::ops_router(state.clone())
         };
-        // Responses go out at once, not held back by Nagle's algorithm.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .await?;
+        crate::http::server::serve(listener, app, state.settings.http, shutdown.clone()).await?;
         housekeeping.abort();
         tracing::info!("HTTP stopped; in-flight requests finished");
 

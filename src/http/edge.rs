@@ -1,6 +1,12 @@
 //! The edge layer: request metrics by matched route
 //! (`http_requests_total` and `http_request_duration_seconds{method,
-//! route, status}`), and panics turned into 500s in the contract's shape.
+//! route, status}`), panics turned into 500s in the contract's shape, and
+//! any error answer not in the contract's shape (one a library or layer
+//! wrote) given the contract's body for its status.
+//!
+//! Labels are bounded whatever a client sends: a method outside HTTP's
+//! standard ones is `OTHER`, a path no route matches is `unmatched`, so
+//! unauthenticated requests cannot mint new series.
 //!
 //! One hand-written tower layer, because it sits on the consume hot path:
 //! `middleware::from_fn` boxes every future, looking labelled metrics up by
@@ -37,7 +43,7 @@ struct Handles {
     duration: Histogram,
 }
 
-type ByRoute = HashMap<String, HashMap<(Method, u16), Handles>>;
+type ByRoute = HashMap<String, HashMap<(&'static str, u16), Handles>>;
 
 #[derive(Clone, Default)]
 pub struct EdgeLayer {
@@ -75,7 +81,7 @@ where
 
     fn call(&mut self, req: Request) -> Self::Future {
         let route = req.extensions().get::<MatchedPath>().cloned();
-        let method = req.method().clone();
+        let method = method_label(req.method());
         ResponseFuture {
             inner: self.inner.call(req),
             start: Instant::now(),
@@ -92,7 +98,7 @@ pin_project_lite::pin_project! {
         inner: F,
         start: Instant,
         route: Option<MatchedPath>,
-        method: Method,
+        method: &'static str,
         handles: Arc<RwLock<ByRoute>>,
     }
 }
@@ -113,6 +119,7 @@ where
                 Ok(ApiError::Internal(anyhow::anyhow!("request handler panicked")).into_response())
             }
         };
+        let result = result.map(crate::error::contract_shaped);
         if let Ok(response) = &result {
             let route = this.route.as_ref().map_or("unmatched", MatchedPath::as_str);
             let handles = handles_for(this.handles, route, this.method, response.status().as_u16());
@@ -123,8 +130,24 @@ where
     }
 }
 
-fn handles_for(all: &RwLock<ByRoute>, route: &str, method: &Method, status: u16) -> Handles {
-    let key = (method.clone(), status);
+/// The method as a label: one of HTTP's standard methods, or `OTHER`.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "OTHER",
+    }
+}
+
+fn handles_for(all: &RwLock<ByRoute>, route: &str, method: &'static str, status: u16) -> Handles {
+    let key = (method, status);
     if let Some(handles) = all
         .read()
         .ok()
@@ -133,7 +156,7 @@ fn handles_for(all: &RwLock<ByRoute>, route: &str, method: &Method, status: u16)
         return handles;
     }
     let labels = [
-        ("method", method.as_str().to_owned()),
+        ("method", method.to_owned()),
         ("route", route.to_owned()),
         ("status", status.to_string()),
     ];

@@ -8,7 +8,7 @@
 use axum::{
     body::Bytes,
     extract::{FromRequest, FromRequestParts, Path, Request},
-    http::{request::Parts, StatusCode},
+    http::{header, request::Parts, StatusCode},
 };
 use serde::de::DeserializeOwned;
 
@@ -22,15 +22,37 @@ use crate::{
 /// Request bodies above this are refused with 413 before they are read whole.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
-/// Reads the body as bytes, turning the body-limit rejection into 413.
+/// Reads the body as bytes: 415 for a body declared as something other
+/// than JSON, 413 past the body limit, 408 for one that did not arrive in
+/// time (`http::server`).
 pub async fn read_body(req: Request) -> Result<Bytes, ApiError> {
+    if let Some(declared) = req.headers().get(header::CONTENT_TYPE) {
+        if !is_json(declared.as_bytes()) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+    }
     Bytes::from_request(req, &()).await.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge
+        } else if std::error::Error::source(&rejection).is_some_and(super::server::timed_out) {
+            ApiError::RequestTimeout
         } else {
             ApiError::InvalidRequest("the request body could not be read".into())
         }
     })
+}
+
+/// `application/json`, or a `+json` type, with any parameters
+/// (`; charset=utf-8`, as Stripe sends).
+fn is_json(content_type: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(content_type) else {
+        return false;
+    };
+    let essence = text.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/json")
+        || essence.rsplit_once('+').is_some_and(|(kind, suffix)| {
+            kind.starts_with("application/") && suffix.eq_ignore_ascii_case("json")
+        })
 }
 
 /// `Json<T>` with the contract's errors, for owned request types.

@@ -21,6 +21,7 @@ pub mod extract;
 pub mod health;
 pub mod openapi;
 pub mod rate_limit;
+pub mod server;
 pub mod usage;
 pub mod webhooks;
 

@@ -8,7 +8,6 @@
 //! delivers it again later.
 
 use axum::{
-    body::Bytes,
     extract::{DefaultBodyLimit, State},
     http::HeaderMap,
     routing::post,
@@ -20,6 +19,7 @@ use crate::{
     auth::stripe_signature::{self, SignatureError},
     domain::stripe_events::{Event, Outcome},
     error::{decode_json_with_nul, ApiError},
+    http::extract::Body,
     state::Shared,
 };
 
@@ -46,11 +46,12 @@ pub struct Received {
     responses((status = 200, body = Received),
               (status = 400, description = "Not a Stripe event", body = crate::error::ErrorBody),
               (status = 401, description = "`invalid_signature`: missing, tampered, stale or under another secret", body = crate::error::ErrorBody),
+              (status = 413, description = "`payload_too_large`: an event over 1 MiB", body = crate::error::ErrorBody),
               (status = 503, description = "A dependency is down; Stripe retries", body = crate::error::ErrorBody)))]
 pub async fn stripe(
     State(state): State<Shared>,
     headers: HeaderMap,
-    body: Bytes,
+    Body(body): Body,
 ) -> Result<Json<Received>, ApiError> {
     let header = headers
         .get("stripe-signature")

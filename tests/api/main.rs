@@ -10,6 +10,7 @@ mod billing_api;
 mod catalog;
 mod concurrency;
 mod consume;
+mod edges;
 mod flusher;
 mod helpers;
 mod ledger;
