@@ -187,11 +187,11 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let message = match &self {
             ApiError::Unavailable(cause) => {
-                tracing::warn!(error = ?cause, "dependency unavailable");
+                tracing::warn!(error = %crate::telemetry::chain(&**cause), "dependency unavailable");
                 "a dependency is unavailable; nothing was charged, retry later".to_owned()
             }
             ApiError::Internal(cause) => {
-                tracing::error!(error = ?cause, "internal error");
+                tracing::error!(error = %crate::telemetry::chain(&**cause), "internal error");
                 "internal error".to_owned()
             }
             other => other.to_string(),

@@ -64,7 +64,7 @@ enum Command {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() {
     let cli = Cli::parse();
     let settings = match Settings::from_env() {
         Ok(s) => s,
@@ -74,8 +74,17 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     telemetry::init_logging(&settings.log_level, settings.log_json);
+    // The cause chain on one line: a failed start is read by an operator,
+    // and `Debug` would add a backtrace when RUST_BACKTRACE is set.
+    if let Err(e) = run(cli.command, settings).await {
+        tracing::error!(error = %telemetry::chain(&*e), "stopped");
+        eprintln!("error: {}", telemetry::chain(&*e));
+        std::process::exit(1);
+    }
+}
 
-    match cli.command {
+async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
+    match command {
         Command::Serve { roles } => {
             let shutdown = CancellationToken::new();
             let app = Application::build(settings, roles).await?;

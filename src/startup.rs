@@ -47,6 +47,9 @@ impl Application {
         if settings.uses_dev_defaults {
             tracing::warn!("running with development defaults (local Redis and Postgres; the development secrets, if used, serve loopback only); APP_ENV=production forbids them");
         }
+        if settings.database.migrate_on_start {
+            ledger::create_database_if_missing(settings.database.url.expose()).await?;
+        }
         let db = ledger::pool(&settings.database)?;
         if settings.database.migrate_on_start {
             ledger::migrate(&db, settings.database.partitions_ahead_months).await?;
@@ -143,7 +146,7 @@ impl Application {
             let stop = workers_stop.clone();
             workers.spawn(async move {
                 if let Err(e) = scheduler.run(stop).await {
-                    tracing::error!(error = ?e, "scheduler failed");
+                    tracing::error!(error = %crate::telemetry::chain(&*e), "scheduler failed");
                 }
             });
         }
@@ -240,10 +243,10 @@ async fn housekeeping(state: Arc<AppState>, shutdown: CancellationToken) {
         }
         state.metrics.run_upkeep();
         if let Err(e) = state.hot.sync_clock().await {
-            tracing::debug!(error = ?e, "redis clock not measured");
+            tracing::debug!(error = %crate::telemetry::chain(&e), "redis clock not measured");
         }
         if let Err(e) = state.catalog.refresh(&state.db).await {
-            tracing::warn!(error = ?e, "catalog refresh failed; serving the last one");
+            tracing::warn!(error = %crate::telemetry::chain(&e), "catalog refresh failed; serving the last one");
         }
     }
 }

@@ -85,40 +85,51 @@ impl Accounts {
     /// the commit, or Redis's reply is lost, the retry (Stripe's, or the
     /// client's) finds them done and the ledger catches up; their undo
     /// reverses them only if they were done.
-    pub async fn change<T: Send>(
+    ///
+    /// The whole of it runs on a task of its own: a request cut short (its
+    /// client gone, its connection closed) drops the handler's future,
+    /// and a change dropped between Redis and the commit would leave the
+    /// two apart. The task runs to the end whatever happens to the request.
+    pub async fn change<T: Send + 'static>(
         &self,
         customer: Uuid,
         change: impl for<'c> FnOnce(
                 &'c mut PgConnection,
             ) -> BoxFuture<'c, Result<(T, Vec<AccountChange>), ApiError>>
-            + Send,
+            + Send
+            + 'static,
     ) -> Result<T, ApiError> {
-        let mut tx = self.db.begin().await?;
-        if !ledger_accounts::lock_customer(&mut tx, customer).await? {
-            return Err(ApiError::NotFound("customer"));
-        }
-        let (result, changes) = change(&mut tx).await?;
-        if let Err(e) = self.hot.update_account(customer, &changes).await {
-            // The reply may be what was lost; only credits and takes, gated
-            // by their marker, can be undone without knowing whether they
-            // were applied.
-            if changes.iter().any(AccountChange::is_once) {
-                self.undo(customer, &changes, "update").await;
+        let (hot, db) = (self.hot.clone(), self.db.clone());
+        let task = tokio::spawn(async move {
+            let mut tx = db.begin().await?;
+            if !ledger_accounts::lock_customer(&mut tx, customer).await? {
+                return Err(ApiError::NotFound("customer"));
             }
-            return Err(e.into());
-        }
-        if let Err(e) = tx.commit().await {
-            self.undo(customer, &changes, "commit").await;
-            return Err(e.into());
-        }
-        Ok(result)
+            let (result, changes) = change(&mut tx).await?;
+            if let Err(e) = hot.update_account(customer, &changes).await {
+                // The reply may be what was lost; only credits and takes,
+                // gated by their marker, can be undone without knowing
+                // whether they were applied.
+                if changes.iter().any(AccountChange::is_once) {
+                    undo(&hot, customer, &changes, "update").await;
+                }
+                return Err(e.into());
+            }
+            if let Err(e) = tx.commit().await {
+                undo(&hot, customer, &changes, "commit").await;
+                return Err(e.into());
+            }
+            Ok(result)
+        });
+        task.await
+            .map_err(|e| ApiError::Internal(anyhow::anyhow!("an account change failed: {e}")))?
     }
+}
 
-    async fn undo(&self, customer: Uuid, changes: &[AccountChange], failed: &str) {
-        let undo: Vec<AccountChange> = changes.iter().flat_map(undo_of).collect();
-        if let Err(e) = self.hot.update_account(customer, &undo).await {
-            tracing::error!(%customer, error = ?e, failed, "could not undo a hot-state change");
-        }
+async fn undo(hot: &HotStore, customer: Uuid, changes: &[AccountChange], failed: &str) {
+    let undo: Vec<AccountChange> = changes.iter().flat_map(undo_of).collect();
+    if let Err(e) = hot.update_account(customer, &undo).await {
+        tracing::error!(%customer, error = %crate::telemetry::chain(&e), failed, "could not undo a hot-state change");
     }
 }
 

@@ -171,7 +171,7 @@ impl HotStore {
             Ok(found) => found,
             Err(e) => {
                 metrics::counter!("consume_outcome_unknown_total").increment(1);
-                tracing::warn!(error = ?e, first = ?cause, "consume outcome unknown: redis did not answer");
+                tracing::warn!(error = %crate::telemetry::chain(&e), first = %crate::telemetry::chain(&cause), "consume outcome unknown: redis did not answer");
                 return Err(HotError::Unavailable(cause.into()));
             }
         };

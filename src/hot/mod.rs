@@ -155,7 +155,7 @@ impl HotStore {
             clock_offset_ms: Arc::new(AtomicI64::new(0)),
         };
         if let Err(e) = store.sync_clock().await {
-            tracing::warn!(error = ?e, "could not read the redis clock yet");
+            tracing::warn!(error = %crate::telemetry::chain(&e), "could not read the redis clock yet");
         }
         Ok(store)
     }

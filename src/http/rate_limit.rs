@@ -113,7 +113,7 @@ async fn enforce(
         }
         Err(e) => {
             metrics::counter!("rate_limit_errors_total", "group" => group.name()).increment(1);
-            tracing::warn!(error = ?e, group = group.name(), "rate limiter unavailable; request let through");
+            tracing::warn!(error = %crate::telemetry::chain(&e), group = group.name(), "rate limiter unavailable; request let through");
             None
         }
     };

@@ -572,10 +572,10 @@ impl Flusher {
 
     async fn upkeep(&mut self) {
         if let Err(e) = self.claim_abandoned().await {
-            tracing::warn!(error = ?e, "claiming abandoned usage events failed");
+            tracing::warn!(error = %crate::telemetry::chain(&*e), "claiming abandoned usage events failed");
         }
         if let Err(e) = self.trim().await {
-            tracing::warn!(error = ?e, "stream trim failed");
+            tracing::warn!(error = %crate::telemetry::chain(&*e), "stream trim failed");
         }
     }
 
@@ -595,7 +595,7 @@ impl Flusher {
             }
             if self.settings.upkeep && last_observed.is_none_or(|t| t.elapsed() >= OBSERVE_EVERY) {
                 if let Err(e) = self.observe().await {
-                    tracing::warn!(error = ?e, "measuring the usage backlog failed");
+                    tracing::warn!(error = %crate::telemetry::chain(&*e), "measuring the usage backlog failed");
                 }
                 last_observed = Some(Instant::now());
             }
@@ -612,7 +612,7 @@ impl Flusher {
                     self.settings.max_batch_age
                 }
                 Err(e) => {
-                    tracing::warn!(error = ?e, retry_in = ?backoff, "flush failed; the events stay pending");
+                    tracing::warn!(error = %crate::telemetry::chain(&*e), retry_in = ?backoff, "flush failed; the events stay pending");
                     metrics::counter!("flusher_errors_total").increment(1);
                     let wait = backoff;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -627,7 +627,7 @@ impl Flusher {
             }
         }
         let _ = self.redis.quit().await;
-        tracing::info!("flusher stopped");
+        tracing::info!(consumer = %self.settings.consumer_name, "flusher stopped");
     }
 }
 

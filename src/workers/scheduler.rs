@@ -46,7 +46,9 @@ impl Scheduler {
         match self.periods.roll_ended(Utc::now()).await {
             Ok(0) => {}
             Ok(moved) => tracing::info!(moved, "billing periods rolled over"),
-            Err(e) => tracing::error!(error = ?e, "billing rollover failed"),
+            Err(e) => {
+                tracing::error!(error = %crate::telemetry::chain(&e), "billing rollover failed")
+            }
         }
     }
 
@@ -66,12 +68,16 @@ impl Scheduler {
     async fn daily(&self) {
         match self.ensure_partitions().await {
             Ok(()) => tracing::info!("usage partitions ensured"),
-            Err(e) => tracing::error!(error = ?e, "usage partition job failed"),
+            Err(e) => {
+                tracing::error!(error = %crate::telemetry::chain(&*e), "usage partition job failed")
+            }
         }
         match self.apply_retention(Utc::now()).await {
             Ok(dropped) if dropped.is_empty() => {}
             Ok(dropped) => tracing::info!(?dropped, "usage past retention dropped"),
-            Err(e) => tracing::error!(error = ?e, "usage retention job failed"),
+            Err(e) => {
+                tracing::error!(error = %crate::telemetry::chain(&*e), "usage retention job failed")
+            }
         }
     }
 

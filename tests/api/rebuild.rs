@@ -64,3 +64,65 @@ async fn activations_keys_and_grants_survive_a_rebuild() {
     assert_eq!(status, 200);
     assert_eq!(body["tokens_remaining"], 10000 - 5 + 7);
 }
+
+#[tokio::test]
+async fn an_account_change_whose_request_is_dropped_midway_still_reaches_both_stores() {
+    use connected_apps::{
+        hot::account::{AccountChange, Once},
+        ledger::customers,
+    };
+    let app = spawn_app().await;
+    let shop = app.create_customer(None).await;
+    app.state.accounts.rebuild(shop.id).await.unwrap();
+    let (reached, reached_rx) = tokio::sync::oneshot::channel::<()>();
+    let (go_on, go_on_rx) = tokio::sync::oneshot::channel::<()>();
+    let grant = uuid::Uuid::now_v7();
+
+    // The request's future is dropped (its client went away) after the
+    // ledger part of the change ran and before Redis and the commit.
+    let accounts = app.state.accounts.clone();
+    let customer = shop.id;
+    let request = tokio::spawn(async move {
+        accounts
+            .change(customer, move |tx| {
+                Box::pin(async move {
+                    customers::grant(tx, grant, customer, 7, "dropped request", "operator").await?;
+                    let _ = reached.send(());
+                    let _ = go_on_rx.await;
+                    Ok((
+                        (),
+                        vec![AccountChange::CreditPurchased {
+                            tokens: 7,
+                            once: Once::grant(grant),
+                        }],
+                    ))
+                })
+            })
+            .await
+    });
+    reached_rx.await.unwrap();
+    request.abort();
+    let _ = request.await;
+    let _ = go_on.send(());
+
+    let mut credited = 0;
+    for _ in 0..50 {
+        credited = sqlx::query_scalar::<_, i64>(
+            "SELECT purchased_tokens_credited FROM customers WHERE id = $1",
+        )
+        .bind(shop.id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+        if credited == 7 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(credited, 7, "the ledger committed the grant");
+    assert_eq!(
+        app.hot_balance(shop.id).await.map(|b| b.1),
+        Some(7),
+        "and Redis has it"
+    );
+}
