@@ -6,14 +6,26 @@ The hot path of the service. Redis runs the whole script without
 interleaving another command, so the check and the decrement cannot race.
 There is no rollback, so every argument and every value read is validated
 before the first write, and the writes are ordered so none can fail once
-another has happened: the XADD first (it fails only on a key of another
-type), then one HSET of the account (a hash, as the HMGET proved), then a SET.
-To the outside the decrement and the event are one step.
+another has happened: the outcome record first (a SET, which may refuse
+only as a fence, before anything is written), then the XADD (it fails only
+on a key of another type), then one HSET of the account (a hash, as the
+HMGET proved). To the outside the decrement and the event are one step.
+
+Fences. A caller whose reply is late gives up and answers 503; before it
+does, lua/settle.lua writes a fence into the outcome record's key
+(`fence|<event id>|…`), atomically with reading whether the charge
+happened. Redis runs the two scripts one after the other: if this one ran
+first, the settle finds its record and the caller answers 200; if the
+settle ran first, this script finds the fence and charges nothing. So a 503
+means not charged whatever the clocks say. The deadline (ARGV 8) is a
+second guard, for when the settle itself cannot reach Redis.
 
 KEYS
   1  account hash   <prefix>:v1:{s<shard>}:c:<customer>:acct   (src/hot/keys.rs)
   2  outcome record <prefix>:v1:{s<shard>}:c:<customer>:idem:<sha256(Idempotency-Key)>,
-                    or without Idempotency-Key <prefix>:v1:{s<shard>}:c:<customer>:ev:<event id>
+                    or without Idempotency-Key <prefix>:v1:{s<shard>}:c:<customer>:ev:<event id>;
+                    "<fingerprint>|<event id>|<tokens>|<remaining>", or a settle's
+                    fence "fence|<event id>[|<event id>…]"
   3  usage stream   <prefix>:v1:{s<shard>}:usage
   4  disabled apps  <prefix>:v1:{s<shard>}:apps:disabled   set of slugs an operator disabled
 
@@ -35,8 +47,9 @@ Replies (an array, first element the outcome)
                                                    or disabled for everyone
   {-4 }                                            subscription inactive
   {-5, tokens_remaining }                          insufficient tokens
-  {-6 }                                            past the deadline: the caller has
-                                                   given up (503), so nothing is charged
+  {-6 }                                            fenced, or past the deadline: the
+                                                   caller has given up (503), so nothing
+                                                   is charged
   {-7, wait_us, rested_us, limiter }               rate limited: allowed again in wait_us,
                                                    limiter rested in rested_us; limiter
                                                    1 = the customer's, 2 = the embed key's
@@ -84,14 +97,23 @@ for i = 1, 4 do
 end
 
 -- 1. Idempotency: a retry of a charged request gets the first answer back.
+-- A fence (see "Fences" above) naming this event means its caller has
+-- answered 503: nothing may be charged. A fence naming only other events
+-- is what earlier attempts under this key left; this retry may charge.
 if ARGV[5] ~= '' then
   local prior = redis.call('GET', KEYS[2])
   if prior then
-    local fp, event_id, charged, remaining = string.match(prior, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
-    if fp ~= ARGV[5] then
-      return { 3 }
+    if string.sub(prior, 1, 6) == 'fence|' then
+      if string.find(prior, '|' .. ARGV[3], 6, true) then
+        return { -6 }
+      end
+    else
+      local fp, event_id, charged, remaining = string.match(prior, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
+      if fp ~= ARGV[5] then
+        return { 3 }
+      end
+      return { 2, event_id, tonumber(charged), tonumber(remaining) }
     end
-    return { 2, event_id, tonumber(charged), tonumber(remaining) }
   end
 end
 
@@ -187,15 +209,37 @@ if allowance >= 0 then
   from_purchased = math.max(tokens - allowance_left, 0)
 end
 
--- 7 and 8. The usage event and the decrement.
-redis.call('XADD', KEYS[3], '*', 'd', ARGV[7], 't', tokens, 'p', from_purchased, 'ts', now_ms)
--- One HSET instead of HINCRBYs: the script read these values and nothing
--- runs between the read and the write. '%d' because Lua's default number
--- format would write a large integer in exponent form.
+-- 7. The outcome record: what an Idempotency-Key retry replays, and what a
+-- caller whose reply was late reads to learn whether it was charged. It is
+-- the first write: without Idempotency-Key the record is this request's
+-- alone, so a value already there is a settle's fence and the SET NX
+-- refuses, before anything else is written.
 used = used + tokens - from_purchased
-local changes = { 'used', string.format('%d', used) }
 if from_purchased > 0 then
   purchased = purchased - from_purchased
+end
+local remaining = -1
+if allowance >= 0 then
+  remaining = math.max(allowance - used, 0) + purchased
+end
+-- '%d' because Lua's default number format would write a large integer in
+-- exponent form.
+local record = ARGV[5] .. '|' .. ARGV[3] .. '|' .. string.format('%d', tokens) .. '|'
+  .. string.format('%d', remaining)
+if ARGV[5] == '' then
+  if not redis.call('SET', KEYS[2], record, 'EX', record_ttl, 'NX') then
+    return { -6 }
+  end
+else
+  redis.call('SET', KEYS[2], record, 'EX', record_ttl)
+end
+
+-- 8 and 9. The usage event and the decrement (one HSET instead of
+-- HINCRBYs: the script read these values and nothing runs between the read
+-- and the write).
+redis.call('XADD', KEYS[3], '*', 'd', ARGV[7], 't', tokens, 'p', from_purchased, 'ts', now_ms)
+local changes = { 'used', string.format('%d', used) }
+if from_purchased > 0 then
   changes[#changes + 1] = 'purchased'
   changes[#changes + 1] = string.format('%d', purchased)
 end
@@ -216,14 +260,5 @@ if tats[2] then
   changes[#changes + 1] = string.format('%d', tats[2])
 end
 redis.call('HSET', KEYS[1], unpack(changes))
-local remaining = -1
-if allowance >= 0 then
-  remaining = math.max(allowance - used, 0) + purchased
-end
-
--- The outcome record: what an Idempotency-Key retry replays, and what a
--- caller whose reply was late reads to learn whether it was charged.
-redis.call('SET', KEYS[2], ARGV[5] .. '|' .. ARGV[3] .. '|' .. tokens .. '|' .. remaining,
-  'EX', record_ttl)
 
 return { 1, remaining, from_purchased, now_ms }

@@ -1,30 +1,25 @@
 //! Charging one use of an app: the Rust side of `lua/consume.lua`.
 //!
 //! A 503 promises that nothing was charged, and it must come within
-//! `REDIS_TIMEOUT_MS`. Two mechanisms keep that promise when Redis is slow:
+//! `REDIS_TIMEOUT_MS`. The caller waits for the script's reply for 60 % of
+//! the timeout. A reply that does not come back in time leaves the outcome
+//! in doubt: the script may have charged, its reply still on the way, or
+//! may still be waiting in Redis's queue. The caller then settles it over a
+//! second connection with `lua/settle.lua`, which atomically either finds
+//! the outcome record every charge writes (charged: answer 200) or writes
+//! a fence in its place, which the consume script checks before its first
+//! write (not charged, and never will be: answer 503). The settle has the
+//! rest of the budget (`REDIS_SETTLE_TIMEOUT_MS`, 40 %); only when it fails
+//! too (Redis down) is a 503 given without proof, and counted in
+//! `consume_outcome_unknown_total`.
 //!
-//! - The script is given a deadline on Redis's own clock (40 % of the
-//!   timeout) and refuses to charge past it, so a script that reaches the
-//!   front of Redis's queue after the caller gave up charges nothing. The
-//!   caller waits for the reply until 60 % of the timeout.
-//! - A reply that does not arrive in time leaves the outcome in doubt: the
-//!   script may have charged before its deadline while the reply was still
-//!   on its way. Every charge writes an outcome record (the idempotency
-//!   record, or one keyed by the event id), so the caller, once the
-//!   deadline has passed on Redis's clock, reads it over a second
-//!   connection: found, the request was charged and is answered 200;
-//!   absent, it never will be (any later run of the script is past its
-//!   deadline), and 503 is the truth. The read has the rest of the budget
-//!   (`REDIS_SETTLE_TIMEOUT_MS`, 40 %); only when it fails too (Redis down)
-//!   is a 503 given without proof, and counted in
-//!   `consume_outcome_unknown_total`.
+//! The script is also given a deadline on Redis's clock and refuses to
+//! charge past it: a second guard, for when the settle cannot reach Redis.
+//! Exactness does not rest on it, nor on any clock.
 
 use std::time::Duration;
 
-use fred::{
-    interfaces::{KeysInterface, LuaInterface},
-    types::Value,
-};
+use fred::{interfaces::LuaInterface, types::Value};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use uuid::Uuid;
@@ -123,6 +118,11 @@ pub enum ChargeOutcome {
 /// of thousands of consumes a second the records stay a few megabytes.
 const CHARGE_RECORD_TTL_SECS: i64 = 10;
 
+/// How long a fence without `Idempotency-Key` lives: far longer than any
+/// consume can wait in Redis's queue. Fences are written only for replies
+/// that were late, so they are few.
+const FENCE_TTL_SECS: i64 = 3600;
+
 impl HotStore {
     pub async fn charge(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, HotError> {
         let script = &self.scripts.consume;
@@ -148,33 +148,30 @@ impl HotStore {
         };
         match reply {
             Ok(reply) => parse_reply(&reply, charge),
-            Err(e) if in_doubt(&e) => self.settle_in_doubt(charge, deadline, e).await,
+            Err(e) if in_doubt(&e) => self.settle(charge).await.map_err(|settle| {
+                tracing::warn!(error = %crate::telemetry::chain(&settle), first = %crate::telemetry::chain(&e), "consume outcome unknown: redis did not answer");
+                metrics::counter!("consume_outcome_unknown_total").increment(1);
+                HotError::Unavailable(e.into())
+            }),
             Err(e) => Err(e.into()),
         }
     }
 
-    /// The reply did not come back: read the outcome record once the
-    /// deadline has passed on Redis's clock.
-    async fn settle_in_doubt(
-        &self,
-        charge: &Charge<'_>,
-        deadline: i64,
-        cause: fred::error::Error,
-    ) -> Result<ChargeOutcome, HotError> {
+    /// Settles a consume whose reply was lost (see the module docs): the
+    /// charge it made, or [`ChargeOutcome::DeadlinePassed`] with a fence
+    /// that keeps the script from ever charging it. An error when Redis did
+    /// not answer the settle either: the outcome is then unknown.
+    pub async fn settle(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, HotError> {
         let (record, _) = self.outcome_record(charge);
-        // A millisecond past the deadline, plus the clock estimate's error.
-        let wait = deadline - self.redis_now_ms() + 2;
-        if wait > 0 {
-            tokio::time::sleep(Duration::from_millis(wait as u64)).await;
-        }
-        let found: Option<String> = match self.side.get(&record).await {
-            Ok(found) => found,
-            Err(e) => {
-                metrics::counter!("consume_outcome_unknown_total").increment(1);
-                tracing::warn!(error = %crate::telemetry::chain(&e), first = %crate::telemetry::chain(&cause), "consume outcome unknown: redis did not answer");
-                return Err(HotError::Unavailable(cause.into()));
-            }
-        };
+        let fence_ttl = charge
+            .idempotency
+            .map_or(FENCE_TTL_SECS, |idem| idem.ttl_secs as i64);
+        let event = charge.event_id.to_string();
+        let found: Option<String> = self
+            .scripts
+            .settle
+            .evalsha_with_reload(&self.side, vec![record], vec![event, fence_ttl.to_string()])
+            .await?;
         let Some(found) = found else {
             return Ok(ChargeOutcome::DeadlinePassed);
         };

@@ -13,8 +13,8 @@
 //! | key | type | holds | TTL |
 //! | --- | --- | --- | --- |
 //! | `…:{s<n>}:c:<customer>:acct` | hash | the customer's hot state: allowance, usage this period, purchased tokens, subscription status, active apps, live embed keys, and the consume rate limiters (fields in `lua/consume.lua`) | none: it is the live balance; rebuilt from Postgres when missing |
-//! | `…:{s<n>}:c:<customer>:idem:<sha256>` | string | the first answer to a consume sent with an `Idempotency-Key` (hashed, so any 255 characters make a short, safe key) | `IDEMPOTENCY_TTL_SECS`, 24 h |
-//! | `…:{s<n>}:c:<customer>:ev:<event>` | string | the outcome of a consume sent without `Idempotency-Key`, read only when its reply was late (see `hot/charge.rs`) | 10 s |
+//! | `…:{s<n>}:c:<customer>:idem:<sha256>` | string | the first answer to a consume sent with an `Idempotency-Key` (hashed, so any 255 characters make a short, safe key), or the fences settles left for attempts under the key that were given up on | `IDEMPOTENCY_TTL_SECS`, 24 h |
+//! | `…:{s<n>}:c:<customer>:ev:<event>` | string | the outcome of a consume sent without `Idempotency-Key`, read only when its reply was late; or the fence a settle left in its place (`lua/settle.lua`, see `hot/charge.rs`) | 10 s; a fence 1 h |
 //! | `…:{s<n>}:c:<customer>:once:<sha256>` | string | a change to the balance done once (a purchase credited, a refund's take, a grant; the value is the tokens a take took), so a retry after a crash or a lost reply before the ledger's commit does not do it again (`lua/account_update.lua`, `lua/account_take.lua`) | 7 days (Stripe retries a webhook for 3) |
 //! | `…:{s<n>}:usage` | stream | usage events waiting for the flusher (consumer group `flusher`) | none: trimmed by the flusher once persisted |
 //! | `…:{s<n>}:apps:disabled` | set | slugs of apps an operator disabled, one copy per shard so the consume script reads it in its own slot | none: written by `PATCH /api/v1/admin/apps/{id}` |

@@ -41,6 +41,7 @@ pub(crate) struct Scripts {
     pub account_update: Script,
     pub account_take: Script,
     pub account_rollover: Script,
+    pub settle: Script,
 }
 
 impl Scripts {
@@ -62,6 +63,7 @@ impl Scripts {
             account_update: Script::from_lua(include_str!("../../lua/account_update.lua")),
             account_take: Script::from_lua(include_str!("../../lua/account_take.lua")),
             account_rollover: Script::from_lua(include_str!("../../lua/account_rollover.lua")),
+            settle: Script::from_lua(include_str!("../../lua/settle.lua")),
         }
     }
 }

@@ -2,6 +2,11 @@
 
 use std::collections::HashSet;
 
+use connected_apps::{
+    config::Limit,
+    hot::charge::{Charge, ChargeOutcome, Idempotency},
+};
+
 use futures::future::join_all;
 use serde_json::json;
 
@@ -129,5 +134,142 @@ async fn requests_that_miss_the_redis_deadline_are_503_and_charge_nothing() {
     assert_eq!(
         app.usage_rows(shop.id).await,
         (charged + 1, 2 * (charged + 1))
+    );
+}
+
+/// A charge of one use of `rec-001` for `shop`, as the consume endpoint
+/// builds it.
+fn rec_charge<'a>(
+    app: &'a crate::helpers::TestApp,
+    shop: &crate::helpers::Customer,
+    idempotency: Option<Idempotency<'a>>,
+) -> Charge<'a> {
+    let rec = app.state.catalog.get("rec-001").unwrap();
+    Charge {
+        customer: shop.id,
+        app_slug: "rec-001",
+        app_id: rec.row.id,
+        tokens: 2,
+        event_id: uuid::Uuid::now_v7(),
+        embed_key: None,
+        idempotency,
+        session_id: None,
+        metadata: None,
+        customer_limit: Limit::NONE,
+    }
+}
+
+#[tokio::test]
+async fn a_consume_that_reaches_redis_after_its_settle_charges_nothing_whatever_the_clocks_say() {
+    let app = crate::helpers::spawn_app().await;
+    let shop = app.customer_with_apps("professional", &["rec-001"]).await;
+    assert_eq!(
+        app.consume(&shop.token, json!({"app_id": "rec-001"}))
+            .await
+            .0,
+        200
+    );
+    let hot = &app.state.hot;
+
+    // The caller gave up on this charge and settled it: the script, queued
+    // behind others, runs only now, well within its deadline.
+    let late = rec_charge(&app, &shop, None);
+    assert_eq!(
+        hot.settle(&late).await.unwrap(),
+        ChargeOutcome::DeadlinePassed
+    );
+    let outcome = hot.charge(&late).await.unwrap();
+
+    assert_eq!(outcome, ChargeOutcome::DeadlinePassed);
+    assert_eq!(
+        app.hot_balance(shop.id).await,
+        Some((2, 0)),
+        "nothing charged"
+    );
+    app.drain_usage().await;
+    assert_eq!(app.usage_rows(shop.id).await, (1, 2), "no event written");
+}
+
+#[tokio::test]
+async fn a_settle_after_the_charge_finds_it_and_answers_charged() {
+    let app = crate::helpers::spawn_app().await;
+    let shop = app.customer_with_apps("professional", &["rec-001"]).await;
+    assert_eq!(
+        app.consume(&shop.token, json!({"app_id": "rec-001"}))
+            .await
+            .0,
+        200
+    );
+    let hot = &app.state.hot;
+
+    let answered_late = rec_charge(&app, &shop, None);
+    let charged = hot.charge(&answered_late).await.unwrap();
+    let settled = hot.settle(&answered_late).await.unwrap();
+
+    assert!(matches!(
+        charged,
+        ChargeOutcome::Charged {
+            tokens_remaining: 9996,
+            ..
+        }
+    ));
+    assert!(matches!(
+        settled,
+        ChargeOutcome::Charged {
+            tokens_remaining: 9996,
+            ..
+        }
+    ));
+}
+
+#[tokio::test]
+async fn a_fenced_idempotent_consume_stays_fenced_and_its_retry_charges_once() {
+    let app = crate::helpers::spawn_app().await;
+    let shop = app.customer_with_apps("professional", &["rec-001"]).await;
+    assert_eq!(
+        app.consume(&shop.token, json!({"app_id": "rec-001"}))
+            .await
+            .0,
+        200
+    );
+    let hot = &app.state.hot;
+    let key = Idempotency {
+        key: "order-42",
+        fingerprint: "same-body",
+        ttl_secs: 600,
+    };
+
+    // Two attempts under one key were given up on and settled; the retry
+    // that follows charges; the two stale scripts then run.
+    let first = rec_charge(&app, &shop, Some(key));
+    let second = rec_charge(&app, &shop, Some(key));
+    assert_eq!(
+        hot.settle(&first).await.unwrap(),
+        ChargeOutcome::DeadlinePassed
+    );
+    assert_eq!(
+        hot.settle(&second).await.unwrap(),
+        ChargeOutcome::DeadlinePassed
+    );
+    assert_eq!(
+        hot.charge(&second).await.unwrap(),
+        ChargeOutcome::DeadlinePassed
+    );
+    let retry = rec_charge(&app, &shop, Some(key));
+    let charged = hot.charge(&retry).await.unwrap();
+    let stale = hot.charge(&first).await.unwrap();
+
+    assert!(
+        matches!(charged, ChargeOutcome::Charged { .. }),
+        "{charged:?}"
+    );
+    assert!(
+        matches!(stale, ChargeOutcome::Replayed { event_id, .. } if event_id == retry.event_id),
+        "the stale attempt is answered as a replay of the charge: {stale:?}"
+    );
+    assert_eq!(
+        app.hot_balance(shop.id).await,
+        Some((4, 0)),
+        "one charge under the key"
     );
 }
