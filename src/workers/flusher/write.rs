@@ -1,0 +1,222 @@
+//! Writing a batch: decode each entry, insert the rows in one transaction
+//! with the aggregates and balances of exactly the rows newly inserted, and
+//! isolate the entries Postgres refuses.
+
+use std::{borrow::Cow, collections::HashSet, net::IpAddr};
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde_json::value::RawValue;
+use sqlx::types::ipnetwork::IpNetwork;
+use uuid::Uuid;
+
+use super::{Batch, Flusher, Written};
+use crate::{
+    domain::usage::{summarize, Identity},
+    ledger::{
+        partitions,
+        usage::{self, UsageRow},
+    },
+};
+
+impl Flusher {
+    /// Writes a batch to Postgres. A batch refused for its data is split
+    /// until the entries at fault are isolated; any other error (Postgres
+    /// unreachable, a deadlock) fails the whole call.
+    pub async fn write(&mut self, batch: &Batch) -> anyhow::Result<Written> {
+        let mut written = Written::default();
+        let mut rows: Vec<(usize, UsageRow)> = Vec::with_capacity(batch.len());
+        let mut seen = HashSet::with_capacity(batch.len());
+        for (index, entry) in batch.entries.iter().enumerate() {
+            let Some(fields) = &entry.fields else {
+                // Deleted while pending: nothing left to persist.
+                continue;
+            };
+            match decode(fields) {
+                Ok(row) if seen.insert(row.id) => rows.push((index, row)),
+                Ok(_) => written.duplicates += 1,
+                Err(reason) => written.failed.push((index, reason)),
+            }
+        }
+        for (_, row) in &rows {
+            let month = partitions::month_of(row.created_at.date_naive());
+            if !self.partitions.contains(&month) {
+                partitions::ensure_month(&self.db, month).await?;
+                self.partitions.insert(month);
+            }
+        }
+
+        let mut parts = vec![&rows[..]];
+        while let Some(part) = parts.pop() {
+            if part.is_empty() {
+                continue;
+            }
+            match self.write_rows(part).await {
+                Ok(inserted) => {
+                    written.inserted += inserted;
+                    written.duplicates += part.len() - inserted;
+                }
+                Err(e) if is_data_error(&e) => {
+                    if let [(index, _)] = part {
+                        written.failed.push((*index, e.to_string()));
+                    } else {
+                        let (left, right) = part.split_at(part.len() / 2);
+                        parts.push(right);
+                        parts.push(left);
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(written)
+    }
+
+    /// One transaction: the rows, then the aggregates and balances of the
+    /// rows it newly inserted. Returns how many it inserted.
+    async fn write_rows(&self, rows: &[(usize, UsageRow)]) -> sqlx::Result<usize> {
+        let all: Vec<&UsageRow> = rows.iter().map(|(_, row)| row).collect();
+        let mut tx = self.db.begin().await?;
+        let inserted_ids = usage::insert_batch(&mut tx, &all).await?;
+        let inserted: Vec<&UsageRow> = all
+            .into_iter()
+            .filter(|row| inserted_ids.contains(&row.id))
+            .collect();
+        let (mut days, sightings) = summarize(inserted.iter().copied());
+        for ((day, kind), firsts) in usage::record_sightings(&mut tx, &sightings).await? {
+            if let Some(totals) = days.get_mut(&day) {
+                match kind {
+                    Identity::Session => totals.sessions += firsts,
+                    Identity::Visitor => totals.visitors += firsts,
+                }
+            }
+        }
+        usage::add_to_daily(&mut tx, &days).await?;
+        usage::apply_to_balances(&mut tx, &inserted).await?;
+        tx.commit().await?;
+        Ok(inserted.len())
+    }
+}
+
+/// Postgres refused the data itself (SQLSTATE classes 22, data exception,
+/// and 23, integrity constraint violation): retrying the same rows gives
+/// the same answer. Anything else may pass on a retry.
+fn is_data_error(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db)
+        if db.code().is_some_and(|c| c.starts_with("22") || c.starts_with("23")))
+}
+
+/// The `d` field of an event, as [`crate::hot::charge::EventDetails`] writes it.
+#[derive(serde::Deserialize)]
+struct Details {
+    e: Uuid,
+    c: Uuid,
+    a: Uuid,
+    s: Option<String>,
+    k: Option<Uuid>,
+    m: Option<Box<RawValue>>,
+}
+
+/// The metadata fields the ledger reads (the API checked their types).
+#[derive(serde::Deserialize)]
+struct KnownMetadata<'a> {
+    #[serde(default, borrow)]
+    ip_address: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    user_agent: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    visitor_id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    processing_time_ms: Option<f64>,
+}
+
+/// Decodes one event as `lua/consume.lua` writes it.
+pub fn decode(fields: &[(String, String)]) -> Result<UsageRow, String> {
+    let get = |name: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let int = |name: &str| -> Result<i64, String> {
+        get(name)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("field `{name}` is not an integer"))
+    };
+    let details: Details = serde_json::from_str(get("d").ok_or("field `d` is missing")?)
+        .map_err(|e| format!("field `d` is not an event: {e}"))?;
+    let tokens = int("t")?;
+    let purchased = int("p")?;
+    if tokens < 1 || tokens > i64::from(i32::MAX) || purchased < 0 || purchased > tokens {
+        return Err("token counts out of range".into());
+    }
+    let created_at: DateTime<Utc> = Utc
+        .timestamp_millis_opt(int("ts")?)
+        .single()
+        .ok_or("field `ts` is not a time")?;
+    let metadata = match details.m {
+        Some(m) => m,
+        None => RawValue::from_string("{}".into()).map_err(|e| e.to_string())?,
+    };
+    let known: KnownMetadata = serde_json::from_str(metadata.get())
+        .map_err(|e| format!("metadata is not an object of the expected types: {e}"))?;
+    let ip_address = known
+        .ip_address
+        .and_then(|s| s.parse::<IpAddr>().ok())
+        .map(IpNetwork::from);
+    let user_agent = known.user_agent.map(Cow::into_owned);
+    let visitor_id = known.visitor_id.map(Cow::into_owned);
+    let processing_time_ms = known.processing_time_ms;
+    Ok(UsageRow {
+        id: details.e,
+        customer_id: details.c,
+        app_id: details.a,
+        tokens: tokens as i32,
+        purchased_tokens: purchased as i32,
+        session_id: details.s,
+        metadata,
+        ip_address,
+        user_agent,
+        visitor_id,
+        processing_time_ms,
+        embed_key_id: details.k,
+        created_at,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn an_event_decodes_into_a_usage_row() {
+        let id = Uuid::now_v7();
+        let details = format!(
+            r#"{{"e":"{id}","c":"0193a000-0000-7000-8000-000000000001","a":"0193a000-0000-7000-8000-000000000002","s":"sess-1","k":null,"m":{{"ip_address":"10.0.0.1","user_agent":"UA"}}}}"#
+        );
+        let row = decode(&fields(&[
+            ("d", &details),
+            ("t", "5"),
+            ("p", "2"),
+            ("ts", "1764150000000"),
+        ]))
+        .unwrap();
+        assert_eq!(row.id, id);
+        assert_eq!((row.tokens, row.purchased_tokens), (5, 2));
+        assert_eq!(row.session_id.as_deref(), Some("sess-1"));
+        assert_eq!(row.user_agent.as_deref(), Some("UA"));
+        assert!(row.ip_address.is_some());
+        assert_eq!(row.embed_key_id, None);
+    }
+
+    #[test]
+    fn a_malformed_event_is_refused_with_a_reason() {
+        let err = decode(&fields(&[("d", "{}"), ("t", "1")])).unwrap_err();
+        assert!(err.contains("`d`"), "{err}");
+    }
+}
