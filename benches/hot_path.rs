@@ -79,7 +79,7 @@ fn script_round_trip(c: &mut Criterion) {
                 embed_key: None,
                 idempotency: None,
                 session_id: request.session_id.as_deref(),
-                metadata: request.metadata,
+                metadata: request.metadata.as_deref(),
                 // A limit the benchmark never reaches: the limiter's
                 // arithmetic and its write run on every charge.
                 customer_limit: UNREACHED,

@@ -37,8 +37,10 @@ pub struct ConsumeRequest<'a> {
     pub app_id: Cow<'a, str>,
     pub tokens_consumed: Option<i64>,
     pub session_id: Option<Cow<'a, str>>,
-    /// The metadata object, passed on to the usage event as it came.
-    pub metadata: Option<&'a RawValue>,
+    /// The metadata object, in a form Postgres stores: as it came, or
+    /// rewritten where it came in one Postgres refuses (see
+    /// [`check_metadata`]).
+    pub metadata: Option<Cow<'a, RawValue>>,
 }
 
 #[derive(Deserialize)]
@@ -98,10 +100,7 @@ impl<'a> ConsumeRequest<'a> {
         let metadata = match raw.metadata {
             None => None,
             Some(m) if m.get() == "null" => None,
-            Some(m) => {
-                check_metadata(m, &mut problems);
-                Some(m)
-            }
+            Some(m) => check_metadata(m, &mut problems),
         };
         if !problems.is_empty() {
             return Err(ApiError::Validation(problems));
@@ -115,28 +114,40 @@ impl<'a> ConsumeRequest<'a> {
     }
 }
 
-fn check_metadata(raw: &RawValue, problems: &mut Vec<FieldError>) {
+/// Checks the metadata and returns it in a form Postgres stores, so that a
+/// charged event always becomes a row: whatever the consume accepts must be
+/// storable, or the ledger would miss a charge the customer was billed for.
+///
+/// JSON and Postgres's `jsonb` disagree in three places: U+0000 and lone
+/// UTF-16 surrogates (JSON allows them escaped, `jsonb` refuses them:
+/// refused here, 422), and numbers, whose exponent `jsonb` bounds at ±1000
+/// (`1e200000` is valid JSON). A number with an exponent is rare in
+/// metadata, so only metadata that may hold one pays for rewriting: it is
+/// read as numbers of double precision and written back in their shortest
+/// form (`1.5e3` becomes `1500.0`); one beyond a double's range is refused.
+/// Everything else is passed on as it came, byte for byte.
+fn check_metadata<'a>(
+    raw: &'a RawValue,
+    problems: &mut Vec<FieldError>,
+) -> Option<Cow<'a, RawValue>> {
     let text = raw.get();
     if !text.starts_with('{') {
         problems.push(FieldError::new("metadata", "must be an object"));
-        return;
+        return None;
     }
     if text.len() > MAX_METADATA_BYTES {
         problems.push(FieldError::new("metadata", "must be at most 4 KiB"));
-        return;
+        return None;
     }
     // Both checks below concern `\u` escapes, which metadata rarely holds:
     // one scan spares the common request the rest.
     if text.contains("\\u") {
-        // Postgres cannot store U+0000 in jsonb; refuse it here rather than
-        // have the flusher fail on it later.
         if text.contains("\\u0000") {
             problems.push(FieldError::new("metadata", "must not contain U+0000"));
-            return;
+            return None;
         }
-        // Nor a lone UTF-16 surrogate, which the raw value lets through
-        // undecoded. Decoding checks the pairs; only text naming a
-        // surrogate pays for it.
+        // A lone surrogate, which the raw value lets through undecoded.
+        // Decoding checks the pairs; only text naming a surrogate pays.
         if (text.contains("\\ud") || text.contains("\\uD"))
             && serde_json::from_str::<serde_json::Value>(text).is_err()
         {
@@ -144,20 +155,34 @@ fn check_metadata(raw: &RawValue, problems: &mut Vec<FieldError>) {
                 "metadata",
                 "must not contain unpaired UTF-16 surrogates",
             ));
-            return;
+            return None;
         }
     }
-    let known: KnownMetadata =
-        match serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(text)) {
-            Ok(k) => k,
+    let metadata = if may_hold_an_exponent(text) {
+        match serde_json::from_str::<serde_json::Value>(text)
+            .and_then(|value| serde_json::value::to_raw_value(&value))
+        {
+            Ok(rewritten) => Cow::Owned(rewritten),
             Err(e) => {
-                problems.push(FieldError::new(
-                    format!("metadata.{}", e.path()),
-                    type_message(e.inner()),
-                ));
-                return;
+                problems.push(FieldError::new("metadata", type_message(&e)));
+                return None;
             }
-        };
+        }
+    } else {
+        Cow::Borrowed(raw)
+    };
+    let known: KnownMetadata = match serde_path_to_error::deserialize(
+        &mut serde_json::Deserializer::from_str(metadata.get()),
+    ) {
+        Ok(k) => k,
+        Err(e) => {
+            problems.push(FieldError::new(
+                format!("metadata.{}", e.path()),
+                type_message(e.inner()),
+            ));
+            return None;
+        }
+    };
     if let Some(ip) = &known.ip_address {
         if ip.parse::<IpAddr>().is_err() {
             problems.push(FieldError::new(
@@ -174,6 +199,16 @@ fn check_metadata(raw: &RawValue, problems: &mut Vec<FieldError>) {
             ));
         }
     }
+    Some(metadata)
+}
+
+/// Whether `json` may hold a number with an exponent: a digit or a point
+/// followed by `e` or `E`. Text inside strings may match too; that costs
+/// only the rewriting, never a wrong answer.
+fn may_hold_an_exponent(json: &str) -> bool {
+    json.as_bytes()
+        .windows(2)
+        .any(|w| matches!(w[1], b'e' | b'E') && (w[0].is_ascii_digit() || w[0] == b'.'))
 }
 
 /// Who is charging: a customer's backend (JWT) or a shopper's browser
@@ -337,7 +372,7 @@ impl Metering {
                     ttl_secs: self.idempotency_ttl_secs,
                 }),
             session_id: request.session_id.as_deref(),
-            metadata: request.metadata,
+            metadata: request.metadata.as_deref(),
             customer_limit: self.limit,
         };
 
@@ -413,6 +448,31 @@ mod tests {
         assert_eq!(r.app_id, "vto-001");
         assert_eq!(r.tokens_consumed, Some(5));
         assert!(r.metadata.unwrap().get().contains("frame-001"));
+    }
+
+    #[test]
+    fn metadata_postgres_would_refuse_is_rewritten_or_refused() {
+        let stored = |body: &str| {
+            parse(body)
+                .map(|r| r.metadata.unwrap().get().to_owned())
+                .map_err(fields)
+        };
+        // jsonb bounds exponents at ±1000: written back as doubles.
+        assert_eq!(
+            stored(r#"{"app_id":"vto-001","metadata":{"x":0e99999,"y":1.5E3,"z":2e-5000}}"#),
+            Ok(r#"{"x":0.0,"y":1500.0,"z":0.0}"#.to_owned())
+        );
+        // Beyond a double: refused, nothing charged.
+        assert_eq!(
+            stored(r#"{"app_id":"vto-001","metadata":{"x":1e200000}}"#),
+            Err(vec!["metadata".to_owned()])
+        );
+        // Without an exponent the metadata is passed on byte for byte.
+        let as_sent = r#"{ "product_id" : "frame-001", "n": 12345678901234567890123 }"#;
+        assert_eq!(
+            stored(&format!(r#"{{"app_id":"vto-001","metadata":{as_sent}}}"#)),
+            Ok(as_sent.to_owned())
+        );
     }
 
     #[test]
