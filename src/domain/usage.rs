@@ -358,6 +358,7 @@ mod tests {
             metadata: serde_json::value::to_raw_value(&metadata).unwrap(),
             embed_key_id: None,
             created_at: Utc.with_ymd_and_hms(2026, 11, 26, hour, 0, 0).unwrap(),
+            set_aside: None,
         }
     }
 

@@ -45,6 +45,22 @@ pub struct Charge<'a> {
     pub customer_limit: Limit,
 }
 
+impl Charge<'_> {
+    /// The event's details as the usage stream carries them (the `d`
+    /// field, see `lua/consume.lua`), which the flusher decodes into a row.
+    pub fn event_details(&self) -> String {
+        serde_json::to_string(&EventDetails {
+            e: self.event_id,
+            c: self.customer,
+            a: self.app_id,
+            s: self.session_id,
+            k: self.embed_key.map(|k| k.id),
+            m: self.metadata,
+        })
+        .expect("event details serialize")
+    }
+}
+
 /// The embed key a consume came with, and the key's own rate limit: a key
 /// limit exists only with a key.
 #[derive(Debug, Clone, Copy)]
@@ -208,14 +224,6 @@ impl HotStore {
             self.keys.usage_stream(shard).to_owned(),
             self.keys.disabled_apps(shard).to_owned(),
         ];
-        let details = EventDetails {
-            e: charge.event_id,
-            c: charge.customer,
-            a: charge.app_id,
-            s: charge.session_id,
-            k: charge.embed_key.map(|k| k.id),
-            m: charge.metadata,
-        };
         let args: Vec<Value> = vec![
             charge.app_slug.into(),
             charge.tokens.into(),
@@ -231,9 +239,7 @@ impl HotStore {
                 .unwrap_or_default()
                 .into(),
             record_ttl.into(),
-            serde_json::to_string(&details)
-                .expect("event details serialize")
-                .into(),
+            charge.event_details().into(),
             deadline.into(),
             charge.customer_limit.interval_us().into(),
             charge.customer_limit.burst.into(),

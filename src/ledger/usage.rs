@@ -29,6 +29,76 @@ pub struct UsageRow {
     pub processing_time_ms: Option<f64>,
     pub embed_key_id: Option<Uuid>,
     pub created_at: DateTime<Utc>,
+    /// Set when Postgres refused the row as sent: it is then stored with
+    /// only what the ledger must have, and the event's details kept here.
+    pub set_aside: Option<SetAside>,
+}
+
+/// An event's details Postgres refused, kept beside the row stored without
+/// them (`usage_set_aside`).
+#[derive(Debug, Clone)]
+pub struct SetAside {
+    /// The event's `d` field as it was in the stream.
+    pub details: String,
+    pub reason: String,
+}
+
+impl UsageRow {
+    /// This row with everything but the charge itself set aside: no
+    /// session, metadata `{}`, nothing read from the metadata. What remains
+    /// is ids, counts and a time, which Postgres always stores, so a charge
+    /// is never lost for what came with it.
+    pub fn with_details_set_aside(&self, details: &str, reason: &str) -> UsageRow {
+        UsageRow {
+            session_id: None,
+            metadata: empty_object(),
+            ip_address: None,
+            user_agent: None,
+            visitor_id: None,
+            processing_time_ms: None,
+            set_aside: Some(SetAside {
+                details: details.to_owned(),
+                reason: reason.to_owned(),
+            }),
+            ..self.clone()
+        }
+    }
+}
+
+/// `{}`, the metadata of an event that came without.
+pub fn empty_object() -> Box<RawValue> {
+    RawValue::from_string("{}".to_owned()).expect("{} is JSON")
+}
+
+/// Keeps the details of rows stored without them; a redelivered event's
+/// record is already there and stays as it is.
+pub async fn record_set_aside(conn: &mut PgConnection, rows: &[&UsageRow]) -> sqlx::Result<()> {
+    let (mut ids, mut customers, mut details, mut reasons) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for row in rows {
+        if let Some(aside) = &row.set_aside {
+            ids.push(row.id);
+            customers.push(row.customer_id);
+            details.push(aside.details.as_bytes());
+            // Postgres's message may quote the value it refused.
+            reasons.push(aside.reason.replace('\0', ""));
+        }
+    }
+    if ids.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO usage_set_aside (event_id, customer_id, details, reason) \
+         SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::bytea[], $4::text[]) \
+         ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(ids)
+    .bind(customers)
+    .bind(details)
+    .bind(reasons)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Inserts the rows in one statement; rows already present (a redelivered

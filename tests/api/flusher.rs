@@ -8,7 +8,7 @@ use fred::prelude::*;
 use serde_json::json;
 use sqlx::{Connection, PgConnection};
 
-use crate::helpers::{postgres_server_url, spawn_app, spawn_app_with};
+use crate::helpers::{postgres_server_url, spawn_app, spawn_app_with, Customer, TestApp};
 
 #[tokio::test]
 async fn a_crash_between_commit_and_acknowledge_changes_nothing_when_the_entries_are_claimed() {
@@ -77,31 +77,25 @@ async fn two_flushers_racing_over_one_backlog_persist_each_event_once() {
     app.assert_ledger_exact(&charged).await;
 }
 
-#[tokio::test]
-async fn a_poison_entry_is_dead_lettered_after_k_deliveries_while_the_rest_flow() {
-    let app = spawn_app_with(&[("FLUSH_MAX_DELIVERIES", "3")]).await;
-    let shop = app.customer_with_apps("professional", &["vto-001"]).await;
-    let mut charged = app.consume_many(&shop, "vto-001", 20, 4).await;
+/// Appends an event to the customer's shard stream as the consume script
+/// writes one; returns its event id.
+async fn append_event(app: &TestApp, shop: &Customer, details: serde_json::Value) -> uuid::Uuid {
+    append_raw_event(app, shop, &details.to_string()).await;
+    details["e"].as_str().unwrap().parse().unwrap()
+}
+
+/// Appends an event whose details are `details`, as written.
+async fn append_raw_event(app: &TestApp, shop: &Customer, details: &str) {
     let keys = app.state.hot.keys();
-    let stream = keys.usage_stream(keys.shard_of(shop.id));
-    // One entry that does not decode, and one that decodes but that
-    // Postgres refuses (a session id longer than the column).
-    let _: String = app
-        .redis
-        .xadd(stream, false, None, "*", vec![("d", "not json")])
-        .await
-        .unwrap();
-    let too_long = json!({"e": uuid::Uuid::now_v7(), "c": shop.id, "a": uuid::Uuid::now_v7(),
-                          "s": "s".repeat(101), "k": null, "m": null});
     let _: String = app
         .redis
         .xadd(
-            stream,
+            keys.usage_stream(keys.shard_of(shop.id)),
             false,
             None,
             "*",
             vec![
-                ("d", too_long.to_string()),
+                ("d", details.to_owned()),
                 ("t", "5".into()),
                 ("p", "0".into()),
                 ("ts", chrono::Utc::now().timestamp_millis().to_string()),
@@ -109,6 +103,31 @@ async fn a_poison_entry_is_dead_lettered_after_k_deliveries_while_the_rest_flow(
         )
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn only_an_entry_that_cannot_be_decoded_is_dead_lettered_after_k_deliveries() {
+    let app = spawn_app_with(&[("FLUSH_MAX_DELIVERIES", "3")]).await;
+    let shop = app.customer_with_apps("professional", &["vto-001"]).await;
+    let vto = app.state.catalog.get("vto-001").unwrap().row.id;
+    let mut charged = app.consume_many(&shop, "vto-001", 20, 4).await;
+    let keys = app.state.hot.keys();
+    let stream = keys.usage_stream(keys.shard_of(shop.id));
+    // One entry that does not decode, and one that decodes but that
+    // Postgres refuses as sent (a session id longer than the column).
+    let _: String = app
+        .redis
+        .xadd(stream, false, None, "*", vec![("d", "not json")])
+        .await
+        .unwrap();
+    let too_long = append_event(
+        &app,
+        &shop,
+        json!({"e": uuid::Uuid::now_v7(), "c": shop.id, "a": vto,
+               "s": "s".repeat(101), "k": null, "m": null}),
+    )
+    .await;
+    charged.insert(too_long);
     charged.extend(app.consume_many(&shop, "vto-001", 20, 4).await);
 
     let mut flusher = app.flusher().await;
@@ -116,8 +135,8 @@ async fn a_poison_entry_is_dead_lettered_after_k_deliveries_while_the_rest_flow(
     app.assert_ledger_exact(&charged).await;
     assert_eq!(
         app.pending_entries().await,
-        2,
-        "the two poison entries wait for a retry"
+        1,
+        "the undecodable entry waits for a retry"
     );
     while flusher.step().await.unwrap() > 0 {}
 
@@ -132,21 +151,90 @@ async fn a_poison_entry_is_dead_lettered_after_k_deliveries_while_the_rest_flow(
         )
         .await
         .unwrap();
-    assert_eq!(dead.len(), 2);
-    for (_, fields) in &dead {
-        let field = |name: &str| {
-            fields
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-        };
-        assert_eq!(field("deliveries").as_deref(), Some("3"));
-        assert!(field("reason").is_some_and(|r| !r.is_empty()));
-        assert!(field("source_id").is_some());
-    }
+    assert_eq!(dead.len(), 1);
+    let field = |name: &str| {
+        dead[0]
+            .1
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(field("deliveries").as_deref(), Some("3"));
+    assert_eq!(field("d").as_deref(), Some("not json"));
+    assert!(field("reason").is_some_and(|r| !r.is_empty()));
+    assert!(field("source_id").is_some());
     let metrics = app.metrics_text().await;
     assert!(metrics.contains("flusher_dead_letters_total"));
     app.assert_ledger_exact(&charged).await;
+}
+
+#[tokio::test]
+async fn an_event_postgres_refuses_as_sent_is_stored_at_once_with_its_details_set_aside() {
+    let app = spawn_app().await;
+    let shop = app.customer_with_apps("professional", &["vto-001"]).await;
+    let vto = app.state.catalog.get("vto-001").unwrap().row.id;
+    let mut charged = app.consume_many(&shop, "vto-001", 10, 4).await;
+    // Written as the consume script wrote them before it checked metadata:
+    // a number jsonb cannot hold, and a known field of the wrong type.
+    let overflowing = uuid::Uuid::now_v7();
+    append_raw_event(
+        &app,
+        &shop,
+        &format!(
+            r#"{{"e":"{overflowing}","c":"{}","a":"{vto}","s":"sess-1","k":null,"m":{{"x":1e200000}}}}"#,
+            shop.id
+        ),
+    )
+    .await;
+    let mistyped = append_event(
+        &app,
+        &shop,
+        json!({"e": uuid::Uuid::now_v7(), "c": shop.id, "a": vto, "s": null, "k": null,
+               "m": {"ip_address": 5}}),
+    )
+    .await;
+    charged.extend([overflowing, mistyped]);
+    charged.extend(app.consume_many(&shop, "vto-001", 10, 4).await);
+
+    let mut flusher = app.flusher().await;
+    flusher.step().await.unwrap();
+
+    assert_eq!(
+        app.pending_entries().await,
+        0,
+        "stored on their first delivery"
+    );
+    app.assert_ledger_exact(&charged).await;
+    let aside: Vec<(uuid::Uuid, Vec<u8>, String)> =
+        sqlx::query_as("SELECT event_id, details, reason FROM usage_set_aside ORDER BY event_id")
+            .fetch_all(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(aside.len(), 2);
+    let overflow = aside.iter().find(|(id, _, _)| *id == overflowing).unwrap();
+    assert!(String::from_utf8_lossy(&overflow.1).contains("1e200000"));
+    assert!(overflow.2.contains("numeric"), "{}", overflow.2);
+    let stored: (serde_json::Value, Option<String>) =
+        sqlx::query_as("SELECT metadata, session_id FROM token_usage WHERE id = $1")
+            .bind(overflowing)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(stored, (json!({}), None));
+    let dead: Vec<(String, Vec<(String, String)>)> = app
+        .redis
+        .xrange(
+            app.state
+                .hot
+                .keys()
+                .dead_letter_stream(app.state.hot.keys().shard_of(shop.id)),
+            "-",
+            "+",
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(dead.is_empty());
 }
 
 #[tokio::test]

@@ -18,5 +18,6 @@ mod rate_limits;
 mod rebuild;
 mod replicas;
 mod script_model;
+mod storable;
 mod usage;
 mod webhooks;

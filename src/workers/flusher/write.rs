@@ -20,8 +20,10 @@ use crate::{
 
 impl Flusher {
     /// Writes a batch to Postgres. A batch refused for its data is split
-    /// until the entries at fault are isolated; any other error (Postgres
-    /// unreachable, a deadlock) fails the whole call.
+    /// until the rows at fault are isolated, and each is stored with its
+    /// details set aside; any other error (Postgres unreachable, a
+    /// deadlock) fails the whole call. Only an entry that cannot be decoded
+    /// at all (or a row refused even bare) is left failed.
     pub async fn write(&mut self, batch: &Batch) -> anyhow::Result<Written> {
         let mut written = Written::default();
         let mut rows: Vec<(usize, UsageRow)> = Vec::with_capacity(batch.len());
@@ -55,19 +57,58 @@ impl Flusher {
                     written.inserted += inserted;
                     written.duplicates += part.len() - inserted;
                 }
-                Err(e) if is_data_error(&e) => {
-                    if let [(index, _)] = part {
-                        written.failed.push((*index, e.to_string()));
-                    } else {
+                Err(e) if is_data_error(&e) => match part {
+                    [(index, row)] => {
+                        self.write_set_aside(batch, *index, row, &e, &mut written)
+                            .await?
+                    }
+                    _ => {
                         let (left, right) = part.split_at(part.len() / 2);
                         parts.push(right);
                         parts.push(left);
                     }
-                }
+                },
                 Err(e) => return Err(e.into()),
             }
         }
         Ok(written)
+    }
+
+    /// Writes a row Postgres refused with its details set aside (see
+    /// [`UsageRow::with_details_set_aside`]): the charge reaches the ledger
+    /// whatever came with it. Only a row refused even so is left failed.
+    async fn write_set_aside(
+        &self,
+        batch: &Batch,
+        index: usize,
+        row: &UsageRow,
+        refused: &sqlx::Error,
+        written: &mut Written,
+    ) -> sqlx::Result<()> {
+        let details = batch.entries[index]
+            .fields
+            .iter()
+            .flatten()
+            .find(|(name, _)| name == "d")
+            .map_or("", |(_, value)| value.as_str());
+        let bare = [(
+            index,
+            row.with_details_set_aside(details, &refused.to_string()),
+        )];
+        match self.write_rows(&bare).await {
+            Ok(inserted) => {
+                tracing::warn!(event = %row.id, reason = %refused, "usage event stored with its details set aside");
+                metrics::counter!("flusher_details_set_aside_total").increment(inserted as u64);
+                written.inserted += inserted;
+                written.duplicates += 1 - inserted;
+                Ok(())
+            }
+            Err(e) if is_data_error(&e) => {
+                written.failed.push((index, e.to_string()));
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// One transaction: the rows, then the aggregates and balances of the
@@ -91,6 +132,7 @@ impl Flusher {
         }
         usage::add_to_daily(&mut tx, &days).await?;
         usage::apply_to_balances(&mut tx, &inserted).await?;
+        usage::record_set_aside(&mut tx, &inserted).await?;
         tx.commit().await?;
         Ok(inserted.len())
     }
@@ -152,12 +194,32 @@ pub fn decode(fields: &[(String, String)]) -> Result<UsageRow, String> {
         .timestamp_millis_opt(int("ts")?)
         .single()
         .ok_or("field `ts` is not a time")?;
-    let metadata = match details.m {
-        Some(m) => m,
-        None => RawValue::from_string("{}".into()).map_err(|e| e.to_string())?,
+    let metadata = details.m.unwrap_or_else(usage::empty_object);
+    let known: KnownMetadata = match serde_json::from_str(metadata.get()) {
+        Ok(known) => known,
+        Err(e) => {
+            // A charge whose metadata is not what the API accepts (an
+            // older or foreign writer): stored, its details set aside.
+            let row = UsageRow {
+                id: details.e,
+                customer_id: details.c,
+                app_id: details.a,
+                tokens: tokens as i32,
+                purchased_tokens: purchased as i32,
+                session_id: None,
+                metadata: usage::empty_object(),
+                ip_address: None,
+                user_agent: None,
+                visitor_id: None,
+                processing_time_ms: None,
+                embed_key_id: details.k,
+                created_at,
+                set_aside: None,
+            };
+            let reason = format!("metadata is not an object of the expected types: {e}");
+            return Ok(row.with_details_set_aside(get("d").unwrap_or_default(), &reason));
+        }
     };
-    let known: KnownMetadata = serde_json::from_str(metadata.get())
-        .map_err(|e| format!("metadata is not an object of the expected types: {e}"))?;
     let ip_address = known
         .ip_address
         .and_then(|s| s.parse::<IpAddr>().ok())
@@ -179,6 +241,7 @@ pub fn decode(fields: &[(String, String)]) -> Result<UsageRow, String> {
         processing_time_ms,
         embed_key_id: details.k,
         created_at,
+        set_aside: None,
     })
 }
 
