@@ -155,6 +155,10 @@ pub struct RedisSettings {
     /// How long a consume whose reply was late waits to read its outcome
     /// record; default 40 % of `timeout`.
     pub settle_timeout: Duration,
+    /// `REBUILD_MAX_BACKLOG`: the most unflushed entries of a shard stream
+    /// a rebuild reads to count a customer's charges the ledger lacks;
+    /// beyond, it answers 503 until the flusher catches up.
+    pub rebuild_max_backlog: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -512,6 +516,7 @@ impl Settings {
                     (timeout_ms * 2 / 5).max(1),
                     1..=60_000,
                 )?),
+                rebuild_max_backlog: env.ranged("REBUILD_MAX_BACKLOG", 50_000, 1..=10_000_000)?,
             },
             auth: AuthSettings {
                 jwt_secret: Secret::new(jwt_secret),

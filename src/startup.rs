@@ -60,6 +60,7 @@ impl Application {
             hot.clone(),
             db.clone(),
             settings.consume.grace_period,
+            settings.redis.rebuild_max_backlog,
         ));
         let metering = Metering::new(
             hot.clone(),

@@ -21,8 +21,12 @@ use uuid::Uuid;
 
 use crate::{
     error::ApiError,
-    hot::{account::AccountChange, HotStore},
-    ledger::accounts as ledger_accounts,
+    hot::{
+        account::{AccountChange, AccountState},
+        backlog::UnflushedEvent,
+        HotStore,
+    },
+    ledger::accounts::{self as ledger_accounts, Snapshot},
 };
 
 const REBUILD_STRIPES: usize = 64;
@@ -34,20 +38,32 @@ pub struct Accounts {
     /// Striped, so concurrent rebuilds of different customers rarely wait
     /// on each other and memory stays fixed.
     rebuild_locks: Vec<Mutex<()>>,
+    /// `REBUILD_MAX_BACKLOG`: the longest unflushed stream a rebuild reads.
+    max_backlog: usize,
 }
 
 impl Accounts {
-    pub fn new(hot: HotStore, db: PgPool, grace: Duration) -> Self {
+    pub fn new(hot: HotStore, db: PgPool, grace: Duration, max_backlog: usize) -> Self {
         Self {
             hot,
             db,
             grace: chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::hours(72)),
             rebuild_locks: (0..REBUILD_STRIPES).map(|_| Mutex::new(())).collect(),
+            max_backlog,
         }
     }
 
     /// Loads the customer's hot state from Postgres unless it is loaded.
     /// `NotFound` when the customer does not exist.
+    ///
+    /// The account hash can be lost while the customer's shard stream
+    /// still holds charges the flusher has not written (an eviction, an
+    /// operator's `DEL`, a partial restore): the rebuild counts those too,
+    /// or the customer could spend them again. Each event found in the
+    /// stream and not in the ledger's snapshot is added to the balance.
+    /// When the unflushed part of the stream is longer than
+    /// `REBUILD_MAX_BACKLOG` entries, the rebuild waits for the flusher:
+    /// 503, nothing loaded.
     pub async fn rebuild(&self, customer: Uuid) -> Result<(), ApiError> {
         let stripe = (customer.as_u128() % REBUILD_STRIPES as u128) as usize;
         let _local = self.rebuild_locks[stripe].lock().await;
@@ -58,12 +74,26 @@ impl Accounts {
         if !ledger_accounts::lock_customer(&mut tx, customer).await? {
             return Err(ApiError::NotFound("customer"));
         }
-        let state = ledger_accounts::snapshot(&mut tx, customer, self.grace).await?;
+        // Read after the lock, before the snapshot: whatever the flusher
+        // commits in between is either in the snapshot or added from here,
+        // never both (the snapshot says which of these it holds).
+        let unflushed = self
+            .hot
+            .unflushed_usage(customer, self.max_backlog)
+            .await?
+            .ok_or_else(|| {
+                ApiError::Unavailable(anyhow::anyhow!(
+                    "the usage backlog is longer than REBUILD_MAX_BACKLOG; waiting for the flusher"
+                ))
+            })?;
+        let ids: Vec<Uuid> = unflushed.iter().map(|e| e.id).collect();
+        let snapshot = ledger_accounts::snapshot(&mut tx, customer, self.grace, &ids).await?;
+        let state = with_unflushed(snapshot, &unflushed);
         let installed = self.hot.load_account(customer, &state).await?;
         tx.commit().await?;
         if installed {
             metrics::counter!("hot_state_rebuilds_total").increment(1);
-            tracing::info!(%customer, "rebuilt hot state from the ledger");
+            tracing::info!(%customer, unflushed = unflushed.len(), "rebuilt hot state from the ledger");
         }
         Ok(())
     }
@@ -131,6 +161,24 @@ async fn undo(hot: &HotStore, customer: Uuid, changes: &[AccountChange], failed:
     if let Err(e) = hot.update_account(customer, &undo).await {
         tracing::error!(%customer, error = %crate::telemetry::chain(&e), failed, "could not undo a hot-state change");
     }
+}
+
+/// The ledger's state plus the charges it does not hold yet: each draws
+/// its purchased part from the purchased balance and, when it fell in the
+/// current period, the rest from the period's allowance.
+fn with_unflushed(snapshot: Snapshot, events: &[UnflushedEvent]) -> AccountState {
+    let mut state = snapshot.state;
+    let period = snapshot
+        .period_start
+        .map(|start| start.timestamp_millis())
+        .zip(state.period.map(|p| p.end_ms));
+    for event in events.iter().filter(|e| !snapshot.stored.contains(&e.id)) {
+        state.purchased -= event.purchased;
+        if period.is_some_and(|(start, end)| (start..end).contains(&event.at_ms)) {
+            state.used += event.tokens - event.purchased;
+        }
+    }
+    state
 }
 
 /// What reverses `change` after its commit failed: the changes that could

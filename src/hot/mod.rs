@@ -12,9 +12,11 @@
 //!   inside the consume script).
 
 pub mod account;
+pub mod backlog;
 pub mod charge;
 pub mod keys;
 pub mod rate_limit;
+pub mod streams;
 
 use std::{
     sync::{

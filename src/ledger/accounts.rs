@@ -7,6 +7,8 @@
 //! keeps the lock from blocking the flusher, whose foreign-key checks on
 //! `token_usage` take only `KEY SHARE`.
 
+use std::collections::HashSet;
+
 use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
@@ -29,6 +31,8 @@ pub async fn lock_customer(conn: &mut PgConnection, customer: Uuid) -> sqlx::Res
 
 #[derive(sqlx::FromRow)]
 struct BalanceRow {
+    stored: Vec<Uuid>,
+    period_start: Option<DateTime<Utc>>,
     purchased: i64,
     allowance: Option<i32>,
     status: Option<String>,
@@ -39,18 +43,33 @@ struct BalanceRow {
     next_allowance: Option<i32>,
 }
 
-/// Reads everything the consume script needs, as Postgres knows it now.
-/// The balance comes from one statement, hence one snapshot: the flusher
+/// The ledger's view of a customer, to rebuild its hot state from.
+pub struct Snapshot {
+    pub state: AccountState,
+    /// The billing period's start, when there is one.
+    pub period_start: Option<DateTime<Utc>>,
+    /// Of the events asked about, those the ledger holds (and counts in
+    /// `state`).
+    pub stored: HashSet<Uuid>,
+}
+
+/// Reads everything the consume script needs, as Postgres knows it now,
+/// and which of `events` (charges seen in Redis) it holds. The balance and
+/// that answer come from one statement, hence one snapshot: the flusher
 /// writes usage rows and `purchased_tokens_used` in one transaction, and
-/// both are seen together or not at all.
+/// both are seen together or not at all, and an event is counted in the
+/// balance exactly when it is among those held.
 pub async fn snapshot(
     conn: &mut PgConnection,
     customer: Uuid,
     grace: chrono::Duration,
-) -> sqlx::Result<AccountState> {
+    events: &[Uuid],
+) -> sqlx::Result<Snapshot> {
     let row: BalanceRow = sqlx::query_as(
         r#"
-        SELECT c.purchased_tokens_credited - c.purchased_tokens_used AS purchased,
+        SELECT ARRAY(SELECT u.id FROM token_usage u WHERE u.id = ANY($2)) AS stored,
+               b.billing_cycle_start AS period_start,
+               c.purchased_tokens_credited - c.purchased_tokens_used AS purchased,
                p.tokens_per_month AS allowance,
                b.status,
                b.past_due_since,
@@ -72,6 +91,7 @@ pub async fn snapshot(
         "#,
     )
     .bind(customer)
+    .bind(events)
     .fetch_one(&mut *conn)
     .await?;
 
@@ -103,7 +123,7 @@ pub async fn snapshot(
         )),
         _ => None,
     };
-    Ok(AccountState {
+    let state = AccountState {
         period,
         allowance: row.allowance.map_or(0, i64::from),
         used: row.period_used,
@@ -117,5 +137,10 @@ pub async fn snapshot(
             .into_iter()
             .map(|(id, exp)| (id, exp.map_or(0, |t| t.timestamp_millis())))
             .collect(),
+    };
+    Ok(Snapshot {
+        state,
+        period_start: row.period_start,
+        stored: row.stored.into_iter().collect(),
     })
 }

@@ -3,7 +3,26 @@
 use futures::future::join_all;
 use serde_json::json;
 
-use crate::helpers::spawn_app;
+use fred::prelude::*;
+
+use crate::helpers::{spawn_app, spawn_app_with, Customer, TestApp};
+
+/// Deletes only the customer's account hash, as an eviction or an
+/// operator's `DEL` would: its usage stream keeps the unflushed charges.
+async fn lose_account_hash(app: &TestApp, shop: &Customer) {
+    let _: i64 = app
+        .redis
+        .del(app.state.hot.keys().account(shop.id))
+        .await
+        .unwrap();
+}
+
+async fn consume_times(app: &TestApp, shop: &Customer, app_id: &str, times: usize) {
+    for _ in 0..times {
+        let (status, body) = app.consume(&shop.token, json!({"app_id": app_id})).await;
+        assert_eq!(status, 200, "{body}");
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn after_redis_is_flushed_the_balance_is_rebuilt_exactly_from_the_ledger() {
@@ -125,4 +144,62 @@ async fn an_account_change_whose_request_is_dropped_midway_still_reaches_both_st
         Some(7),
         "and Redis has it"
     );
+}
+
+#[tokio::test]
+async fn a_lost_account_hash_is_rebuilt_counting_the_charges_still_in_the_stream() {
+    let app = spawn_app().await;
+    let shop = app.customer_with_apps("professional", &["vto-001"]).await;
+    consume_times(&app, &shop, "vto-001", 4).await;
+    app.drain_usage().await;
+    // Three more charges wait in the stream, one written but not yet
+    // acknowledged (a flusher that died between commit and XACK).
+    consume_times(&app, &shop, "vto-001", 1).await;
+    let mut flusher = app.flusher().await;
+    let batch = flusher.take().await.unwrap();
+    flusher.write(&batch).await.unwrap();
+    consume_times(&app, &shop, "vto-001", 2).await;
+
+    lose_account_hash(&app, &shop).await;
+    let (status, body) = app.consume(&shop.token, json!({"app_id": "vto-001"})).await;
+
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["tokens_remaining"],
+        10000 - 8 * 5,
+        "every earlier charge counted once"
+    );
+    assert_eq!(app.hot_balance(shop.id).await, Some((40, 0)));
+}
+
+#[tokio::test]
+async fn purchased_tokens_spent_by_unflushed_charges_cannot_be_spent_again_after_a_rebuild() {
+    let app = spawn_app().await;
+    let shop = app.create_customer(None).await;
+    app.activate(&shop, "rec-001").await;
+    app.grant(shop.id, 5).await;
+    consume_times(&app, &shop, "rec-001", 2).await;
+
+    lose_account_hash(&app, &shop).await;
+    let (status, body) = app.consume(&shop.token, json!({"app_id": "rec-001"})).await;
+
+    assert_eq!(status, 402, "{body}");
+    assert_eq!(body["tokens_remaining"], 1);
+}
+
+#[tokio::test]
+async fn a_rebuild_waits_with_a_503_while_the_backlog_is_longer_than_it_reads() {
+    let app = spawn_app_with(&[("REBUILD_MAX_BACKLOG", "5")]).await;
+    let shop = app.customer_with_apps("professional", &["vto-001"]).await;
+    consume_times(&app, &shop, "vto-001", 8).await;
+    lose_account_hash(&app, &shop).await;
+
+    let (status, body) = app.consume(&shop.token, json!({"app_id": "vto-001"})).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(app.hot_balance(shop.id).await, None, "nothing loaded");
+
+    app.drain_usage().await;
+    let (status, body) = app.consume(&shop.token, json!({"app_id": "vto-001"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["tokens_remaining"], 10000 - 9 * 5);
 }

@@ -35,7 +35,7 @@
 //! The parts, one file each: [`take`] (read a batch, and claim what a dead
 //! flusher left), [`write`] (decode and insert), [`acknowledge`] (XACK, or
 //! the dead-letter stream), [`trim`] and [`observe`] (the backlog gauges);
-//! [`streams`] reads the consumer group's state for the last two.
+//! [`crate::hot::streams`] reads the consumer group's state for the last two.
 //!
 //! [`Flusher::step`] does one pass and is public, so tests drain the
 //! streams deterministically; its parts ([`Flusher::take`],
@@ -44,7 +44,6 @@
 
 mod acknowledge;
 mod observe;
-mod streams;
 mod take;
 mod trim;
 mod write;
@@ -66,7 +65,7 @@ use crate::{
 
 pub use write::decode;
 
-pub const GROUP: &str = "flusher";
+pub use crate::hot::streams::GROUP;
 
 /// Entries asked for per XREADGROUP. Replies of thousands of entries run
 /// to megabytes; smaller ones are decoded without growing and re-scanning

@@ -4,10 +4,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use fred::{prelude::*, types::Value};
 
-use super::{
-    streams::{entry_ids, group_info, id_millis, oldest_pending},
-    Flusher, StreamBacklog,
-};
+use super::{Flusher, StreamBacklog};
+use crate::hot::streams::{entry_ids, group_info, id_millis, oldest_pending};
 
 impl Flusher {
     /// Measures every shard's backlog and exports it: `usage_stream_entries`,

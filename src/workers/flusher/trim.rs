@@ -2,10 +2,8 @@
 
 use fred::prelude::*;
 
-use super::{
-    streams::{group_info, id_lt, oldest_pending},
-    Flusher,
-};
+use super::Flusher;
+use crate::hot::streams::{group_info, id_lt, oldest_pending};
 
 impl Flusher {
     /// Deletes the entries every consumer has acknowledged: those below

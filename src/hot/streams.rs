@@ -1,10 +1,13 @@
-//! The consumer group's state as Redis reports it, and stream ids.
+//! The usage streams' consumer group as Redis reports it, and stream ids:
+//! read by the flusher (to trim and to measure the backlog) and by a
+//! rebuild (to find a customer's events not yet in the ledger).
 
 use fred::{prelude::*, types::Value};
 
-use super::GROUP;
+/// The consumer group every flusher reads the usage streams through.
+pub const GROUP: &str = "flusher";
 
-pub(super) struct GroupInfo {
+pub(crate) struct GroupInfo {
     pub last_delivered: String,
     pub pending: u64,
     /// Entries not yet delivered, when Redis knows.
@@ -12,7 +15,7 @@ pub(super) struct GroupInfo {
 }
 
 /// The `flusher` group's line of XINFO GROUPS, if the group exists.
-pub(super) async fn group_info(redis: &Client, stream: &str) -> anyhow::Result<Option<GroupInfo>> {
+pub(crate) async fn group_info(redis: &Client, stream: &str) -> anyhow::Result<Option<GroupInfo>> {
     let groups: Value = match redis.xinfo_groups(stream).await {
         Ok(groups) => groups,
         // No stream yet.
@@ -49,7 +52,7 @@ pub(super) async fn group_info(redis: &Client, stream: &str) -> anyhow::Result<O
 }
 
 /// The smallest id pending in the group (XPENDING's summary form).
-pub(super) async fn oldest_pending(redis: &Client, stream: &str) -> anyhow::Result<Option<String>> {
+pub(crate) async fn oldest_pending(redis: &Client, stream: &str) -> anyhow::Result<Option<String>> {
     let pending: Value = redis.xpending(stream, GROUP, ()).await?;
     Ok(match pending {
         Value::Array(v) if v.len() >= 2 => v[1].as_string(),
@@ -58,7 +61,7 @@ pub(super) async fn oldest_pending(redis: &Client, stream: &str) -> anyhow::Resu
 }
 
 /// The ids of an XRANGE reply.
-pub(super) fn entry_ids(reply: Value) -> Vec<String> {
+pub(crate) fn entry_ids(reply: Value) -> Vec<String> {
     let Value::Array(entries) = reply else {
         return Vec::new();
     };
@@ -72,18 +75,18 @@ pub(super) fn entry_ids(reply: Value) -> Vec<String> {
 }
 
 /// A stream id (`<ms>-<seq>`) as numbers.
-pub(super) fn parse_id(id: &str) -> (u64, u64) {
+pub(crate) fn parse_id(id: &str) -> (u64, u64) {
     let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
     (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
 }
 
 /// The milliseconds part of a stream id.
-pub(super) fn id_millis(id: &str) -> Option<u64> {
+pub(crate) fn id_millis(id: &str) -> Option<u64> {
     Some(parse_id(id).0).filter(|ms| *ms > 0)
 }
 
 /// Whether stream id `a` sorts before `b`.
-pub(super) fn id_lt(a: &str, b: &str) -> bool {
+pub(crate) fn id_lt(a: &str, b: &str) -> bool {
     parse_id(a) < parse_id(b)
 }
 
