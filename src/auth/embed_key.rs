@@ -72,8 +72,27 @@ impl From<EmbedKeyRow> for EmbedKey {
     }
 }
 
+/// Characters of the random part: 32 bytes in URL-safe base64, unpadded.
+const RANDOM_CHARS: usize = 43;
+
+/// Whether a credential claims to be an embed key (its prefix): such a
+/// credential is never tried as a JWT.
 pub fn looks_like_embed_key(credential: &str) -> bool {
     credential.starts_with(LIVE_PREFIX) || credential.starts_with(TEST_PREFIX)
+}
+
+/// Whether a credential has an embed key's exact form: a prefix and 43
+/// URL-safe base64 characters. Anything else is refused without a look-up,
+/// so made-up keys cost neither a query nor a place in the cache.
+pub fn is_well_formed(credential: &str) -> bool {
+    let random = credential
+        .strip_prefix(LIVE_PREFIX)
+        .or_else(|| credential.strip_prefix(TEST_PREFIX));
+    random.is_some_and(|r| {
+        r.len() == RANDOM_CHARS
+            && r.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    })
 }
 
 pub fn hash(key: &str) -> [u8; 32] {

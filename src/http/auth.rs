@@ -13,7 +13,10 @@ use axum::{
 use uuid::Uuid;
 
 use crate::{
-    auth::{embed_key::looks_like_embed_key, Scope, Scopes},
+    auth::{
+        embed_key::{self, looks_like_embed_key},
+        Scope, Scopes,
+    },
     domain::consume::Caller,
     error::ApiError,
     state::Shared,
@@ -131,6 +134,9 @@ impl FromRequestParts<Shared> for ConsumeAuth {
             return Ok(ConsumeAuth(Caller::Customer(claims.sub)));
         }
 
+        if !embed_key::is_well_formed(credential) {
+            return Err(ApiError::InvalidApiKey);
+        }
         let key = state
             .embed_keys
             .find(&state.db, credential)

@@ -14,7 +14,10 @@ use crate::state::Shared;
         title = "Connected Apps",
         description = "Meters and bills the apps eyewear merchants embed in their shops. \
             Errors are `{\"error\": {\"code\", \"message\"}}` with the stable codes of each response; \
-            every response carries `x-request-id`. Bodies over 64 KiB get 413 `payload_too_large`; \
+            every response carries `x-request-id`. On every route: bodies over 64 KiB get 413 `payload_too_large`; \
+            a body declared as anything but JSON 415 `unsupported_media_type`; a request whose headers do not arrive \
+            within `HTTP_HEADER_TIMEOUT_SECS` is cut off, and one whose body pauses longer than \
+            `HTTP_BODY_TIMEOUT_SECS` or is not whole within `HTTP_REQUEST_TIMEOUT_SECS` gets 408 `request_timeout`; \
             unknown routes 404 `not_found`; a wrong method 405 `method_not_allowed`."
     ),
     paths(
