@@ -122,15 +122,7 @@ async fn invalid_customer_fields_are_422_with_details() {
 async fn the_openapi_document_and_probes_are_served() {
     let app = spawn_app().await;
 
-    let spec: serde_json::Value = app
-        .http
-        .get(app.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let spec = app.openapi().await;
     assert!(spec["paths"]["/api/v1/customer/tokens/consume"]["post"].is_object());
     assert_eq!(
         app.http

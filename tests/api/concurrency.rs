@@ -137,6 +137,16 @@ async fn requests_that_miss_the_redis_deadline_are_503_and_charge_nothing() {
     );
 }
 
+/// A professional shop with `rec-001` active and its hot state loaded (one
+/// consume of 2 tokens charged).
+async fn loaded_shop() -> (crate::helpers::TestApp, crate::helpers::Customer) {
+    let app = crate::helpers::spawn_app().await;
+    let shop = app.customer_with_apps("professional", &["rec-001"]).await;
+    let (status, body) = app.consume(&shop.token, json!({"app_id": "rec-001"})).await;
+    assert_eq!(status, 200, "{body}");
+    (app, shop)
+}
+
 /// A charge of one use of `rec-001` for `shop`, as the consume endpoint
 /// builds it.
 fn rec_charge<'a>(
@@ -161,14 +171,7 @@ fn rec_charge<'a>(
 
 #[tokio::test]
 async fn a_consume_that_reaches_redis_after_its_settle_charges_nothing_whatever_the_clocks_say() {
-    let app = crate::helpers::spawn_app().await;
-    let shop = app.customer_with_apps("professional", &["rec-001"]).await;
-    assert_eq!(
-        app.consume(&shop.token, json!({"app_id": "rec-001"}))
-            .await
-            .0,
-        200
-    );
+    let (app, shop) = loaded_shop().await;
     let hot = &app.state.hot;
 
     // The caller gave up on this charge and settled it: the script, queued
@@ -192,14 +195,7 @@ async fn a_consume_that_reaches_redis_after_its_settle_charges_nothing_whatever_
 
 #[tokio::test]
 async fn a_settle_after_the_charge_finds_it_and_answers_charged() {
-    let app = crate::helpers::spawn_app().await;
-    let shop = app.customer_with_apps("professional", &["rec-001"]).await;
-    assert_eq!(
-        app.consume(&shop.token, json!({"app_id": "rec-001"}))
-            .await
-            .0,
-        200
-    );
+    let (app, shop) = loaded_shop().await;
     let hot = &app.state.hot;
 
     let answered_late = rec_charge(&app, &shop, None);
@@ -224,14 +220,7 @@ async fn a_settle_after_the_charge_finds_it_and_answers_charged() {
 
 #[tokio::test]
 async fn a_fenced_idempotent_consume_stays_fenced_and_its_retry_charges_once() {
-    let app = crate::helpers::spawn_app().await;
-    let shop = app.customer_with_apps("professional", &["rec-001"]).await;
-    assert_eq!(
-        app.consume(&shop.token, json!({"app_id": "rec-001"}))
-            .await
-            .0,
-        200
-    );
+    let (app, shop) = loaded_shop().await;
     let hot = &app.state.hot;
     let key = Idempotency {
         key: "order-42",

@@ -286,15 +286,7 @@ async fn every_route_answers_bad_requests_with_the_contracts_error_body() {
             "admin",
         ],
     );
-    let spec: Value = app
-        .http
-        .get(app.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let spec = app.openapi().await;
     // Over the API's 64 KiB and the webhook's 1 MiB.
     let oversized = format!(r#"{{"x":"{}"}}"#, "a".repeat(1100 * 1024));
     let mut probed = 0;

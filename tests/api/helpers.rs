@@ -247,6 +247,18 @@ impl TestApp {
         answer(self.http.delete(self.url(path)).bearer_auth(credential)).await
     }
 
+    /// The OpenAPI document the instance serves.
+    pub async fn openapi(&self) -> Value {
+        self.http
+            .get(self.url("/openapi.json"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// The Prometheus text of `/metrics`.
     pub async fn metrics_text(&self) -> String {
         self.http
