@@ -35,8 +35,13 @@ install_packages() {
     apt_updated=1
   fi
   log "installing $*"
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" \
-    || die "installing $* failed"
+  local out
+  out=$(mktemp)
+  if ! as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >"$out" 2>&1; then
+    cat "$out" >&2
+    die "installing $* failed"
+  fi
+  rm -f "$out"
 }
 
 tcp_open() { (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; }
@@ -79,7 +84,9 @@ ensure_postgres() {
       [ -n "$version" ] || die "no PostgreSQL server is installed under /usr/lib/postgresql"
       name="connected-apps-$port"
       log "creating PostgreSQL $version cluster $name on port $port"
-      as_root pg_createcluster --port "$port" "$version" "$name" >/dev/null \
+      # UTF8 whatever this machine's locale: a cluster made without one
+      # would be SQL_ASCII, which refuses every non-ASCII character in jsonb.
+      as_root pg_createcluster --port "$port" --encoding UTF8 --locale C.UTF-8 "$version" "$name" >/dev/null \
         || die "pg_createcluster $version $name failed"
       cluster="$version $name"
     fi

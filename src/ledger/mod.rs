@@ -46,13 +46,27 @@ pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
 /// Applies the migrations (which seed the catalog and plans) and makes
 /// sure the usage partitions exist.
 pub async fn migrate(pool: &PgPool, months_ahead: u32) -> anyhow::Result<()> {
+    // A database in another encoding (SQL_ASCII, the default of a cluster
+    // made without a locale) refuses every character beyond ASCII in a
+    // jsonb: metadata a consume accepted would not be storable.
+    let encoding: String = sqlx::query_scalar("SHOW server_encoding")
+        .fetch_one(pool)
+        .await?;
+    if encoding != "UTF8" {
+        anyhow::bail!(
+            "the database's encoding is {encoding}; the ledger needs UTF8 \
+             (CREATE DATABASE … ENCODING 'UTF8' TEMPLATE template0)"
+        );
+    }
     MIGRATOR.run(pool).await?;
     partitions::ensure_months_ahead(pool, chrono::Utc::now(), months_ahead).await?;
     Ok(())
 }
 
 /// Creates the database named in `url` when it does not exist, connecting
-/// to the server's `postgres` database to do it.
+/// to the server's `postgres` database to do it. In UTF8 whatever the
+/// cluster's default (see [`migrate`]), from `template0`, which any
+/// encoding may be made from.
 pub async fn create_database_if_missing(url: &str) -> anyhow::Result<()> {
     let options = connect_options(url)?;
     let name = options.get_database().unwrap_or("postgres").to_owned();
@@ -64,7 +78,9 @@ pub async fn create_database_if_missing(url: &str) -> anyhow::Result<()> {
             .await?;
     if !exists {
         let quoted = name.replace('"', "\"\"");
-        sqlx::query(&format!("CREATE DATABASE \"{quoted}\""))
+        sqlx::query(&format!(
+            "CREATE DATABASE \"{quoted}\" ENCODING 'UTF8' TEMPLATE template0"
+        ))
             .execute(&mut admin)
             .await?;
         tracing::info!(database = %name, "created database");

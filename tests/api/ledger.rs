@@ -231,3 +231,29 @@ async fn retention_drops_raw_usage_months_past_the_period_and_keeps_the_aggregat
         .unwrap();
     assert_eq!(aggregates, 1, "aggregates are kept");
 }
+
+#[tokio::test]
+async fn migrations_refuse_a_database_that_is_not_utf8() {
+    use sqlx::Connection;
+    let name = format!("test_ascii_{}", uuid::Uuid::new_v4().simple());
+    let server = crate::helpers::postgres_server_url();
+    let mut admin = sqlx::PgConnection::connect(&server).await.unwrap();
+    sqlx::query(&format!(
+        "CREATE DATABASE \"{name}\" ENCODING 'SQL_ASCII' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'"
+    ))
+    .execute(&mut admin)
+    .await
+    .unwrap();
+    let url = format!("{}/{name}", server.rsplit_once('/').unwrap().0);
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+
+    let refused = connected_apps::ledger::migrate(&pool, 1).await;
+
+    pool.close().await;
+    sqlx::query(&format!("DROP DATABASE \"{name}\""))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let message = refused.expect_err("a SQL_ASCII ledger is refused").to_string();
+    assert!(message.contains("UTF8"), "{message}");
+}
