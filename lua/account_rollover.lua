@@ -11,23 +11,26 @@ them may come late, twice or at once.
     one): usage from zero, the new allowance and period.
   - The account already in this period (the consume script started it
     when a consume came at or after `start`): its usage stands; only the
-    period's successor and the allowances are written.
-  - The account in a later period: a stale call, nothing changes.
+    periods that follow and the allowances are written.
+  - The account in a later period (the consume script went on past
+    several boundaries): a stale call, nothing changes.
   - No account: nothing; the next consume rebuilds it from Postgres.
 
 KEYS  1  account hash (src/hot/keys.rs)
 ARGV  1  start: epoch ms, the old period's end
       2  end: epoch ms, the new period's end (> start)
-      3  next_end: epoch ms, the end of the period after, 0 = not known
+      3  next_ends: the ends of the periods after it, epoch ms,
+         comma-separated, ascending; "" when none follows
       4  allowance of the new period (-1 = unlimited)
       5  allowance of the period after
 Reply 1 reset, 2 already in this period, 0 stale or not loaded.
 ]]
 
-local start, stop, next_end = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local start, stop = tonumber(ARGV[1]), tonumber(ARGV[2])
 local allowance, next_allowance = tonumber(ARGV[4]), tonumber(ARGV[5])
-if not start or not stop or not next_end or not allowance or not next_allowance
-    or stop <= start or start % 1 ~= 0 or stop % 1 ~= 0 or allowance % 1 ~= 0 then
+if not start or not stop or not allowance or not next_allowance
+    or stop <= start or start % 1 ~= 0 or stop % 1 ~= 0 or allowance % 1 ~= 0
+    or not string.match(ARGV[3], '^[%d,]*$') then
   return redis.error_reply('ERR rollover arguments must be integers with end > start')
 end
 if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' or redis.call('HEXISTS', KEYS[1], 'allowance') == 0 then
@@ -37,7 +40,7 @@ local current_end = tonumber(redis.call('HGET', KEYS[1], 'period_end')) or 0
 if current_end > stop then
   return 0
 end
-local successor = { 'next_end', ARGV[3], 'next_allowance', ARGV[5] }
+local successor = { 'next_ends', ARGV[3], 'next_allowance', ARGV[5] }
 if current_end == stop then
   redis.call('HSET', KEYS[1], 'allowance', ARGV[4], unpack(successor))
   return 2

@@ -9,7 +9,7 @@ which already holds the change. Writing into it would create a partial hash
 that the rebuild would then refuse to overwrite.
 
 KEYS  1  account hash <prefix>:{<shard>}:c:<customer>:acct
-      2  with a gate: the change's marker …:c:<customer>:once:<sha256>
+      2  with a once or forget gate: the change's marker …:c:<customer>:once:<sha256>
 ARGV  op, field, value, op, field, value, …
       op is `set` (HSET field value), `del` (HDEL field) or `incr`
       (HINCRBY field value, an integer). A refund's take is
@@ -19,7 +19,11 @@ ARGV  op, field, value, op, field, value, …
       marker is absent, and sets it: a credit retried after a crash or a
       lost reply before the ledger's commit is not credited twice;
       `forget` applies the rest only if the marker is present, and
-      deletes it: the undo of a gated update whose commit failed.
+      deletes it: the undo of a gated update whose commit failed;
+      `period` (value: a period's end, epoch ms) applies the rest only
+      while the account is in that period: a change that belongs to a
+      period (its allowance, its end) never lands in the next one, which
+      the consume script may have started since the change was decided.
 Reply 1 when applied, 0 when the account is not loaded, 2 when the gate
       held the update back.
 ]]
@@ -35,6 +39,11 @@ if ARGV[1] == 'once' or ARGV[1] == 'forget' then
   end
   if gate == 'once' and not tonumber(ARGV[3]) then
     return redis.error_reply('ERR once needs a TTL in seconds')
+  end
+elseif ARGV[1] == 'period' then
+  gate = 'period'
+  if not tonumber(ARGV[3]) then
+    return redis.error_reply('ERR period needs a period end in epoch ms')
   end
 end
 local first = gate and 4 or 1
@@ -54,7 +63,11 @@ end
 if redis.call('HEXISTS', KEYS[1], 'allowance') == 0 then
   return 0
 end
-if gate == 'once' then
+if gate == 'period' then
+  if tonumber(redis.call('HGET', KEYS[1], 'period_end')) ~= tonumber(ARGV[3]) then
+    return 2
+  end
+elseif gate == 'once' then
   if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) == false then
     return 2
   end

@@ -66,8 +66,11 @@ Account hash fields (written by src/hot/account.rs; absent hash = not loaded)
   rl           the customer's consume limiter: its GCRA TAT in µs (gcra.lua)
   rl:<id>      the embed key's own limiter
   period_end   epoch ms at which the billing period ends, 0 = no period
-  next_end     epoch ms at which the next period ends, 0 = not known yet
-  next_allowance  the next period's allowance (differs after a downgrade)
+  next_ends    the ends of the periods after it, epoch ms, comma-separated,
+               ascending (a year of them, counted from the billing anchor);
+               empty when none follows (a subscription ending with its period)
+  next_allowance  the allowance of the periods after this one (differs after
+               a downgrade)
 The limiters live in the account hash so the HMGET that reads the balance
 reads them too, and the HSET that charges writes them: rate limiting adds
 no Redis command to a consume.
@@ -180,22 +183,35 @@ for i = 1, 2 do
 end
 
 -- 5. The billing period. A consume at or after the period's end belongs
--- to the next period (the ledger counts it there too, by its time), so
--- when the next period is known the script starts it itself: usage from
--- zero, the next period's allowance. The scheduled rollover
--- (account_rollover.lua) finds it started and does not reset it again, and
--- a rollover that runs late never refuses what the new period allows.
+-- to a later period (the ledger counts it there too, by its time), so the
+-- script starts that period itself: the first of the coming period ends
+-- (`next_ends`, counted from the billing anchor) past now, usage from
+-- zero, the next periods' allowance. However many boundaries passed since
+-- the last rollover (a scheduler down for a month, Stripe's events late),
+-- a consume counts in the period it falls in. The scheduled rollover
+-- (account_rollover.lua) finds it started and does not reset it again,
+-- and a rollover that runs late never refuses what the new period allows.
 -- Nothing is written here: a refused consume leaves the roll to the next
 -- charge or to the rollover.
 local period_end = tonumber(acct[9]) or 0
-local rolled_to = nil
+local rolled_to, ends_after = nil, nil
 if period_end > 0 and now_ms >= period_end then
-  local next = redis.call('HMGET', KEYS[1], 'next_end', 'next_allowance')
-  local next_end, next_allowance = tonumber(next[1]), tonumber(next[2])
-  if next_end and next_allowance and next_end > period_end and next_allowance % 1 == 0 then
-    rolled_to = next_end
-    allowance = next_allowance
-    used = 0
+  local next = redis.call('HMGET', KEYS[1], 'next_ends', 'next_allowance')
+  local next_allowance = tonumber(next[2])
+  if next[1] and next_allowance and next_allowance % 1 == 0 then
+    local later = {}
+    for e in string.gmatch(next[1], '%d+') do
+      if rolled_to then
+        later[#later + 1] = e
+      elseif tonumber(e) > now_ms then
+        rolled_to = tonumber(e)
+      end
+    end
+    if rolled_to then
+      ends_after = table.concat(later, ',')
+      allowance = next_allowance
+      used = 0
+    end
   end
 end
 
@@ -244,9 +260,7 @@ if from_purchased > 0 then
   changes[#changes + 1] = string.format('%d', purchased)
 end
 if rolled_to then
-  -- The successor of the new period is not known here; the rollover
-  -- writes it.
-  for _, v in ipairs({ 'period_end', string.format('%d', rolled_to), 'next_end', '0',
+  for _, v in ipairs({ 'period_end', string.format('%d', rolled_to), 'next_ends', ends_after,
       'allowance', string.format('%d', allowance) }) do
     changes[#changes + 1] = v
   end

@@ -70,6 +70,13 @@ pub enum ApiError {
 
     #[error("not enough tokens")]
     InsufficientTokens { tokens_remaining: i64 },
+    /// A payment Stripe could not take (a plan upgrade's invoice): the
+    /// card's decline, or a confirmation the customer must give.
+    #[error("{message}")]
+    PaymentFailed {
+        message: String,
+        client_secret: Option<String>,
+    },
     #[error("the subscription is not active")]
     SubscriptionInactive,
 
@@ -100,7 +107,9 @@ impl ApiError {
             Unauthenticated | InvalidToken | InvalidApiKey | InvalidSignature(_) => {
                 StatusCode::UNAUTHORIZED
             }
-            InsufficientTokens { .. } | SubscriptionInactive => StatusCode::PAYMENT_REQUIRED,
+            InsufficientTokens { .. } | SubscriptionInactive | PaymentFailed { .. } => {
+                StatusCode::PAYMENT_REQUIRED
+            }
             InsufficientScope(_)
             | AppNotActive(_)
             | AppNotPermitted(_)
@@ -142,6 +151,7 @@ impl ApiError {
             RateLimited(_) => "rate_limited",
             InsufficientTokens { .. } => "insufficient_tokens",
             SubscriptionInactive => "subscription_inactive",
+            PaymentFailed { .. } => "payment_failed",
             NotFound(_) => "not_found",
             Conflict(_) => "conflict",
             MethodNotAllowed => "method_not_allowed",
@@ -180,6 +190,10 @@ pub struct ErrorDetail<'a> {
     /// as in the `Retry-After` header.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_after: Option<u64>,
+    /// With 402 `payment_failed` awaiting the customer's confirmation
+    /// (3-D Secure): the payment intent's client secret, for Stripe.js.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_secret: Option<String>,
 }
 
 impl IntoResponse for ApiError {
@@ -215,6 +229,10 @@ impl IntoResponse for ApiError {
                 tokens_remaining,
                 details,
                 retry_after: throttle.map(|t| crate::http::rate_limit::seconds(t.retry_after)),
+                client_secret: match &self {
+                    ApiError::PaymentFailed { client_secret, .. } => client_secret.clone(),
+                    _ => None,
+                },
             },
             tokens_remaining,
         };

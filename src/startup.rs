@@ -82,7 +82,7 @@ impl Application {
             db.clone(),
             settings.consume.grace_period,
         );
-        let subscriptions = Subscriptions::new(
+        let subscriptions = Arc::new(Subscriptions::new(
             Arc::new(Stripe::new(&settings.stripe)?),
             accounts.clone(),
             sealer.clone(),
@@ -90,7 +90,7 @@ impl Application {
             db.clone(),
             settings.consume.grace_period,
             settings.stripe.cents_per_1000_tokens,
-        );
+        ));
         let state = Arc::new(AppState {
             jwt: JwtKeys::new(&settings.auth),
             embed_keys: EmbedKeys::default(),
@@ -141,6 +141,7 @@ impl Application {
             let scheduler = Scheduler::new(
                 state.db.clone(),
                 state.hot.clone(),
+                state.subscriptions.clone(),
                 state.settings.database.partitions_ahead_months,
                 state.settings.database.usage_retention_days,
             );

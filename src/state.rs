@@ -29,7 +29,7 @@ pub struct AppState {
     /// The route groups' rate limits (the consume limits are in `metering`).
     pub limiter: RateLimiter,
     pub stripe_events: StripeEvents,
-    pub subscriptions: Subscriptions,
+    pub subscriptions: Arc<Subscriptions>,
     /// Seals secrets at rest (`DATA_ENCRYPTION_KEYS`).
     pub sealer: Arc<Sealer>,
     pub metrics: PrometheusHandle,

@@ -8,12 +8,17 @@ use std::{collections::HashMap, time::Duration};
 
 use chrono::{DateTime, Utc};
 use stripe::{Client, ClientBuilder, IdempotencyKey, RequestStrategy, StripeError, StripeRequest};
-use stripe_billing::subscription::{
-    CancelSubscription, CreateSubscription, CreateSubscriptionItems, RetrieveSubscription,
-    UpdateSubscription, UpdateSubscriptionItems, UpdateSubscriptionProrationBehavior,
+use stripe_billing::{
+    invoice_payment::ListInvoicePayment,
+    subscription::{
+        CancelSubscription, CreateSubscription, CreateSubscriptionItems,
+        CreateSubscriptionPaymentBehavior, RetrieveSubscription, UpdateSubscription,
+        UpdateSubscriptionItems, UpdateSubscriptionPaymentBehavior,
+        UpdateSubscriptionProrationBehavior,
+    },
 };
 use stripe_core::{
-    customer::{CreateCustomer, CreateCustomerInvoiceSettings},
+    customer::{CreateCustomer, SearchCustomer, UpdateCustomer, UpdateCustomerInvoiceSettings},
     payment_intent::{CreatePaymentIntent, RetrievePaymentIntent},
     setup_intent::CreateSetupIntent,
 };
@@ -34,6 +39,19 @@ pub struct Payment {
     /// with the client secret), `processing`, …
     pub status: String,
     pub client_secret: Option<String>,
+    /// Why the last attempt failed (a card's decline), when it did.
+    pub error: Option<String>,
+}
+
+/// What a plan change came to at Stripe.
+#[derive(Debug, Clone)]
+pub enum PlanChange {
+    /// Applied: the subscription as it now is.
+    Done(SubscriptionFacts),
+    /// An upgrade whose invoice is not paid: Stripe keeps it pending and
+    /// the subscription on its old price. With the payment that failed or
+    /// waits for the customer (3-D Secure), when Stripe says which.
+    Unpaid(Option<Payment>),
 }
 
 fn idempotent(key: String) -> RequestStrategy {
@@ -71,24 +89,33 @@ impl Stripe {
         Ok(Self { client })
     }
 
-    /// Creates the Stripe customer for `customer`, with `payment_method`
-    /// attached as its default. Keyed by our customer: once, ever.
+    /// The Stripe customer made for `customer` earlier, found by the
+    /// `customer_id` metadata every customer we create carries: the net
+    /// for a customer whose id we failed to store. Stripe's search lags
+    /// writes by up to a minute; within a day of a creation, the creation's
+    /// idempotency key answers with the same customer anyway.
+    pub async fn find_customer(&self, customer: Uuid) -> Result<Option<String>, ApiError> {
+        let found = SearchCustomer::new(format!("metadata['customer_id']:'{customer}'"))
+            .send(&self.client)
+            .await
+            .map_err(failure)?;
+        Ok(found.data.first().map(|c| c.id.to_string()))
+    }
+
+    /// Creates the Stripe customer for `customer`. Keyed by our customer
+    /// alone, so a retry (with another card, after a decline) is answered
+    /// with the same customer; the card is attached apart
+    /// ([`Stripe::attach`]).
     pub async fn create_customer(
         &self,
         customer: Uuid,
         email: &str,
         name: &str,
-        payment_method: &str,
     ) -> Result<String, ApiError> {
         let created = CreateCustomer::new()
             .email(email)
             .name(name)
             .metadata(ours(customer))
-            .payment_method(payment_method)
-            .invoice_settings(CreateCustomerInvoiceSettings {
-                default_payment_method: Some(payment_method.to_owned()),
-                ..CreateCustomerInvoiceSettings::new()
-            })
             .customize()
             .request_strategy(idempotent(format!("customer-{customer}")))
             .send(&self.client)
@@ -97,7 +124,9 @@ impl Stripe {
         Ok(created.id.to_string())
     }
 
-    /// Attaches a payment method to an existing Stripe customer.
+    /// Attaches a payment method to a Stripe customer and makes it the one
+    /// its invoices are charged to. Attaching one already attached is
+    /// harmless, so a retry needs no key.
     pub async fn attach(
         &self,
         payment_method: &str,
@@ -105,6 +134,14 @@ impl Stripe {
     ) -> Result<(), ApiError> {
         AttachPaymentMethod::new(payment_method)
             .customer(stripe_customer)
+            .send(&self.client)
+            .await
+            .map_err(failure)?;
+        UpdateCustomer::new(stripe_customer)
+            .invoice_settings(UpdateCustomerInvoiceSettings {
+                default_payment_method: Some(payment_method.to_owned()),
+                ..UpdateCustomerInvoiceSettings::new()
+            })
             .send(&self.client)
             .await
             .map_err(failure)?;
@@ -125,11 +162,15 @@ impl Stripe {
         })
     }
 
-    /// Subscribes to `price`, charging `payment_method`. Keyed by our
-    /// customer, the price and the subscription this one follows (`None`
-    /// for the first): a retry does not subscribe twice, and subscribing
-    /// again after a cancellation is not answered with Stripe's saved reply
-    /// for the cancelled subscription (Stripe keeps keys for 24 hours).
+    /// Subscribes to `price`, charging `payment_method`; a first invoice
+    /// that cannot be paid is Stripe's 402 and nothing is created
+    /// (`error_if_incomplete`). Keyed by everything the request depends
+    /// on: our customer, the price, the card and the subscription this one
+    /// follows (`None` for the first). A retry does not subscribe twice; a
+    /// retry with another card after a decline is a new request, not
+    /// Stripe's parameter mismatch; subscribing again after a cancellation
+    /// is not answered with Stripe's saved reply for the cancelled
+    /// subscription (Stripe keeps keys for 24 hours).
     pub async fn subscribe(
         &self,
         customer: Uuid,
@@ -145,10 +186,11 @@ impl Stripe {
                 ..CreateSubscriptionItems::new()
             }])
             .default_payment_method(payment_method)
+            .payment_behavior(CreateSubscriptionPaymentBehavior::ErrorIfIncomplete)
             .metadata(ours(customer))
             .customize()
             .request_strategy(idempotent(format!(
-                "subscribe-{customer}-{price}-after-{}",
+                "subscribe-{customer}-{price}-{payment_method}-after-{}",
                 follows.unwrap_or("none")
             )))
             .send(&self.client)
@@ -158,30 +200,71 @@ impl Stripe {
     }
 
     /// Moves the subscription to `price`. An upgrade is invoiced at once,
-    /// prorated; a downgrade is not (it takes effect at the period's end,
-    /// see `domain::stripe_events`).
+    /// prorated, and applied only if that invoice is paid (Stripe's
+    /// pending updates, `pending_if_incomplete`): unpaid, the subscription
+    /// stays on its old price and Stripe keeps the change pending until the
+    /// invoice is paid or the change expires. A downgrade is not invoiced
+    /// (it takes effect at the period's end, see `domain::stripe_events`).
     pub async fn change_price(
         &self,
         subscription: &str,
         price: &str,
         upgrade: bool,
-    ) -> Result<SubscriptionFacts, ApiError> {
+    ) -> Result<PlanChange, ApiError> {
         let current = RetrieveSubscription::new(subscription)
             .send(&self.client)
             .await
             .map_err(failure)?;
         let item = current.items.data.first().ok_or_else(no_items)?;
-        let sub = UpdateSubscription::new(subscription)
-            .items(vec![UpdateSubscriptionItems {
+        let mut update =
+            UpdateSubscription::new(subscription).items(vec![UpdateSubscriptionItems {
                 id: Some(item.id.to_string()),
                 price: Some(price.to_owned()),
                 ..UpdateSubscriptionItems::new()
-            }])
-            .proration_behavior(if upgrade {
-                UpdateSubscriptionProrationBehavior::AlwaysInvoice
-            } else {
-                UpdateSubscriptionProrationBehavior::None
-            })
+            }]);
+        update = if upgrade {
+            update
+                .proration_behavior(UpdateSubscriptionProrationBehavior::AlwaysInvoice)
+                .payment_behavior(UpdateSubscriptionPaymentBehavior::PendingIfIncomplete)
+        } else {
+            update.proration_behavior(UpdateSubscriptionProrationBehavior::None)
+        };
+        let sub = update.send(&self.client).await.map_err(failure)?;
+        if sub.pending_update.is_none() {
+            return Ok(PlanChange::Done(facts(sub)?));
+        }
+        let invoice = sub
+            .latest_invoice
+            .as_ref()
+            .and_then(|i| i.id().as_ref().map(|id| id.as_str().to_owned()));
+        Ok(PlanChange::Unpaid(match invoice {
+            Some(invoice) => self.invoice_payment(&invoice).await?,
+            None => None,
+        }))
+    }
+
+    /// The payment of an invoice, as its latest payment intent stands.
+    async fn invoice_payment(&self, invoice: &str) -> Result<Option<Payment>, ApiError> {
+        let payments = ListInvoicePayment::new()
+            .invoice(invoice)
+            .send(&self.client)
+            .await
+            .map_err(failure)?;
+        let intent = payments.data.iter().find_map(|p| {
+            p.payment
+                .payment_intent
+                .as_ref()
+                .map(|pi| pi.id().as_str().to_owned())
+        });
+        match intent {
+            Some(intent) => Ok(Some(self.payment(&intent).await?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The subscription as Stripe holds it now.
+    pub async fn subscription(&self, subscription: &str) -> Result<SubscriptionFacts, ApiError> {
+        let sub = RetrieveSubscription::new(subscription)
             .send(&self.client)
             .await
             .map_err(failure)?;
@@ -255,6 +338,7 @@ fn payment(intent: stripe_shared::PaymentIntent) -> Payment {
         id: intent.id.to_string(),
         status: intent.status.as_str().to_owned(),
         client_secret: intent.client_secret,
+        error: intent.last_payment_error.and_then(|e| e.message),
     }
 }
 
@@ -280,5 +364,6 @@ fn facts(sub: stripe_shared::Subscription) -> Result<SubscriptionFacts, ApiError
         start,
         end,
         cancel_at_period_end: sub.cancel_at_period_end,
+        pending_update: sub.pending_update.is_some(),
     })
 }

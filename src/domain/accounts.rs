@@ -171,7 +171,7 @@ fn with_unflushed(snapshot: Snapshot, events: &[UnflushedEvent]) -> AccountState
     let period = snapshot
         .period_start
         .map(|start| start.timestamp_millis())
-        .zip(state.period.map(|p| p.end_ms));
+        .zip(state.period.as_ref().map(|p| p.end_ms));
     for event in events.iter().filter(|e| !snapshot.stored.contains(&e.id)) {
         state.purchased -= event.purchased;
         if period.is_some_and(|(start, end)| (start..end).contains(&event.at_ms)) {

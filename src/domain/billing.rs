@@ -101,12 +101,24 @@ impl Periods {
     }
 }
 
-/// The hot state's view of the period ending at `end`: its successor
-/// counted from `anchor`, with `next_allowance`.
+/// Period ends the hot state knows ahead: a year. The consume script
+/// starts each in turn without waiting for a rollover, so usage after a
+/// boundary always counts against its own period, however late the
+/// scheduler or Stripe's events are (every rollover renews the list).
+const ENDS_AHEAD: usize = 12;
+
+/// The hot state's view of the period ending at `end`: the periods after
+/// it counted from `anchor`, with `next_allowance`.
 pub fn hot_period(anchor: DateTime<Utc>, end: DateTime<Utc>, next_allowance: i64) -> Period {
+    let mut next_ends_ms = Vec::with_capacity(ENDS_AHEAD);
+    let mut last = end;
+    for _ in 0..ENDS_AHEAD {
+        last = period_after(anchor, last);
+        next_ends_ms.push(last.timestamp_millis());
+    }
     Period {
         end_ms: end.timestamp_millis(),
-        next_end_ms: period_after(anchor, end).timestamp_millis(),
+        next_ends_ms,
         next_allowance,
     }
 }

@@ -13,6 +13,7 @@ pub mod catalog;
 pub mod configuration;
 pub mod consume;
 pub mod embed;
+pub mod reconcile;
 pub mod stripe_events;
 pub mod subscriptions;
 pub mod usage;

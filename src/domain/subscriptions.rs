@@ -1,16 +1,20 @@
 //! Subscribing and buying tokens through Stripe.
 //!
-//! The calls to Stripe run under the customer's row lock, so two requests
-//! of one customer never create two Stripe customers or two
-//! subscriptions; each call also carries an idempotency key, so a retry
-//! after a timeout is answered by Stripe with the first result. What
-//! Stripe answers is applied exactly as its webhook will be
-//! ([`stripe_events::apply_subscription`], [`billing::complete_purchase`]),
-//! and whichever comes second finds it done.
+//! One billing request of a customer at a time: a Postgres advisory lock
+//! per customer, held on a connection of its own while Stripe is called,
+//! so two requests never create two Stripe customers or two
+//! subscriptions. The customer's row lock (which every other write of the
+//! customer takes) is held only to record what Stripe answered, never
+//! across a call to Stripe: a slow Stripe holds up only that customer's
+//! billing. Each call also carries an idempotency key naming everything it
+//! depends on, so a retry after a timeout is answered by Stripe with the
+//! first result. What Stripe answers is applied exactly as its webhook
+//! will be ([`stripe_events::apply_subscription`],
+//! [`billing::complete_purchase`]), and whichever comes second finds it
+//! done.
 
 use std::sync::Arc;
 
-use chrono::Utc;
 use uuid::Uuid;
 
 use crate::{
@@ -28,19 +32,19 @@ use crate::{
         catalog, customers,
         sealed::{stripe_customer_place, Sealer},
     },
-    stripe::{Payment, Stripe},
+    stripe::{Payment, PlanChange, Stripe},
 };
 
 /// Tokens one purchase may buy.
 pub const PURCHASE_TOKENS: std::ops::RangeInclusive<i32> = 100..=1_000_000;
 
 pub struct Subscriptions {
-    stripe: Arc<Stripe>,
-    accounts: Arc<Accounts>,
+    pub(super) stripe: Arc<Stripe>,
+    pub(super) accounts: Arc<Accounts>,
     sealer: Arc<Sealer>,
-    hot: HotStore,
-    db: sqlx::PgPool,
-    grace: chrono::Duration,
+    pub(super) hot: HotStore,
+    pub(super) db: sqlx::PgPool,
+    pub(super) grace: chrono::Duration,
     /// `PAYG_PRICE_CENTS_PER_1000_TOKENS`.
     cents_per_1000: i64,
 }
@@ -78,22 +82,83 @@ impl Subscriptions {
     }
 
     /// The customer's Stripe customer id, opened, if they have one.
-    fn stripe_customer(
-        &self,
-        customer: Uuid,
-        row: Option<&SubscriptionRow>,
-    ) -> Result<Option<String>, ApiError> {
-        row.and_then(|r| r.stripe_customer_id.as_deref())
-            .map(|sealed| self.sealer.open(sealed, &stripe_customer_place(customer)))
+    async fn stored_stripe_customer(&self, customer: Uuid) -> Result<Option<String>, ApiError> {
+        customers::stripe_customer(&mut *self.db.acquire().await?, customer)
+            .await?
+            .map(|sealed| self.sealer.open(&sealed, &stripe_customer_place(customer)))
             .transpose()
             .map_err(|e| ApiError::Internal(e.into()))
     }
 
     /// A SetupIntent client secret, for Stripe.js to collect a card.
     pub async fn setup_intent(&self, customer: Uuid) -> Result<String, ApiError> {
-        let row = billing::subscription(&mut *self.db.acquire().await?, customer).await?;
-        let stripe_customer = self.stripe_customer(customer, row.as_ref())?;
+        let stripe_customer = self.stored_stripe_customer(customer).await?;
         self.stripe.setup_intent(stripe_customer.as_deref()).await
+    }
+
+    /// Serialises the customer's billing requests (see the module docs):
+    /// runs `work` holding the customer's billing lock.
+    async fn one_at_a_time<T>(
+        &self,
+        customer: Uuid,
+        work: impl std::future::Future<Output = Result<T, ApiError>>,
+    ) -> Result<T, ApiError> {
+        let mut lock = self.db.acquire().await?;
+        let key = billing_lock_key(customer);
+        sqlx::query("SELECT pg_advisory_lock($1, $2)")
+            .bind(BILLING_LOCK)
+            .bind(key)
+            .execute(&mut *lock)
+            .await?;
+        let result = work.await;
+        // Should the unlock fail, the connection goes back to the pool
+        // holding the lock: close it instead, which releases it.
+        let unlocked = sqlx::query("SELECT pg_advisory_unlock($1, $2)")
+            .bind(BILLING_LOCK)
+            .bind(key)
+            .execute(&mut *lock)
+            .await;
+        if unlocked.is_err() {
+            let _ = lock.close().await;
+        }
+        result
+    }
+
+    /// The customer's Stripe customer: the one we stored, else one Stripe
+    /// made for us earlier (found by its metadata), else a new one, stored
+    /// at once; with `payment_method` attached as its default card.
+    async fn stripe_customer_with(
+        &self,
+        customer: Uuid,
+        payment_method: &str,
+    ) -> Result<String, ApiError> {
+        let place = stripe_customer_place(customer);
+        let stored = customers::stripe_customer(&mut *self.db.acquire().await?, customer).await?;
+        let id = match stored {
+            Some(sealed) => self
+                .sealer
+                .open(&sealed, &place)
+                .map_err(|e| ApiError::Internal(e.into()))?,
+            None => {
+                let id = match self.stripe.find_customer(customer).await? {
+                    Some(id) => id,
+                    None => {
+                        let me = customers::find(&mut *self.db.acquire().await?, customer)
+                            .await?
+                            .ok_or(ApiError::NotFound("customer"))?;
+                        self.stripe
+                            .create_customer(customer, &me.email, &me.name)
+                            .await?
+                    }
+                };
+                let sealed = self.sealer.seal(&id, &place);
+                customers::set_stripe_customer(&mut *self.db.acquire().await?, customer, &sealed)
+                    .await?;
+                id
+            }
+        };
+        self.stripe.attach(payment_method, &id).await?;
+        Ok(id)
     }
 
     /// Subscribes the customer to `plan_id` with `payment_method`.
@@ -103,77 +168,54 @@ impl Subscriptions {
         plan_id: &str,
         payment_method: &str,
     ) -> Result<SubscriptionRow, ApiError> {
-        let (stripe, sealer, hot, grace) = (
-            self.stripe.clone(),
-            self.sealer.clone(),
-            self.hot.clone(),
-            self.grace,
-        );
-        let (plan_id, payment_method) = (plan_id.to_owned(), payment_method.to_owned());
-        let place = stripe_customer_place(customer);
-        self.accounts
-            .change(customer, move |tx| {
-                Box::pin(async move {
-                    let (_, price) = stripe_plan(tx, &plan_id).await?;
-                    let current = billing::subscription(tx, customer).await?;
-                    if current.as_ref().is_some_and(|c| {
-                        c.stripe_subscription_id.is_some() && c.status != "canceled"
-                    }) {
-                        return Err(ApiError::Conflict(
-                            "already subscribed; change the plan instead".into(),
-                        ));
-                    }
-                    let stripe_customer = match current
-                        .as_ref()
-                        .and_then(|c| c.stripe_customer_id.as_deref())
-                    {
-                        Some(sealed) => {
-                            let id = sealer
-                                .open(sealed, &place)
-                                .map_err(|e| ApiError::Internal(e.into()))?;
-                            stripe.attach(&payment_method, &id).await?;
-                            id
-                        }
-                        None => {
-                            let me = customers::find(tx, customer)
-                                .await?
-                                .ok_or(ApiError::NotFound("customer"))?;
-                            stripe
-                                .create_customer(customer, &me.email, &me.name, &payment_method)
-                                .await?
-                        }
-                    };
-                    let follows = current
-                        .as_ref()
-                        .and_then(|c| c.stripe_subscription_id.as_deref());
-                    let sub = stripe
-                        .subscribe(customer, &stripe_customer, &price, &payment_method, follows)
-                        .await?;
-                    let sealed = sealer.seal(&stripe_customer, &place);
-                    record(tx, &hot, customer, &sub, grace, Some(sealed)).await
-                })
-            })
-            .await
+        self.one_at_a_time(customer, async {
+            let mut conn = self.db.acquire().await?;
+            let (_, price) = stripe_plan(&mut conn, plan_id).await?;
+            let current = billing::subscription(&mut conn, customer).await?;
+            drop(conn);
+            if current
+                .as_ref()
+                .is_some_and(|c| c.stripe_subscription_id.is_some() && c.status != "canceled")
+            {
+                return Err(ApiError::Conflict(
+                    "already subscribed; change the plan instead".into(),
+                ));
+            }
+            let stripe_customer = self.stripe_customer_with(customer, payment_method).await?;
+            let follows = current
+                .as_ref()
+                .and_then(|c| c.stripe_subscription_id.as_deref());
+            let sub = self
+                .stripe
+                .subscribe(customer, &stripe_customer, &price, payment_method, follows)
+                .await?;
+            let sealed = self
+                .sealer
+                .seal(&stripe_customer, &stripe_customer_place(customer));
+            self.record(customer, sub, Some(sealed)).await
+        })
+        .await
     }
 
-    /// Moves a Stripe subscription to another plan: an upgrade at once (the
-    /// new allowance less this period's usage), a downgrade at the period's
-    /// end.
+    /// Moves a Stripe subscription to another plan: an upgrade once its
+    /// prorated invoice is paid (402 `payment_failed` with the card's
+    /// decline, the old plan intact, when it is not), a downgrade at the
+    /// period's end.
     pub async fn change_plan(
         &self,
         customer: Uuid,
         plan_id: &str,
     ) -> Result<SubscriptionRow, ApiError> {
-        let plan_id = plan_id.to_owned();
-        self.with_subscription(customer, move |stripe, tx, sub| {
-            Box::pin(async move {
-                let (plan, price) = stripe_plan(tx, &plan_id).await?;
-                let current = billing::lock_billing(tx, customer)
-                    .await?
-                    .ok_or(ApiError::NotFound("subscription"))?;
-                let upgrade = !is_smaller(plan.tokens_per_month, current.allowance);
-                stripe.change_price(&sub, &price, upgrade).await
-            })
+        self.one_at_a_time(customer, async {
+            let mut conn = self.db.acquire().await?;
+            let (plan, price) = stripe_plan(&mut conn, plan_id).await?;
+            let (sub, current_allowance) = stripe_subscription(&mut conn, customer).await?;
+            drop(conn);
+            let upgrade = !is_smaller(plan.tokens_per_month, current_allowance);
+            match self.stripe.change_price(&sub, &price, upgrade).await? {
+                PlanChange::Done(facts) => self.record(customer, facts, None).await,
+                PlanChange::Unpaid(payment) => Err(unpaid_upgrade(payment)),
+            }
         })
         .await
     }
@@ -184,36 +226,38 @@ impl Subscriptions {
         customer: Uuid,
         immediately: bool,
     ) -> Result<SubscriptionRow, ApiError> {
-        self.with_subscription(customer, move |stripe, _tx, sub| {
-            Box::pin(async move { stripe.cancel(&sub, immediately).await })
+        self.one_at_a_time(customer, async {
+            let mut conn = self.db.acquire().await?;
+            let (sub, _) = stripe_subscription(&mut conn, customer).await?;
+            drop(conn);
+            let facts = self.stripe.cancel(&sub, immediately).await?;
+            self.record(customer, facts, None).await
         })
         .await
     }
 
-    /// Runs `call` against the customer's Stripe subscription under the
-    /// customer's row lock, and applies what Stripe answers.
-    async fn with_subscription(
+    /// Applies what Stripe answered, as its webhook will be applied, under
+    /// the customer's row lock, and reads the subscription back.
+    async fn record(
         &self,
         customer: Uuid,
-        call: impl for<'c> FnOnce(
-                Arc<Stripe>,
-                &'c mut sqlx::PgConnection,
-                String,
-            )
-                -> futures::future::BoxFuture<'c, Result<SubscriptionFacts, ApiError>>
-            + Send
-            + 'static,
+        sub: SubscriptionFacts,
+        stripe_customer: Option<String>,
     ) -> Result<SubscriptionRow, ApiError> {
-        let (stripe, hot, grace) = (self.stripe.clone(), self.hot.clone(), self.grace);
+        let (hot, grace) = (self.hot.clone(), self.grace);
         self.accounts
             .change(customer, move |tx| {
                 Box::pin(async move {
-                    let sub = billing::subscription(tx, customer)
-                        .await?
-                        .and_then(|row| row.stripe_subscription_id)
-                        .ok_or(ApiError::NotFound("subscription"))?;
-                    let facts = call(stripe, &mut *tx, sub).await?;
-                    record(tx, &hot, customer, &facts, grace, None).await
+                    let facts = Facts {
+                        event_at: None,
+                        grace,
+                        stripe_customer,
+                    };
+                    let (_, changes) = apply_subscription(tx, &hot, customer, &sub, facts).await?;
+                    let row = billing::subscription(tx, customer).await?.ok_or_else(|| {
+                        ApiError::Internal(anyhow::anyhow!("subscription not written"))
+                    })?;
+                    Ok((row, changes))
                 })
             })
             .await
@@ -246,8 +290,7 @@ impl Subscriptions {
             }
             Some((_, payment_intent)) => self.stripe.payment(&payment_intent).await?,
             None => {
-                let row = billing::subscription(&mut conn, customer).await?;
-                let stripe_customer = self.stripe_customer(customer, row.as_ref())?;
+                let stripe_customer = self.stored_stripe_customer(customer).await?;
                 self.stripe
                     .pay(
                         customer,
@@ -329,24 +372,54 @@ async fn stripe_plan(
     Ok((plan, price))
 }
 
-/// Applies what Stripe answered, as its webhook will be applied, and
-/// reads the subscription back for the response.
-async fn record(
-    tx: &mut sqlx::PgConnection,
-    hot: &HotStore,
+/// The namespace of the per-customer billing locks (`pg_advisory_lock(int,
+/// int)`): the customer's id hashed to the second key.
+const BILLING_LOCK: i32 = 0x0ca0_0002;
+
+fn billing_lock_key(customer: Uuid) -> i32 {
+    let bits = customer.as_u128();
+    (bits ^ (bits >> 32) ^ (bits >> 64) ^ (bits >> 96)) as u32 as i32
+}
+
+/// The customer's Stripe subscription and its plan's allowance.
+async fn stripe_subscription(
+    conn: &mut sqlx::PgConnection,
     customer: Uuid,
-    sub: &SubscriptionFacts,
-    grace: chrono::Duration,
-    stripe_customer: Option<String>,
-) -> Result<(SubscriptionRow, Vec<AccountChange>), ApiError> {
-    let facts = Facts {
-        as_of: Utc::now(),
-        grace,
-        stripe_customer,
-    };
-    let (_, changes) = apply_subscription(tx, hot, customer, sub, facts).await?;
-    let row = billing::subscription(tx, customer)
+) -> Result<(String, i32), ApiError> {
+    let row = billing::current_plan(conn, customer)
         .await?
-        .ok_or_else(|| ApiError::Internal(anyhow::anyhow!("subscription not written")))?;
-    Ok((row, changes))
+        .ok_or(ApiError::NotFound("subscription"))?;
+    match row {
+        (Some(sub), allowance) => Ok((sub, allowance)),
+        (None, _) => Err(ApiError::NotFound("subscription")),
+    }
+}
+
+/// The answer to an upgrade whose invoice is not paid.
+fn unpaid_upgrade(payment: Option<crate::stripe::Payment>) -> ApiError {
+    let (message, client_secret) = match payment {
+        Some(p) if p.status == "requires_action" => (
+            "the upgrade's payment needs the customer's confirmation (3-D Secure); \
+             the plan is unchanged until it is paid"
+                .to_owned(),
+            p.client_secret,
+        ),
+        Some(p) => (
+            format!(
+                "the upgrade's payment failed: {}; the plan is unchanged",
+                p.error
+                    .unwrap_or_else(|| "the card was declined".to_owned())
+                    .trim_end_matches('.')
+            ),
+            None,
+        ),
+        None => (
+            "the upgrade's invoice is not paid; the plan is unchanged until it is".to_owned(),
+            None,
+        ),
+    };
+    ApiError::PaymentFailed {
+        message,
+        client_secret,
+    }
 }

@@ -32,18 +32,28 @@ pub struct AccountState {
 }
 
 /// A billing period's end, as the consume script reads it (epoch ms).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Period {
     pub end_ms: i64,
-    /// The end of the period after; the script starts that one itself when
-    /// a consume comes at or after `end_ms`.
-    pub next_end_ms: i64,
-    /// The next period's allowance (a downgrade's, once one is scheduled).
+    /// The ends of the periods after it, ascending; the script starts the
+    /// one a consume falls in itself, however many boundaries have passed.
+    /// Empty when no period follows (a subscription ending with this one).
+    pub next_ends_ms: Vec<i64>,
+    /// The allowance of the periods after this one (a downgrade's, once
+    /// one is scheduled).
     pub next_allowance: i64,
 }
 
+impl Period {
+    /// `next_ends` as the scripts read it: comma-separated.
+    fn next_ends_arg(&self) -> String {
+        let ends: Vec<String> = self.next_ends_ms.iter().map(i64::to_string).collect();
+        ends.join(",")
+    }
+}
+
 /// The start of a new period, for `lua/account_rollover.lua`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rollover {
     /// The old period's end, epoch ms: the key of the rollover.
     pub start_ms: i64,
@@ -154,10 +164,19 @@ pub enum AccountChange {
     /// apply only if it was done, and it is forgotten.
     Forget(Once),
     /// The current period's end and what follows it, when Stripe's period
-    /// replaces ours mid-way.
-    SetPeriod(Period),
-    /// The plan's allowance per period (-1 = unlimited).
-    SetAllowance(i64),
+    /// replaces ours mid-way: only while the account is still in the
+    /// period ending at `replacing_ms`.
+    SetPeriod {
+        period: Period,
+        replacing_ms: i64,
+    },
+    /// The allowance of the period ending at `period_end_ms` (-1 =
+    /// unlimited): only while the account is in that period, never in the
+    /// next one the consume script may have started meanwhile.
+    SetAllowance {
+        allowance: i64,
+        period_end_ms: i64,
+    },
     /// The allowance of the period after this one.
     SetNextAllowance(i64),
     /// The subscription's state as `open_until` (see [`AccountState`]).
@@ -191,18 +210,39 @@ impl Once {
         Self(format!("grant:{grant}"))
     }
 
+    /// A dispute taking back a purchase's tokens.
+    pub fn dispute(dispute: &str) -> Self {
+        Self(format!("dispute:{dispute}"))
+    }
+
+    /// A dispute won, giving them back.
+    pub fn dispute_won(dispute: &str) -> Self {
+        Self(format!("dispute-won:{dispute}"))
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
 }
 
+/// What an update is applied under (see `lua/account_update.lua`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gate<'a> {
+    /// Once per id.
+    Once(&'a Once),
+    /// Undoes what was done once.
+    Forget(&'a Once),
+    /// Only while the account is in the period ending then (epoch ms).
+    Period(i64),
+}
+
 impl AccountChange {
-    /// The gate of an update: `once` applies the update once per id,
-    /// `forget` undoes it.
-    fn gate(&self) -> Option<(&'static str, &Once)> {
+    fn gate(&self) -> Option<Gate<'_>> {
         match self {
-            Self::CreditPurchased { once, .. } => Some(("once", once)),
-            Self::Forget(once) => Some(("forget", once)),
+            Self::CreditPurchased { once, .. } => Some(Gate::Once(once)),
+            Self::Forget(once) => Some(Gate::Forget(once)),
+            Self::SetPeriod { replacing_ms, .. } => Some(Gate::Period(*replacing_ms)),
+            Self::SetAllowance { period_end_ms, .. } => Some(Gate::Period(*period_end_ms)),
             _ => None,
         }
     }
@@ -234,12 +274,14 @@ impl AccountChange {
                 op("incr", "purchased".into(), (*n).into())
             }
             Self::TookPurchased { .. } | Self::Forget(_) => {}
-            Self::SetPeriod(period) => {
+            Self::SetPeriod { period, .. } => {
                 op("set", "period_end".into(), period.end_ms.into());
-                op("set", "next_end".into(), period.next_end_ms.into());
+                op("set", "next_ends".into(), period.next_ends_arg().into());
                 op("set", "next_allowance".into(), period.next_allowance.into());
             }
-            Self::SetAllowance(n) => op("set", "allowance".into(), (*n).into()),
+            Self::SetAllowance { allowance, .. } => {
+                op("set", "allowance".into(), (*allowance).into())
+            }
             Self::SetNextAllowance(n) => op("set", "next_allowance".into(), (*n).into()),
             Self::SetOpenUntil(ms) => op("set", "open_until".into(), (*ms).into()),
         }
@@ -283,12 +325,12 @@ impl HotStore {
             args.push(format!("key:{id}").into());
             args.push((*expires).into());
         }
-        if let Some(period) = state.period {
+        if let Some(period) = &state.period {
             args.extend([
                 "period_end".into(),
                 period.end_ms.into(),
-                "next_end".into(),
-                period.next_end_ms.into(),
+                "next_ends".into(),
+                period.next_ends_arg().into(),
                 "next_allowance".into(),
                 period.next_allowance.into(),
             ]);
@@ -302,29 +344,76 @@ impl HotStore {
     }
 
     /// Applies changes to a loaded account; an account not loaded is left
-    /// for the next rebuild, which reads the change from Postgres. At most
-    /// one change of an update may be gated (see [`Once`]).
+    /// for the next rebuild, which reads the change from Postgres. Changes
+    /// under the same gate go in one script call, the ungated ones in
+    /// another. At most one change of an update may be done once (see
+    /// [`Once`]); what it says is what the update returns.
     pub async fn update_account(
         &self,
         customer: Uuid,
         changes: &[AccountChange],
     ) -> Result<Updated, HotError> {
-        let mut keys = vec![self.keys.account(customer)];
-        let mut args = Vec::with_capacity(changes.len() * 3 + 3);
-        let mut gates = changes.iter().filter_map(AccountChange::gate);
-        if let Some((op, once)) = gates.next() {
-            args.extend([op.into(), "".into(), ONCE_TTL_SECS.into()]);
-            keys.push(self.keys.once(customer, once.as_str()));
+        let mut groups: Vec<(Option<Gate<'_>>, Vec<&AccountChange>)> = Vec::new();
+        for change in changes {
+            let gate = change.gate();
+            match groups.iter_mut().find(|(g, _)| *g == gate) {
+                Some((_, group)) => group.push(change),
+                None => groups.push((gate, vec![change])),
+            }
         }
-        if gates.next().is_some() {
+        // The change done once goes last: its answer is the update's.
+        groups.sort_by_key(|(gate, _)| matches!(gate, Some(Gate::Once(_) | Gate::Forget(_))));
+        let once_gates = groups
+            .iter()
+            .filter(|(gate, _)| matches!(gate, Some(Gate::Once(_) | Gate::Forget(_))))
+            .count();
+        if once_gates > 1 {
             return Err(HotError::Internal(anyhow::anyhow!(
-                "an account update takes one gated change: {changes:?}"
+                "an account update takes one change done once: {changes:?}"
             )));
         }
+        // The change done once decides the answer; without one, whether
+        // anything applied.
+        let mut result = Updated::NotLoaded;
+        for (gate, group) in groups {
+            let updated = self.update_group(customer, gate, &group).await?;
+            if matches!(gate, Some(Gate::Once(_) | Gate::Forget(_))) {
+                return Ok(updated);
+            }
+            if updated == Updated::Applied || result == Updated::NotLoaded {
+                result = updated;
+            }
+        }
+        Ok(result)
+    }
+
+    /// One script call: `changes`, under `gate`.
+    async fn update_group(
+        &self,
+        customer: Uuid,
+        gate: Option<Gate<'_>>,
+        changes: &[&AccountChange],
+    ) -> Result<Updated, HotError> {
+        let mut keys = vec![self.keys.account(customer)];
+        let mut args = Vec::with_capacity(changes.len() * 3 + 3);
+        match gate {
+            Some(Gate::Once(once)) | Some(Gate::Forget(once)) => {
+                let op = if matches!(gate, Some(Gate::Once(_))) {
+                    "once"
+                } else {
+                    "forget"
+                };
+                args.extend([op.into(), "".into(), ONCE_TTL_SECS.into()]);
+                keys.push(self.keys.once(customer, once.as_str()));
+            }
+            Some(Gate::Period(end_ms)) => args.extend(["period".into(), "".into(), end_ms.into()]),
+            None => {}
+        }
+        let gated = args.len();
         for change in changes {
             change.push_args(&mut args);
         }
-        if args.is_empty() {
+        if args.len() == gated && !matches!(gate, Some(Gate::Once(_) | Gate::Forget(_))) {
             return Ok(Updated::NotLoaded);
         }
         let reply: i64 = self
@@ -373,7 +462,7 @@ impl HotStore {
         let args: Vec<Value> = vec![
             rollover.start_ms.into(),
             rollover.period.end_ms.into(),
-            rollover.period.next_end_ms.into(),
+            rollover.period.next_ends_arg().into(),
             rollover.allowance.into(),
             rollover.period.next_allowance.into(),
         ];
@@ -391,10 +480,10 @@ impl HotStore {
 
     /// The live balance, or `None` when the account is not loaded. A
     /// period that has ended is read as the consume script would charge it:
-    /// the next one's, from zero.
+    /// the one now falls in, from zero.
     pub async fn balance(&self, customer: Uuid) -> Result<Option<Balance>, HotError> {
         use fred::prelude::*;
-        let fields: Vec<Option<i64>> = self
+        let fields: Vec<Value> = self
             .client()
             .hmget(
                 self.keys.account(customer),
@@ -403,19 +492,26 @@ impl HotStore {
                     "used",
                     "purchased",
                     "period_end",
-                    "next_end",
+                    "next_ends",
                     "next_allowance",
                 ],
             )
             .await?;
-        let [Some(allowance), Some(used), Some(purchased), period_end, next_end, next_allowance] =
-            fields[..]
-        else {
+        let int = |i: usize| fields.get(i).and_then(Value::as_i64);
+        let (allowance, used, purchased, period_end, next_allowance) =
+            (int(0), int(1), int(2), int(3), int(5));
+        let next_ends = fields.get(4).and_then(Value::as_string);
+        let (Some(allowance), Some(used), Some(purchased)) = (allowance, used, purchased) else {
             return Ok(None);
         };
-        let ended = period_end.is_some_and(|end| end > 0 && self.redis_now_ms() >= end)
-            && next_end > period_end;
-        Ok(Some(match (ended, next_allowance) {
+        let now = self.redis_now_ms();
+        let ended = period_end.is_some_and(|end| end > 0 && now >= end);
+        let later_period = next_ends
+            .as_deref()
+            .unwrap_or_default()
+            .split(',')
+            .any(|e| e.parse::<i64>().is_ok_and(|end| end > now));
+        Ok(Some(match (ended && later_period, next_allowance) {
             (true, Some(next_allowance)) => Balance {
                 allowance: next_allowance,
                 used: 0,

@@ -27,6 +27,7 @@ pub fn router() -> Router<Shared> {
     Router::new()
         .route("/api/v1/admin/customers", post(create_customer))
         .route("/api/v1/admin/customers/{id}/grants", post(grant_tokens))
+        .route("/api/v1/admin/billing/reconcile", post(reconcile_billing))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]
@@ -214,4 +215,15 @@ pub async fn grant_tokens(
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(response)
+}
+
+#[utoipa::path(post, path = "/api/v1/admin/billing/reconcile", tag = "admin",
+    responses((status = 200, description = "Every Stripe-billed customer compared with Stripe; what differed set right (as the daily job does). `ran: false` when another replica was reconciling", body = crate::domain::reconcile::Report),
+              (status = 503, description = "Stripe or Postgres unavailable", body = crate::error::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn reconcile_billing(
+    State(state): State<Shared>,
+    _admin: AdminAuth,
+) -> Result<axum::Json<crate::domain::reconcile::Report>, ApiError> {
+    Ok(axum::Json(state.subscriptions.reconcile().await?))
 }

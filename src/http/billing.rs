@@ -209,7 +209,8 @@ pub struct ChangePlan {
 
 #[utoipa::path(patch, path = "/api/v1/customer/billing/subscription", tag = "billing",
     request_body = ChangePlan,
-    responses((status = 200, description = "An upgrade takes effect at once (invoiced, prorated; the new allowance less this period's usage); a downgrade at the period's end (`pending_plan_id`)", body = Subscription),
+    responses((status = 200, description = "An upgrade is invoiced at once, prorated, and takes effect when that invoice is paid (at once with a card that pays: the new allowance less this period's usage); a downgrade at the period's end (`pending_plan_id`)", body = Subscription),
+              (status = 402, description = "`payment_failed`: the upgrade's invoice was not paid (the card's decline in `message`, or `client_secret` when the customer must confirm with 3-D Secure); the plan is unchanged, and Stripe applies the upgrade if the invoice is paid later", body = crate::error::ErrorBody),
               (status = 404, description = "No Stripe subscription, or no such plan", body = crate::error::ErrorBody),
               (status = 503, description = "Stripe unreachable; nothing changed", body = crate::error::ErrorBody)),
     security(("bearer" = ["billing:manage"])))]

@@ -32,6 +32,7 @@ use crate::state::Shared;
         super::api_keys::revoke_key,
         super::admin::create_customer,
         super::admin::grant_tokens,
+        super::admin::reconcile_billing,
         super::admin_apps::create_app,
         super::admin_apps::change_app,
         super::usage::usage,

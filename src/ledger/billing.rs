@@ -170,11 +170,19 @@ pub struct BillingRow {
     pub plan_id: String,
     pub allowance: i32,
     pub status: String,
+    /// Stripe's subscription; `None` for an operator's.
+    pub subscription_id: Option<String>,
     pub start: Option<DateTime<Utc>>,
     pub end: Option<DateTime<Utc>>,
     pub anchor: Option<DateTime<Utc>>,
     pub past_due_since: Option<DateTime<Utc>>,
+    /// `created` of the newest event of this subscription applied.
     pub synced_at: Option<DateTime<Utc>>,
+    pub cancel_at_period_end: bool,
+    /// The end of the latest period an invoice paid for.
+    pub paid_through: Option<DateTime<Utc>>,
+    /// While `past_due`: the end of the period whose invoice failed.
+    pub past_due_until_paid: Option<DateTime<Utc>>,
 }
 
 pub async fn lock_billing(
@@ -183,9 +191,11 @@ pub async fn lock_billing(
 ) -> sqlx::Result<Option<BillingRow>> {
     sqlx::query_as(
         "SELECT b.plan_id, p.tokens_per_month AS allowance, b.status, \
+                b.stripe_subscription_id AS subscription_id, \
                 b.billing_cycle_start AS start, b.billing_cycle_end AS end, \
                 COALESCE(b.billing_anchor, b.billing_cycle_start) AS anchor, b.past_due_since, \
-                b.stripe_synced_at AS synced_at \
+                b.stripe_synced_at AS synced_at, b.cancel_at_period_end, b.paid_through, \
+                b.past_due_until_paid \
          FROM customer_billing b JOIN billing_plans p ON p.id = b.plan_id \
          WHERE b.customer_id = $1 FOR UPDATE OF b",
     )
@@ -206,7 +216,9 @@ pub struct SubscriptionState<'a> {
     pub start: DateTime<Utc>,
     pub end: DateTime<Utc>,
     pub cancel_at_period_end: bool,
-    pub synced_at: DateTime<Utc>,
+    /// The event's `created`, for events; `None` for Stripe's state read
+    /// by our own call, which leaves the events' order as it was.
+    pub event_at: Option<DateTime<Utc>>,
     /// Stripe's customer id, sealed (`ledger::sealed`).
     pub stripe_customer: Option<String>,
     /// Periods count from here from now on (Stripe's start, when Stripe's
@@ -216,6 +228,9 @@ pub struct SubscriptionState<'a> {
     pub anchor: Option<DateTime<Utc>>,
 }
 
+/// Writes a subscription's state over ours. Another subscription than the
+/// one recorded starts its own order of events (`stripe_synced_at`) and
+/// its own invoice history.
 pub async fn write_subscription(
     conn: &mut PgConnection,
     customer: Uuid,
@@ -230,7 +245,13 @@ pub async fn write_subscription(
              status = $5, past_due_since = $6, billing_cycle_start = $7, billing_cycle_end = $8, \
              billing_anchor = COALESCE($12, customer_billing.billing_anchor, $7), \
              cancel_at_period_end = $9, \
-             stripe_synced_at = $10, updated_at = NOW(), \
+             stripe_synced_at = CASE WHEN customer_billing.stripe_subscription_id IS DISTINCT FROM $4 THEN $10 \
+                                     ELSE GREATEST(customer_billing.stripe_synced_at, $10) END, \
+             paid_through = CASE WHEN customer_billing.stripe_subscription_id IS DISTINCT FROM $4 THEN NULL \
+                                 ELSE customer_billing.paid_through END, \
+             past_due_until_paid = CASE WHEN $5 = 'past_due' AND customer_billing.stripe_subscription_id = $4 \
+                                        THEN customer_billing.past_due_until_paid END, \
+             updated_at = NOW(), \
              stripe_customer_id = COALESCE($11, customer_billing.stripe_customer_id)",
     )
     .bind(customer)
@@ -242,7 +263,7 @@ pub async fn write_subscription(
     .bind(s.start)
     .bind(s.end)
     .bind(s.cancel_at_period_end)
-    .bind(s.synced_at)
+    .bind(s.event_at)
     .bind(&s.stripe_customer)
     .bind(s.anchor)
     .execute(&mut *conn)
@@ -269,22 +290,55 @@ pub async fn recount_period_usage(conn: &mut PgConnection, customer: Uuid) -> sq
     Ok(())
 }
 
-/// Marks a payment failed: `past_due` since the first failure.
+/// Marks a payment failed: `past_due` since the first failure, until the
+/// period ending at `failed_end` (or a later one) is paid.
 pub async fn mark_past_due(
     conn: &mut PgConnection,
     customer: Uuid,
     since: DateTime<Utc>,
+    failed_end: DateTime<Utc>,
 ) -> sqlx::Result<DateTime<Utc>> {
     sqlx::query_scalar(
         "UPDATE customer_billing SET status = 'past_due', \
              past_due_since = COALESCE(past_due_since, $2), \
-             stripe_synced_at = GREATEST(stripe_synced_at, $2), updated_at = NOW() \
+             past_due_until_paid = GREATEST(past_due_until_paid, $3), updated_at = NOW() \
          WHERE customer_id = $1 RETURNING past_due_since",
     )
     .bind(customer)
     .bind(since)
+    .bind(failed_end)
     .fetch_one(conn)
     .await
+}
+
+/// An invoice paid for the period ending at `end`.
+pub async fn record_paid_through(
+    conn: &mut PgConnection,
+    customer: Uuid,
+    end: DateTime<Utc>,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE customer_billing SET paid_through = GREATEST(paid_through, $2), updated_at = NOW() \
+         WHERE customer_id = $1",
+    )
+    .bind(customer)
+    .bind(end)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The failed period is paid: the subscription is in good standing again.
+pub async fn clear_past_due(conn: &mut PgConnection, customer: Uuid) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE customer_billing SET status = 'active', past_due_since = NULL, \
+             past_due_until_paid = NULL, updated_at = NOW() \
+         WHERE customer_id = $1 AND status = 'past_due'",
+    )
+    .bind(customer)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Credits a purchase once, keyed by its payment intent: the pending row
@@ -322,12 +376,15 @@ pub async fn complete_purchase(
     Ok(credited)
 }
 
-/// A completed purchase, locked for a refund.
+/// A completed purchase, locked for a refund or a dispute.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct PurchaseRow {
     pub customer_id: Uuid,
     pub tokens_purchased: i32,
+    pub price_cents: i32,
     pub tokens_refunded: i32,
+    /// What an open dispute took back.
+    pub tokens_disputed: i32,
     pub status: String,
 }
 
@@ -336,8 +393,8 @@ pub async fn lock_purchase(
     payment_intent: &str,
 ) -> sqlx::Result<Option<PurchaseRow>> {
     sqlx::query_as(
-        "SELECT customer_id, tokens_purchased, tokens_refunded, status FROM token_purchases \
-         WHERE stripe_payment_intent_id = $1 FOR UPDATE",
+        "SELECT customer_id, tokens_purchased, price_cents, tokens_refunded, tokens_disputed, status \
+         FROM token_purchases WHERE stripe_payment_intent_id = $1 FOR UPDATE",
     )
     .bind(payment_intent)
     .fetch_optional(conn)
@@ -367,69 +424,83 @@ pub async fn record_refund(
     credit_purchased(conn, customer, -taken).await
 }
 
-/// `invoice.paid` for a new period `[start, end)`: the period moves on, a
-/// scheduled downgrade applies, the subscription is in good standing.
-/// Returns the new period's allowance.
+/// Records an open dispute: the tokens it took back from the customer's
+/// balance.
+pub async fn record_dispute(
+    conn: &mut PgConnection,
+    payment_intent: &str,
+    customer: Uuid,
+    taken: i64,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE token_purchases SET tokens_disputed = $2 WHERE stripe_payment_intent_id = $1",
+    )
+    .bind(payment_intent)
+    .bind(taken as i32)
+    .execute(&mut *conn)
+    .await?;
+    credit_purchased(conn, customer, -taken).await
+}
+
+/// A dispute won: what it took is given back. Returns the tokens.
+pub async fn settle_dispute_won(
+    conn: &mut PgConnection,
+    payment_intent: &str,
+    customer: Uuid,
+) -> sqlx::Result<i64> {
+    let given_back: i32 = sqlx::query_scalar(
+        "UPDATE token_purchases p SET tokens_disputed = 0 \
+         FROM (SELECT tokens_disputed FROM token_purchases WHERE stripe_payment_intent_id = $1) old \
+         WHERE p.stripe_payment_intent_id = $1 RETURNING old.tokens_disputed",
+    )
+    .bind(payment_intent)
+    .fetch_one(&mut *conn)
+    .await?;
+    credit_purchased(conn, customer, i64::from(given_back)).await?;
+    Ok(i64::from(given_back))
+}
+
+/// `invoice.paid` for a new period `[start, end)`: the period moves on and
+/// a scheduled downgrade applies. Returns the new period's allowance.
 pub async fn roll_to(
     conn: &mut PgConnection,
     customer: Uuid,
     start: DateTime<Utc>,
     end: DateTime<Utc>,
-    synced_at: DateTime<Utc>,
 ) -> sqlx::Result<i64> {
-    let allowance = move_period(conn, customer, start, end).await?;
-    mark_paid(conn, customer, synced_at).await?;
-    Ok(allowance)
-}
-
-/// A paid invoice for the current period: the subscription is in good
-/// standing again.
-pub async fn mark_paid(
-    conn: &mut PgConnection,
-    customer: Uuid,
-    synced_at: DateTime<Utc>,
-) -> sqlx::Result<()> {
-    sqlx::query(
-        "UPDATE customer_billing SET status = 'active', past_due_since = NULL, \
-             stripe_synced_at = GREATEST(stripe_synced_at, $2), updated_at = NOW() \
-         WHERE customer_id = $1",
-    )
-    .bind(customer)
-    .bind(synced_at)
-    .execute(conn)
-    .await?;
-    Ok(())
+    move_period(conn, customer, start, end).await
 }
 
 /// Re-seals every Stripe customer id not sealed under the ring's first
-/// key; returns how many. Each row under its own lock, so it runs beside
-/// the service.
+/// key (on customers and on their billing); returns how many. Each row
+/// under its own lock, so it runs beside the service.
 pub async fn reseal_stripe_customers(
     pool: &sqlx::PgPool,
     sealer: &crate::ledger::sealed::Sealer,
 ) -> anyhow::Result<usize> {
-    let rows: Vec<(Uuid, String)> = sqlx::query_as(
-        "SELECT customer_id, stripe_customer_id FROM customer_billing WHERE stripe_customer_id IS NOT NULL",
-    )
-    .fetch_all(pool)
-    .await?;
     let mut resealed = 0;
-    for (customer, sealed) in rows {
-        if sealer.is_current(&sealed) {
-            continue;
-        }
-        let place = crate::ledger::sealed::stripe_customer_place(customer);
-        let plain = sealer.open(&sealed, &place)?;
-        let done = sqlx::query(
-            "UPDATE customer_billing SET stripe_customer_id = $3 \
-             WHERE customer_id = $1 AND stripe_customer_id = $2",
-        )
-        .bind(customer)
-        .bind(&sealed)
-        .bind(sealer.seal(&plain, &place))
-        .execute(pool)
+    for (table, id) in [("customers", "id"), ("customer_billing", "customer_id")] {
+        let rows: Vec<(Uuid, String)> = sqlx::query_as(&format!(
+            "SELECT {id}, stripe_customer_id FROM {table} WHERE stripe_customer_id IS NOT NULL"
+        ))
+        .fetch_all(pool)
         .await?;
-        resealed += done.rows_affected() as usize;
+        for (customer, sealed) in rows {
+            if sealer.is_current(&sealed) {
+                continue;
+            }
+            let place = crate::ledger::sealed::stripe_customer_place(customer);
+            let plain = sealer.open(&sealed, &place)?;
+            let done = sqlx::query(&format!(
+                "UPDATE {table} SET stripe_customer_id = $3 WHERE {id} = $1 AND stripe_customer_id = $2"
+            ))
+            .bind(customer)
+            .bind(&sealed)
+            .bind(sealer.seal(&plain, &place))
+            .execute(pool)
+            .await?;
+            resealed += done.rows_affected() as usize;
+        }
     }
     Ok(resealed)
 }
@@ -456,6 +527,35 @@ pub async fn subscription(
         "SELECT plan_id, pending_plan_id, status, billing_cycle_start AS start, billing_cycle_end AS end, \
                 cancel_at_period_end, stripe_subscription_id, stripe_customer_id \
          FROM customer_billing WHERE customer_id = $1",
+    )
+    .bind(customer)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Customers billed through Stripe whose subscription is live or ended
+/// less than a period ago, with the subscription's id: what the
+/// reconciliation compares.
+pub async fn stripe_billed(conn: &mut PgConnection) -> sqlx::Result<Vec<(Uuid, String)>> {
+    sqlx::query_as(
+        "SELECT customer_id, stripe_subscription_id FROM customer_billing \
+         WHERE stripe_subscription_id IS NOT NULL \
+           AND (status <> 'canceled' OR billing_cycle_end > NOW() - INTERVAL '31 days') \
+         ORDER BY customer_id",
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// The customer's Stripe subscription id (if any) and its plan's
+/// allowance, unlocked.
+pub async fn current_plan(
+    conn: &mut PgConnection,
+    customer: Uuid,
+) -> sqlx::Result<Option<(Option<String>, i32)>> {
+    sqlx::query_as(
+        "SELECT b.stripe_subscription_id, p.tokens_per_month FROM customer_billing b \
+         JOIN billing_plans p ON p.id = b.plan_id WHERE b.customer_id = $1",
     )
     .bind(customer)
     .fetch_optional(conn)

@@ -143,3 +143,31 @@ pub async fn find(conn: &mut PgConnection, customer: Uuid) -> sqlx::Result<Optio
         .fetch_optional(conn)
         .await
 }
+
+/// The customer's Stripe customer id, sealed, if Stripe made one.
+pub async fn stripe_customer(
+    conn: &mut PgConnection,
+    customer: Uuid,
+) -> sqlx::Result<Option<String>> {
+    sqlx::query_scalar::<_, Option<String>>(
+        "SELECT stripe_customer_id FROM customers WHERE id = $1",
+    )
+    .bind(customer)
+    .fetch_optional(conn)
+    .await
+    .map(Option::flatten)
+}
+
+/// Stores the customer's Stripe customer id, sealed.
+pub async fn set_stripe_customer(
+    conn: &mut PgConnection,
+    customer: Uuid,
+    sealed: &str,
+) -> sqlx::Result<()> {
+    sqlx::query("UPDATE customers SET stripe_customer_id = $2, updated_at = NOW() WHERE id = $1")
+        .bind(customer)
+        .bind(sealed)
+        .execute(conn)
+        .await?;
+    Ok(())
+}

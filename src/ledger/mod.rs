@@ -81,8 +81,8 @@ pub async fn create_database_if_missing(url: &str) -> anyhow::Result<()> {
         sqlx::query(&format!(
             "CREATE DATABASE \"{quoted}\" ENCODING 'UTF8' TEMPLATE template0"
         ))
-            .execute(&mut admin)
-            .await?;
+        .execute(&mut admin)
+        .await?;
         tracing::info!(database = %name, "created database");
     }
     Ok(())

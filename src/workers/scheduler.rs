@@ -15,6 +15,10 @@
 //!
 //! These are idempotent (`CREATE TABLE IF NOT EXISTS`, `DROP TABLE IF
 //! EXISTS`), so replicas running them at once need no lock.
+//!
+//! Daily at 04:00 UTC, `billing-reconcile`: every Stripe-billed customer
+//! compared with Stripe and set right where it differs (one replica at a
+//! time, see `domain::reconcile`).
 
 use std::sync::Arc;
 
@@ -23,22 +27,49 @@ use sqlx::PgPool;
 use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::sync::CancellationToken;
 
-use crate::{domain::billing::Periods, hot::HotStore, ledger::partitions};
+use crate::{
+    domain::{billing::Periods, subscriptions::Subscriptions},
+    hot::HotStore,
+    ledger::partitions,
+};
 
 pub struct Scheduler {
     db: PgPool,
     periods: Periods,
+    subscriptions: Arc<Subscriptions>,
     months_ahead: u32,
     retention_days: u32,
 }
 
 impl Scheduler {
-    pub fn new(db: PgPool, hot: HotStore, months_ahead: u32, retention_days: u32) -> Self {
+    pub fn new(
+        db: PgPool,
+        hot: HotStore,
+        subscriptions: Arc<Subscriptions>,
+        months_ahead: u32,
+        retention_days: u32,
+    ) -> Self {
         Self {
             periods: Periods::new(db.clone(), hot),
             db,
+            subscriptions,
             months_ahead,
             retention_days,
+        }
+    }
+
+    async fn reconcile(&self) {
+        match self.subscriptions.reconcile().await {
+            Ok(report) if report.ran => tracing::info!(
+                checked = report.checked,
+                fixed = report.fixed.len(),
+                failed = report.failed,
+                "billing reconciled with Stripe"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %crate::telemetry::chain(&e), "billing reconciliation failed")
+            }
         }
     }
 
@@ -99,6 +130,13 @@ impl Scheduler {
             .add(Job::new_async("0 0 3 * * *", move |_id, _lock| {
                 let job_state = job_state.clone();
                 Box::pin(async move { job_state.daily().await })
+            })?)
+            .await?;
+        let job_state = this.clone();
+        scheduler
+            .add(Job::new_async("0 0 4 * * *", move |_id, _lock| {
+                let job_state = job_state.clone();
+                Box::pin(async move { job_state.reconcile().await })
             })?)
             .await?;
         scheduler.start().await?;

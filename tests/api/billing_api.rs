@@ -29,8 +29,28 @@ fn fixture(name: &str) -> Value {
 }
 
 /// A stand-in for Stripe and an instance of the service pointed at it.
+/// It finds no customer by search, and attaches any card.
 async fn with_stripe() -> (TestApp, MockServer) {
     let stripe = MockServer::start().await;
+    stripe_answers(
+        &stripe,
+        "GET",
+        "/v1/customers/search",
+        200,
+        json!({"object": "search_result", "data": [], "has_more": false, "next_page": null,
+               "url": "/v1/customers/search"}),
+    )
+    .await;
+    Mock::given(method("POST"))
+        .and(wiremock::matchers::path_regex(
+            "^/v1/payment_methods/[^/]+/attach$",
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_json(fixture("payment_method")))
+        .mount(&stripe)
+        .await;
+    let mut customer = fixture("customer");
+    customer["id"] = json!("cus_standin");
+    stripe_answers(&stripe, "POST", "/v1/customers/cus_standin", 200, customer).await;
     let base = format!("{}/", stripe.uri());
     let app = spawn_app_with(&[
         ("STRIPE_API_BASE", &base),
@@ -56,6 +76,7 @@ fn subscription_for(customer: Uuid, price: &str) -> Value {
     sub["status"] = json!("active");
     sub["customer"] = json!("cus_standin");
     sub["metadata"] = json!({"customer_id": customer.to_string()});
+    sub["pending_update"] = Value::Null;
     let item = &mut sub["items"]["data"][0];
     item["price"]["id"] = json!(price);
     item["current_period_start"] = json!(now);

@@ -200,7 +200,13 @@ async fn retention_drops_raw_usage_months_past_the_period_and_keeps_the_aggregat
     // A month goes once its last day is more than 400 days old: on
     // 2025-03-06 the cut-off is 2024-01-31, still inside January; on
     // 2025-03-07 it is 2024-02-01.
-    let scheduler = Scheduler::new(app.db.clone(), app.state.hot.clone(), 3, 400);
+    let scheduler = Scheduler::new(
+        app.db.clone(),
+        app.state.hot.clone(),
+        app.state.subscriptions.clone(),
+        3,
+        400,
+    );
     let kept = scheduler
         .apply_retention(Utc.with_ymd_and_hms(2025, 3, 6, 3, 0, 0).unwrap())
         .await
@@ -254,6 +260,8 @@ async fn migrations_refuse_a_database_that_is_not_utf8() {
         .execute(&mut admin)
         .await
         .unwrap();
-    let message = refused.expect_err("a SQL_ASCII ledger is refused").to_string();
+    let message = refused
+        .expect_err("a SQL_ASCII ledger is refused")
+        .to_string();
     assert!(message.contains("UTF8"), "{message}");
 }

@@ -19,5 +19,7 @@ mod rebuild;
 mod replicas;
 mod script_model;
 mod storable;
+mod stripe_semantics;
+mod stripe_standin;
 mod usage;
 mod webhooks;

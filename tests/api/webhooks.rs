@@ -13,15 +13,15 @@ use uuid::Uuid;
 
 use crate::helpers::{spawn_app, spawn_app_with, Customer, TestApp, WEBHOOK_SECRET};
 
-fn now() -> i64 {
+pub fn now() -> i64 {
     Utc::now().timestamp()
 }
 
 /// A Stripe subscription object as our subscribe endpoint creates it
 /// (our customer id in its metadata), in the current period.
-fn subscription(customer: Uuid, price: &str, status: &str) -> Value {
+pub fn subscription(customer: Uuid, price: &str, status: &str) -> Value {
     // Whole days, so every event of a test names the same period.
-    let end = (now() / 86_400 + 20) * 86_400;
+    let (_, end) = current_period();
     json!({"id": format!("sub_{}", customer.simple()), "object": "subscription",
            "customer": "cus_test", "status": status, "cancel_at_period_end": false,
            "metadata": {"customer_id": customer.to_string()},
@@ -30,8 +30,25 @@ fn subscription(customer: Uuid, price: &str, status: &str) -> Value {
                                "current_period_end": end}]}})
 }
 
+/// An invoice of the customer's subscription for the period `[start,
+/// end)` (unix seconds), as API versions since 2025 shape it: the
+/// subscription under `parent.subscription_details`.
+pub fn invoice(customer: Uuid, id: &str, start: i64, end: i64) -> Value {
+    json!({"id": id, "object": "invoice",
+           "parent": {"type": "subscription_details",
+                      "subscription_details": {"subscription": format!("sub_{}", customer.simple()),
+                                               "metadata": {"customer_id": customer.to_string()}}},
+           "lines": {"data": [{"period": {"start": start, "end": end}}]}})
+}
+
+/// The current period of [`subscription`]: `(start, end)`.
+pub fn current_period() -> (i64, i64) {
+    let end = (now() / 86_400 + 20) * 86_400;
+    (end - 30 * 86_400, end)
+}
+
 /// Delivers `kind` with `object`, created now, and expects it applied.
-async fn deliver_applied(app: &TestApp, id: &str, kind: &str, object: Value) {
+pub async fn deliver_applied(app: &TestApp, id: &str, kind: &str, object: Value) {
     let (status, body) = app.stripe_event(id, kind, now(), object).await;
     assert_eq!(
         (status, &body["outcome"]),
@@ -40,7 +57,7 @@ async fn deliver_applied(app: &TestApp, id: &str, kind: &str, object: Value) {
     );
 }
 
-async fn subscribed(app: &TestApp, price: &str) -> Customer {
+pub async fn subscribed(app: &TestApp, price: &str) -> Customer {
     let shop = app.create_customer(None).await;
     deliver_applied(
         app,
@@ -136,8 +153,8 @@ async fn a_failed_payment_is_past_due_consuming_through_the_grace_period_then_re
         app.activate(&shop, "rec-001").await;
         assert_eq!(consume(&app, &shop, 1).await.0, 200);
 
-        let invoice = json!({"id": "in_1", "object": "invoice",
-                             "subscription": format!("sub_{}", shop.id.simple())});
+        let (start, end) = current_period();
+        let invoice = invoice(shop.id, "in_1", start, end);
         let (status, _) = app
             .stripe_event(
                 &format!("evt_failed_{grace}"),
@@ -600,11 +617,12 @@ async fn a_switch_from_an_operators_subscription_to_stripe_mid_period_follows_st
     deliver_applied(&app, "evt_switch", "customer.subscription.created", sub).await;
 
     let account = app.state.hot.keys().account(shop.id);
-    let (period_end, next_end): (i64, i64) = app
+    let (period_end, next_ends): (i64, String) = app
         .redis
-        .hmget(account, vec!["period_end", "next_end"])
+        .hmget(account, vec!["period_end", "next_ends"])
         .await
         .unwrap();
+    let next_end: i64 = next_ends.split(',').next().unwrap().parse().unwrap();
     assert_eq!(
         period_end,
         end * 1000,
@@ -687,9 +705,7 @@ async fn a_downgrade_waits_for_the_period_the_next_invoice_pays_for() {
     let end = starter["items"]["data"][0]["current_period_end"]
         .as_i64()
         .unwrap();
-    let invoice = json!({"id": "in_next", "object": "invoice",
-        "subscription": format!("sub_{}", shop.id.simple()),
-        "lines": {"data": [{"period": {"start": end, "end": end + 30 * 86_400}}]}});
+    let invoice = invoice(shop.id, "in_next", end, end + 30 * 86_400);
     let (status, body) = app
         .stripe_event("evt_paid", "invoice.paid", now() + 1, invoice)
         .await;

@@ -1,0 +1,150 @@
+//! The billing reconciliation: the net under every missed or mangled
+//! webhook.
+//!
+//! Once a day (and on an operator's demand, `POST
+//! /api/v1/admin/billing/reconcile`), every customer billed through Stripe
+//! whose subscription has not long ended is compared with Stripe's
+//! subscription as it is now: plan, status, period and cancellation.
+//! Where ours differs, Stripe's state is applied as its webhook would be
+//! ([`apply_subscription`], with its rules: an unpaid upgrade still waits),
+//! under the customer's row lock, and counted in
+//! `billing_reconciliation_fixes_total{field}`. One replica at a time
+//! (a Postgres advisory lock); customers one after the other, so Stripe
+//! sees a trickle, not a burst.
+
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::{
+    stripe_events::{apply_subscription, Facts},
+    subscriptions::Subscriptions,
+};
+use crate::{error::ApiError, ledger::billing};
+
+/// The advisory lock that lets one replica at a time reconcile.
+const RECONCILE_LOCK: i64 = 0x0ca0_0003;
+
+/// What a reconciliation found.
+#[derive(Debug, Default, Serialize, utoipa::ToSchema)]
+pub struct Report {
+    /// Customers compared with Stripe.
+    pub checked: usize,
+    /// Those whose billing differed, and what was set right.
+    pub fixed: Vec<Fix>,
+    /// Customers Stripe could not tell us about this time (left as they
+    /// are; the next run tries again).
+    pub failed: usize,
+    /// False when another replica was reconciling: nothing was done.
+    pub ran: bool,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Fix {
+    pub customer_id: Uuid,
+    /// `plan`, `status`, `period` and/or `cancel_at_period_end`.
+    pub fields: Vec<&'static str>,
+}
+
+impl Subscriptions {
+    /// Compares every Stripe-billed customer with Stripe and applies what
+    /// differs (see the module docs).
+    pub async fn reconcile(&self) -> Result<Report, ApiError> {
+        let mut lock = self.db.acquire().await?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(RECONCILE_LOCK)
+            .fetch_one(&mut *lock)
+            .await?;
+        if !locked {
+            return Ok(Report::default());
+        }
+        let result = self.reconcile_all().await;
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(RECONCILE_LOCK)
+            .execute(&mut *lock)
+            .await;
+        let report = result?;
+        metrics::counter!("billing_reconciliation_runs_total").increment(1);
+        Ok(report)
+    }
+
+    async fn reconcile_all(&self) -> Result<Report, ApiError> {
+        let billed = billing::stripe_billed(&mut *self.db.acquire().await?).await?;
+        let mut report = Report {
+            ran: true,
+            ..Report::default()
+        };
+        for (customer, subscription) in billed {
+            report.checked += 1;
+            let facts = match self.stripe.subscription(&subscription).await {
+                Ok(facts) => facts,
+                Err(e) => {
+                    report.failed += 1;
+                    tracing::warn!(%customer, error = %crate::telemetry::chain(&e), "reconciliation could not read the subscription");
+                    continue;
+                }
+            };
+            let fields = self.set_right(customer, facts).await?;
+            if !fields.is_empty() {
+                for field in &fields {
+                    metrics::counter!("billing_reconciliation_fixes_total", "field" => *field)
+                        .increment(1);
+                }
+                tracing::warn!(%customer, ?fields, "billing differed from Stripe; set right");
+                report.fixed.push(Fix {
+                    customer_id: customer,
+                    fields,
+                });
+            }
+        }
+        Ok(report)
+    }
+
+    /// Applies Stripe's state of the customer's subscription; returns what
+    /// it changed.
+    async fn set_right(
+        &self,
+        customer: Uuid,
+        facts: super::stripe_events::SubscriptionFacts,
+    ) -> Result<Vec<&'static str>, ApiError> {
+        let (hot, grace) = (self.hot.clone(), self.grace);
+        self.accounts
+            .change(customer, move |tx| {
+                Box::pin(async move {
+                    let before = billing::subscription(tx, customer).await?;
+                    let facts_of = Facts {
+                        event_at: None,
+                        grace,
+                        stripe_customer: None,
+                    };
+                    let (_, changes) =
+                        apply_subscription(tx, &hot, customer, &facts, facts_of).await?;
+                    let after = billing::subscription(tx, customer).await?;
+                    let mut fields = Vec::new();
+                    if let (Some(before), Some(after)) = (&before, &after) {
+                        if before.plan_id != after.plan_id
+                            || before.pending_plan_id != after.pending_plan_id
+                        {
+                            fields.push("plan");
+                        }
+                        if before.status != after.status {
+                            fields.push("status");
+                        }
+                        if before.start != after.start || before.end != after.end {
+                            fields.push("period");
+                        }
+                        if before.cancel_at_period_end != after.cancel_at_period_end {
+                            fields.push("cancel_at_period_end");
+                        }
+                    }
+                    // Nothing differed: leave the hot state as it is too.
+                    let changes = if fields.is_empty() {
+                        Vec::new()
+                    } else {
+                        changes
+                    };
+                    Ok((fields, changes))
+                })
+            })
+            .await
+    }
+}
