@@ -43,6 +43,9 @@ enum Command {
     /// Re-seal every secret at rest not sealed under the first key of
     /// `DATA_ENCRYPTION_KEYS` (after putting a new key first).
     Reseal,
+    /// Exit 0 when this machine's service answers `GET /health/live` on
+    /// `PORT` (for a container's HEALTHCHECK: the image has no curl).
+    Healthcheck,
     /// Print a JWT signed with the configured secret, issuer and audience.
     Token {
         /// The customer (or operator) id; a new one when omitted.
@@ -101,6 +104,10 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             ledger::migrate(&pool, settings.database.partitions_ahead_months).await?;
             tracing::info!("migrations applied");
             Ok(())
+        }
+        Command::Healthcheck => {
+            let port = settings.bind.port();
+            connected_apps::http::health::probe(port, std::time::Duration::from_secs(2)).await
         }
         Command::Reseal => {
             let pool = ledger::pool(&settings.database)?;

@@ -28,8 +28,8 @@ use crate::{
     workers::{flusher::Flusher, scheduler::Scheduler},
 };
 
-/// How often the API role re-reads the catalog, re-measures Redis's clock
-/// and runs the metrics upkeep.
+/// How often the API role re-reads the catalog, re-measures Redis's clock,
+/// reads the process's memory and CPU, and runs the metrics upkeep.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(5);
 
 pub struct Application {
@@ -238,11 +238,17 @@ async fn spawn_flusher(
 
 async fn housekeeping(state: Arc<AppState>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
+    // Prometheus's process series (`process_resident_memory_bytes`,
+    // `process_cpu_seconds_total`, open descriptors, threads): a soak test
+    // and an operator watch memory stay flat with them.
+    let process = metrics_process::Collector::default();
+    process.describe();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
+        process.collect();
         state.metrics.run_upkeep();
         if let Err(e) = state.hot.sync_clock().await {
             tracing::debug!(error = %crate::telemetry::chain(&e), "redis clock not measured");

@@ -55,3 +55,31 @@ pub async fn metrics_text(State(state): State<Shared>) -> impl IntoResponse {
         state.metrics.render(),
     )
 }
+
+/// Asks the service on this machine's `port` whether it is live: a plain
+/// HTTP/1.1 `GET /health/live` over loopback, so a container needs no curl
+/// for its health check (`connected-apps healthcheck`).
+pub async fn probe(port: u16, deadline: Duration) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ask = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream
+            .write_all(b"GET /health/live HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await?;
+        anyhow::Ok(answer)
+    };
+    let answer = tokio::time::timeout(deadline, ask)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer on port {port} within {deadline:?}"))??;
+    let status_line = answer.split(|b| *b == b'\n').next().unwrap_or_default();
+    if status_line.starts_with(b"HTTP/1.1 200") {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "GET /health/live on port {port}: {}",
+            String::from_utf8_lossy(status_line).trim()
+        )
+    }
+}

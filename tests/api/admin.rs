@@ -207,3 +207,17 @@ async fn a_grant_key_reused_with_another_body_is_a_409_crediting_nothing() {
     assert!(!replayed, "another key is another grant: {other}");
     assert_eq!(app.hot_balance(shop.id).await.map(|b| b.1), Some(440));
 }
+
+#[tokio::test]
+async fn the_healthcheck_command_answers_by_the_live_probe() {
+    use connected_apps::http::health::probe;
+    let app = spawn_app().await;
+    let port: u16 = app.address.rsplit(':').next().unwrap().parse().unwrap();
+    let wait = std::time::Duration::from_secs(2);
+
+    assert!(probe(port, wait).await.is_ok());
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nobody = closed.local_addr().unwrap().port();
+    drop(closed);
+    assert!(probe(nobody, wait).await.is_err());
+}
