@@ -139,6 +139,10 @@ async fn run(options: &Options, settings: &Settings) -> anyhow::Result<()> {
             active_apps: apps.iter().map(|(slug, _)| slug.clone()).collect(),
             embed_keys: vec![],
             period: None,
+            period_start_ms: 0,
+            closes_at_ms: 0,
+            alert_at: String::new(),
+            alerted: String::new(),
         };
         hot.load_account(id, &state).await?;
         customers.push(id);

@@ -63,6 +63,10 @@ fn script_round_trip(c: &mut Criterion) {
         active_apps: vec!["vto-001".into()],
         embed_keys: vec![],
         period: None,
+        period_start_ms: 0,
+        closes_at_ms: 0,
+        alert_at: String::new(),
+        alerted: String::new(),
     };
     rt.block_on(hot.load_account(customer, &state)).unwrap();
     let request = ConsumeRequest::parse(BODY.as_bytes()).unwrap();

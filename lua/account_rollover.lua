@@ -41,9 +41,14 @@ if current_end > stop then
   return 0
 end
 local successor = { 'next_ends', ARGV[3], 'next_allowance', ARGV[5] }
+-- The usage alerts' next mark depends on the allowance: recomputed by the
+-- next consume.
+redis.call('HDEL', KEYS[1], 'alert_next')
 if current_end == stop then
   redis.call('HSET', KEYS[1], 'allowance', ARGV[4], unpack(successor))
   return 2
 end
-redis.call('HSET', KEYS[1], 'used', '0', 'allowance', ARGV[4], 'period_end', ARGV[2], unpack(successor))
+-- A new period: its usage from zero, its alert thresholds armed again.
+redis.call('HSET', KEYS[1], 'used', '0', 'allowance', ARGV[4], 'period_end', ARGV[2],
+  'period_start', ARGV[1], 'alerted', '', unpack(successor))
 return 1

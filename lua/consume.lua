@@ -71,14 +71,22 @@ Account hash fields (written by src/hot/account.rs; absent hash = not loaded)
                empty when none follows (a subscription ending with its period)
   next_allowance  the allowance of the periods after this one (differs after
                a downgrade)
+  period_start epoch ms at which the billing period began
+  alert_at     the merchant's usage alert thresholds, percent of the allowance,
+               comma-separated ("80,100"); "" for none
+  alerted      the thresholds crossed this period, comma-separated
+  alert_next   the usage (tokens) at which the next threshold is crossed, -1 for
+               none; absent after anything it depends on changed: recomputed
 The limiters live in the account hash so the HMGET that reads the balance
 reads them too, and the HSET that charges writes them: rate limiting adds
 no Redis command to a consume.
 
-Usage event (stream entry, read by src/workers/flusher.rs)
+Usage event (stream entry, read by src/workers/flusher/write.rs)
   d   ARGV[7]: {"e": event id, "c": customer, "a": app id, "s": session,
                 "k": embed key, "m": metadata}
   t   tokens charged       p   of which purchased       ts  charge time, epoch ms
+  x   only when this charge crossed usage alert thresholds:
+      "<thresholds>|<used after>|<allowance>|<period start ms>|<period end ms>"
 ]]
 
 local tokens = tonumber(ARGV[2])
@@ -123,7 +131,7 @@ end
 local with_key = ARGV[4] ~= ''
 local acct = redis.call('HMGET', KEYS[1], 'allowance', 'used', 'purchased', 'open_until',
   'app:' .. ARGV[1], with_key and ('key:' .. ARGV[4]) or 'allowance',
-  'rl', with_key and ('rl:' .. ARGV[4]) or 'rl', 'period_end')
+  'rl', with_key and ('rl:' .. ARGV[4]) or 'rl', 'period_end', 'alert_next')
 if not acct[1] then
   return { -1 }
 end
@@ -250,10 +258,53 @@ else
   redis.call('SET', KEYS[2], record, 'EX', record_ttl)
 end
 
--- 8 and 9. The usage event and the decrement (one HSET instead of
+-- 8. Usage alerts: did this charge carry the period's usage across one of
+-- the merchant's thresholds? `alert_next` caches the next mark in tokens,
+-- so a consume that crosses nothing pays one comparison; only a crossing,
+-- or the first consume after the thresholds, the allowance or the period
+-- changed (the field absent), reads and recomputes them. Atomic with the
+-- charge, so however many consumes race across a mark, one crosses it.
+local used_before = used - tokens + from_purchased
+local alert_next = (not rolled_to) and tonumber(acct[10]) or nil
+local crossing, new_next = nil, nil
+if alert_next == nil or (alert_next >= 0 and used >= alert_next) then
+  local a = redis.call('HMGET', KEYS[1], 'alert_at', 'alerted', 'period_start')
+  local alerted = rolled_to and '' or (a[2] or '')
+  local crossed = {}
+  new_next = -1
+  if allowance > 0 and a[1] and a[1] ~= '' then
+    for t in string.gmatch(a[1], '%d+') do
+      local mark = math.ceil(allowance * tonumber(t) / 100)
+      if not string.find(',' .. alerted .. ',', ',' .. t .. ',', 1, true) and mark > used_before then
+        if mark <= used then
+          crossed[#crossed + 1] = t
+        elseif new_next < 0 or mark < new_next then
+          new_next = mark
+        end
+      end
+    end
+  end
+  if #crossed > 0 then
+    local start = rolled_to and period_end or (tonumber(a[3]) or 0)
+    local now_alerted = alerted == '' and table.concat(crossed, ',')
+      or (alerted .. ',' .. table.concat(crossed, ','))
+    crossing = { table.concat(crossed, ','), now_alerted, start }
+  elseif rolled_to then
+    crossing = { nil, '', period_end }
+  end
+end
+
+-- 9 and 10. The usage event and the decrement (one HSET instead of
 -- HINCRBYs: the script read these values and nothing runs between the read
--- and the write).
-redis.call('XADD', KEYS[3], '*', 'd', ARGV[7], 't', tokens, 'p', from_purchased, 'ts', now_ms)
+-- and the write). A crossing travels with the event (`x`).
+local current_end = rolled_to or period_end
+if crossing and crossing[1] then
+  redis.call('XADD', KEYS[3], '*', 'd', ARGV[7], 't', tokens, 'p', from_purchased, 'ts', now_ms,
+    'x', crossing[1] .. '|' .. string.format('%d', used) .. '|' .. string.format('%d', allowance)
+      .. '|' .. string.format('%d', crossing[3]) .. '|' .. string.format('%d', current_end))
+else
+  redis.call('XADD', KEYS[3], '*', 'd', ARGV[7], 't', tokens, 'p', from_purchased, 'ts', now_ms)
+end
 local changes = { 'used', string.format('%d', used) }
 if from_purchased > 0 then
   changes[#changes + 1] = 'purchased'
@@ -261,9 +312,17 @@ if from_purchased > 0 then
 end
 if rolled_to then
   for _, v in ipairs({ 'period_end', string.format('%d', rolled_to), 'next_ends', ends_after,
-      'allowance', string.format('%d', allowance) }) do
+      'allowance', string.format('%d', allowance), 'period_start', string.format('%d', period_end) }) do
     changes[#changes + 1] = v
   end
+end
+if new_next then
+  changes[#changes + 1] = 'alert_next'
+  changes[#changes + 1] = string.format('%d', new_next)
+end
+if crossing then
+  changes[#changes + 1] = 'alerted'
+  changes[#changes + 1] = crossing[2]
 end
 if tats[1] then
   changes[#changes + 1] = 'rl'

@@ -100,6 +100,12 @@ pub struct Settings {
     pub cors_origins: Vec<String>,
     /// `ENABLE_BETA_APPS`: beta apps are listed in the catalog.
     pub enable_beta_apps: bool,
+    /// `ENABLE_USAGE_ALERTS` (true): merchants are told when their period
+    /// usage crosses a threshold of their allowance.
+    pub enable_usage_alerts: bool,
+    /// `USAGE_ALERT_RETRY_BASE_MS` (30000): the first wait before a failed
+    /// alert delivery is tried again; it doubles each time, up to an hour.
+    pub usage_alert_retry_base: Duration,
     pub log_level: String,
     pub log_json: bool,
     pub http: HttpSettings,
@@ -196,6 +202,9 @@ pub struct FlusherSettings {
     /// Whether this flusher trims the streams, claims abandoned entries and
     /// exports the backlog (one per process does).
     pub upkeep: bool,
+    /// `ENABLE_USAGE_ALERTS`: record the usage alert crossings the events
+    /// carry.
+    pub record_alerts: bool,
 }
 
 /// Stripe: the API and the webhook endpoint.
@@ -556,12 +565,19 @@ impl Settings {
                 max_deliveries: env.ranged("FLUSH_MAX_DELIVERIES", 5, 1..=1000)?,
                 workers: env.ranged("FLUSHER_WORKERS", 2, 1..=64)?,
                 upkeep: true,
+                record_alerts: env.parse("ENABLE_USAGE_ALERTS", true)?,
             },
             rate_limits,
             stripe,
             data_encryption_keys: Secret::new(data_encryption_keys),
             cors_origins,
             enable_beta_apps: env.parse("ENABLE_BETA_APPS", false)?,
+            enable_usage_alerts: env.parse("ENABLE_USAGE_ALERTS", true)?,
+            usage_alert_retry_base: Duration::from_millis(env.ranged(
+                "USAGE_ALERT_RETRY_BASE_MS",
+                30_000,
+                1..=3_600_000,
+            )?),
             log_level,
             log_json,
             http: HttpSettings {

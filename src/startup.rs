@@ -16,8 +16,8 @@ use crate::{
     auth::{EmbedKeys, JwtKeys},
     config::{Roles, Settings},
     domain::{
-        accounts::Accounts, catalog::Catalog, consume::Metering, stripe_events::StripeEvents,
-        subscriptions::Subscriptions,
+        accounts::Accounts, alerts::UsageAlerts, catalog::Catalog, consume::Metering,
+        stripe_events::StripeEvents, subscriptions::Subscriptions,
     },
     hot::{rate_limit::RateLimiter, HotStore},
     ledger,
@@ -25,7 +25,7 @@ use crate::{
     state::AppState,
     stripe::Stripe,
     telemetry,
-    workers::{flusher::Flusher, scheduler::Scheduler},
+    workers::{alerts::AlertDeliveries, flusher::Flusher, scheduler::Scheduler},
 };
 
 /// How often the API role re-reads the catalog, re-measures Redis's clock,
@@ -61,6 +61,7 @@ impl Application {
             db.clone(),
             settings.consume.grace_period,
             settings.redis.rebuild_max_backlog,
+            settings.enable_usage_alerts,
         ));
         let metering = Metering::new(
             hot.clone(),
@@ -91,6 +92,12 @@ impl Application {
             settings.consume.grace_period,
             settings.stripe.cents_per_1000_tokens,
         ));
+        let alerts = UsageAlerts::new(
+            accounts.clone(),
+            sealer.clone(),
+            db.clone(),
+            settings.production,
+        );
         let state = Arc::new(AppState {
             jwt: JwtKeys::new(&settings.auth),
             embed_keys: EmbedKeys::default(),
@@ -103,6 +110,7 @@ impl Application {
             limiter,
             stripe_events,
             subscriptions,
+            alerts,
             sealer,
             metrics,
         });
@@ -145,6 +153,12 @@ impl Application {
                 state.settings.database.partitions_ahead_months,
                 state.settings.database.usage_retention_days,
             );
+            let deliveries = AlertDeliveries::new(
+                state.db.clone(),
+                state.sealer.clone(),
+                state.settings.usage_alert_retry_base,
+            );
+            workers.spawn(deliveries.run(workers_stop.clone()));
             let stop = workers_stop.clone();
             workers.spawn(async move {
                 if let Err(e) = scheduler.run(stop).await {

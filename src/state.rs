@@ -10,8 +10,8 @@ use crate::{
     auth::{EmbedKeys, JwtKeys},
     config::Settings,
     domain::{
-        accounts::Accounts, catalog::Catalog, consume::Metering, stripe_events::StripeEvents,
-        subscriptions::Subscriptions,
+        accounts::Accounts, alerts::UsageAlerts, catalog::Catalog, consume::Metering,
+        stripe_events::StripeEvents, subscriptions::Subscriptions,
     },
     hot::{rate_limit::RateLimiter, HotStore},
     ledger::sealed::Sealer,
@@ -30,6 +30,8 @@ pub struct AppState {
     pub limiter: RateLimiter,
     pub stripe_events: StripeEvents,
     pub subscriptions: Arc<Subscriptions>,
+    /// Merchants' usage alert settings.
+    pub alerts: UsageAlerts,
     /// Seals secrets at rest (`DATA_ENCRYPTION_KEYS`).
     pub sealer: Arc<Sealer>,
     pub metrics: PrometheusHandle,

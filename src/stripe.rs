@@ -64,6 +64,31 @@ fn ours(customer: Uuid) -> HashMap<String, String> {
     HashMap::from([("customer_id".to_owned(), customer.to_string())])
 }
 
+/// A call to Stripe's answer, counted (`billing_sync_total{operation,
+/// outcome}`: `ok`; `refused` for the caller's reasons, a declined card
+/// say; `error` when Stripe could not be reached or failed), its error
+/// mapped onto ours.
+trait Counted<T> {
+    fn counted(self, operation: &'static str) -> Result<T, ApiError>;
+}
+
+impl<T> Counted<T> for Result<T, StripeError> {
+    fn counted(self, operation: &'static str) -> Result<T, ApiError> {
+        let outcome = match &self {
+            Ok(_) => "ok",
+            Err(StripeError::Stripe(_, status))
+                if (400..500).contains(status) && *status != 429 =>
+            {
+                "refused"
+            }
+            Err(_) => "error",
+        };
+        metrics::counter!("billing_sync_total", "operation" => operation, "outcome" => outcome)
+            .increment(1);
+        self.map_err(failure)
+    }
+}
+
 /// Stripe's refusals are the caller's to fix (a declined card, a payment
 /// method that does not exist): 422 on `payment_method_id`. Anything else
 /// means Stripe could not be reached or answered oddly: 503, retry later.
@@ -98,7 +123,7 @@ impl Stripe {
         let found = SearchCustomer::new(format!("metadata['customer_id']:'{customer}'"))
             .send(&self.client)
             .await
-            .map_err(failure)?;
+            .counted("find_customer")?;
         Ok(found.data.first().map(|c| c.id.to_string()))
     }
 
@@ -120,7 +145,7 @@ impl Stripe {
             .request_strategy(idempotent(format!("customer-{customer}")))
             .send(&self.client)
             .await
-            .map_err(failure)?;
+            .counted("create_customer")?;
         Ok(created.id.to_string())
     }
 
@@ -136,7 +161,7 @@ impl Stripe {
             .customer(stripe_customer)
             .send(&self.client)
             .await
-            .map_err(failure)?;
+            .counted("attach")?;
         UpdateCustomer::new(stripe_customer)
             .invoice_settings(UpdateCustomerInvoiceSettings {
                 default_payment_method: Some(payment_method.to_owned()),
@@ -144,7 +169,7 @@ impl Stripe {
             })
             .send(&self.client)
             .await
-            .map_err(failure)?;
+            .counted("set_default_card")?;
         Ok(())
     }
 
@@ -154,7 +179,7 @@ impl Stripe {
         if let Some(c) = stripe_customer {
             request = request.customer(c);
         }
-        let intent = request.send(&self.client).await.map_err(failure)?;
+        let intent = request.send(&self.client).await.counted("setup_intent")?;
         intent.client_secret.ok_or_else(|| {
             ApiError::Unavailable(anyhow::anyhow!(
                 "stripe: setup intent without a client secret"
@@ -195,7 +220,7 @@ impl Stripe {
             )))
             .send(&self.client)
             .await
-            .map_err(failure)?;
+            .counted("subscribe")?;
         facts(sub)
     }
 
@@ -214,7 +239,7 @@ impl Stripe {
         let current = RetrieveSubscription::new(subscription)
             .send(&self.client)
             .await
-            .map_err(failure)?;
+            .counted("retrieve_subscription")?;
         let item = current.items.data.first().ok_or_else(no_items)?;
         let mut update =
             UpdateSubscription::new(subscription).items(vec![UpdateSubscriptionItems {
@@ -229,7 +254,7 @@ impl Stripe {
         } else {
             update.proration_behavior(UpdateSubscriptionProrationBehavior::None)
         };
-        let sub = update.send(&self.client).await.map_err(failure)?;
+        let sub = update.send(&self.client).await.counted("change_price")?;
         if sub.pending_update.is_none() {
             return Ok(PlanChange::Done(facts(sub)?));
         }
@@ -249,7 +274,7 @@ impl Stripe {
             .invoice(invoice)
             .send(&self.client)
             .await
-            .map_err(failure)?;
+            .counted("invoice_payments")?;
         let intent = payments.data.iter().find_map(|p| {
             p.payment
                 .payment_intent
@@ -267,7 +292,7 @@ impl Stripe {
         let sub = RetrieveSubscription::new(subscription)
             .send(&self.client)
             .await
-            .map_err(failure)?;
+            .counted("retrieve_subscription")?;
         facts(sub)
     }
 
@@ -287,7 +312,7 @@ impl Stripe {
                 .send(&self.client)
                 .await
         }
-        .map_err(failure)?;
+        .counted("cancel")?;
         facts(sub)
     }
 
@@ -319,7 +344,7 @@ impl Stripe {
             .request_strategy(idempotent(format!("purchase-{purchase}")))
             .send(&self.client)
             .await
-            .map_err(failure)?;
+            .counted("pay")?;
         Ok(payment(intent))
     }
 
@@ -328,7 +353,7 @@ impl Stripe {
         let intent = RetrievePaymentIntent::new(id)
             .send(&self.client)
             .await
-            .map_err(failure)?;
+            .counted("retrieve_payment")?;
         Ok(payment(intent))
     }
 }

@@ -166,6 +166,20 @@ pub fn metrics_handle() -> PrometheusHandle {
                     ],
                 )
                 .expect("bucket list is not empty")
+                // Minutes to a week: merchants try an app within the day.
+                .set_buckets_for_metric(
+                    Matcher::Full("time_to_first_consume_seconds".into()),
+                    &[
+                        60.0, 300.0, 600.0, 1800.0, 3600.0, 21600.0, 86400.0, 604800.0,
+                    ],
+                )
+                .expect("bucket list is not empty")
+                // Customers' used/allowance this period, sampled every minute.
+                .set_buckets_for_metric(
+                    Matcher::Full("period_usage_ratio".into()),
+                    &crate::workers::scheduler::USAGE_RATIO_BUCKETS,
+                )
+                .expect("bucket list is not empty")
                 .install_recorder()
                 .expect("the metrics recorder is installed once")
         })

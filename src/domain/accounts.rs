@@ -40,17 +40,31 @@ pub struct Accounts {
     rebuild_locks: Vec<Mutex<()>>,
     /// `REBUILD_MAX_BACKLOG`: the longest unflushed stream a rebuild reads.
     max_backlog: usize,
+    /// `ENABLE_USAGE_ALERTS`: whether the hot state carries the merchants'
+    /// alert thresholds (without, no consume ever reports a crossing).
+    alerts_enabled: bool,
 }
 
 impl Accounts {
-    pub fn new(hot: HotStore, db: PgPool, grace: Duration, max_backlog: usize) -> Self {
+    pub fn new(
+        hot: HotStore,
+        db: PgPool,
+        grace: Duration,
+        max_backlog: usize,
+        alerts_enabled: bool,
+    ) -> Self {
         Self {
             hot,
             db,
             grace: chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::hours(72)),
             rebuild_locks: (0..REBUILD_STRIPES).map(|_| Mutex::new(())).collect(),
             max_backlog,
+            alerts_enabled,
         }
+    }
+
+    pub fn alerts_enabled(&self) -> bool {
+        self.alerts_enabled
     }
 
     /// Loads the customer's hot state from Postgres unless it is loaded.
@@ -88,7 +102,7 @@ impl Accounts {
             })?;
         let ids: Vec<Uuid> = unflushed.iter().map(|e| e.id).collect();
         let snapshot = ledger_accounts::snapshot(&mut tx, customer, self.grace, &ids).await?;
-        let state = with_unflushed(snapshot, &unflushed);
+        let state = with_unflushed(snapshot, &unflushed, self.alerts_enabled);
         let installed = self.hot.load_account(customer, &state).await?;
         tx.commit().await?;
         if installed {
@@ -166,8 +180,15 @@ async fn undo(hot: &HotStore, customer: Uuid, changes: &[AccountChange], failed:
 /// The ledger's state plus the charges it does not hold yet: each draws
 /// its purchased part from the purchased balance and, when it fell in the
 /// current period, the rest from the period's allowance.
-fn with_unflushed(snapshot: Snapshot, events: &[UnflushedEvent]) -> AccountState {
+fn with_unflushed(
+    snapshot: Snapshot,
+    events: &[UnflushedEvent],
+    alerts_enabled: bool,
+) -> AccountState {
     let mut state = snapshot.state;
+    if alerts_enabled {
+        state.alert_at = alert_at(snapshot.alert_thresholds.as_deref());
+    }
     let period = snapshot
         .period_start
         .map(|start| start.timestamp_millis())
@@ -179,6 +200,17 @@ fn with_unflushed(snapshot: Snapshot, events: &[UnflushedEvent]) -> AccountState
         }
     }
     state
+}
+
+/// The hot state's `alert_at`: the thresholds, comma-separated; empty when
+/// the merchant turned alerts off.
+pub fn alert_at(thresholds: Option<&[i16]>) -> String {
+    thresholds
+        .unwrap_or_default()
+        .iter()
+        .map(i16::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// What reverses `change` after its commit failed: the changes that could

@@ -37,6 +37,9 @@ impl Tier {
 pub struct CatalogApp {
     pub row: AppRow,
     pub tier: Tier,
+    /// `tokens_consumed_total{app_id}`, registered with the app: the
+    /// consume path adds to it without looking a label up.
+    pub tokens_consumed: metrics::Counter,
 }
 
 impl CatalogApp {
@@ -119,7 +122,13 @@ impl Catalog {
             .into_iter()
             .map(|row| {
                 let tier = Tier::parse(&row.pricing_tier).unwrap_or(Tier::Enterprise);
-                Arc::new(CatalogApp { row, tier })
+                let tokens_consumed =
+                    metrics::counter!("tokens_consumed_total", "app_id" => row.slug.clone());
+                Arc::new(CatalogApp {
+                    row,
+                    tier,
+                    tokens_consumed,
+                })
             })
             .collect();
         let by_slug = by_name

@@ -247,10 +247,10 @@ pub struct Metering {
 }
 
 /// Counter handles registered once: looking a labelled counter up by name
-/// on every consume costs more than the rest of the bookkeeping.
+/// on every consume costs more than the rest of the bookkeeping. Tokens
+/// are counted per app by the app's own handle (`CatalogApp`).
 struct ConsumeMetrics {
     by_outcome: [metrics::Counter; OUTCOMES.len()],
-    tokens: metrics::Counter,
 }
 
 const OUTCOMES: [&str; 10] = [
@@ -271,7 +271,6 @@ impl ConsumeMetrics {
         Self {
             by_outcome: OUTCOMES
                 .map(|outcome| metrics::counter!("consume_requests_total", "outcome" => outcome)),
-            tokens: metrics::counter!("tokens_consumed_total"),
         }
     }
 
@@ -387,7 +386,7 @@ impl Metering {
             ChargeOutcome::Charged {
                 tokens_remaining, ..
             } => {
-                self.metrics.tokens.increment(tokens as u64);
+                app.tokens_consumed.increment(tokens as u64);
                 Ok(Receipt {
                     event_id,
                     tokens_consumed: tokens,

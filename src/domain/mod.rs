@@ -8,6 +8,7 @@
 //! - [`usage`]: daily aggregates of usage, and the dashboards' report.
 
 pub mod accounts;
+pub mod alerts;
 pub mod billing;
 pub mod catalog;
 pub mod configuration;

@@ -359,6 +359,7 @@ mod tests {
             embed_key_id: None,
             created_at: Utc.with_ymd_and_hms(2026, 11, 26, hour, 0, 0).unwrap(),
             set_aside: None,
+            crossing: None,
         }
     }
 

@@ -23,12 +23,22 @@ pub struct AccountState {
     pub status: SubscriptionStatus,
     /// Epoch ms until which a `past_due` subscription may still consume.
     pub grace_until_ms: i64,
+    /// Epoch ms at which an active subscription ends with its period
+    /// (`cancel_at_period_end`); 0 = it goes on.
+    pub closes_at_ms: i64,
     /// Slugs of the apps whose activation is active.
     pub active_apps: Vec<String>,
     /// Live embed keys and their expiry (epoch ms, 0 = never).
     pub embed_keys: Vec<(Uuid, i64)>,
     /// The billing period's end and the next one's, with its allowance.
     pub period: Option<Period>,
+    /// When the billing period began (epoch ms, 0 = no period).
+    pub period_start_ms: i64,
+    /// The usage alert thresholds (percent of the allowance), comma-
+    /// separated; empty for none.
+    pub alert_at: String,
+    /// The thresholds already crossed this period, comma-separated.
+    pub alerted: String,
 }
 
 /// A billing period's end, as the consume script reads it (epoch ms).
@@ -130,7 +140,11 @@ impl SubscriptionStatus {
 
 impl AccountState {
     fn open_until(&self) -> i64 {
-        self.status.open_until(self.grace_until_ms)
+        match self.status {
+            // A subscription ending with its period: open until its end.
+            SubscriptionStatus::Active if self.closes_at_ms > 0 => self.closes_at_ms,
+            status => status.open_until(self.grace_until_ms),
+        }
     }
 }
 
@@ -181,6 +195,9 @@ pub enum AccountChange {
     SetNextAllowance(i64),
     /// The subscription's state as `open_until` (see [`AccountState`]).
     SetOpenUntil(i64),
+    /// The usage alert thresholds (percent of the allowance, comma-
+    /// separated; empty for none).
+    SetAlerts(String),
 }
 
 /// The identity of a change to a balance that must happen once: the
@@ -278,12 +295,20 @@ impl AccountChange {
                 op("set", "period_end".into(), period.end_ms.into());
                 op("set", "next_ends".into(), period.next_ends_arg().into());
                 op("set", "next_allowance".into(), period.next_allowance.into());
+                // The usage alerts' next mark depends on the period and
+                // the allowance: recomputed by the next consume.
+                op("del", "alert_next".into(), "".into());
             }
             Self::SetAllowance { allowance, .. } => {
-                op("set", "allowance".into(), (*allowance).into())
+                op("set", "allowance".into(), (*allowance).into());
+                op("del", "alert_next".into(), "".into());
             }
             Self::SetNextAllowance(n) => op("set", "next_allowance".into(), (*n).into()),
             Self::SetOpenUntil(ms) => op("set", "open_until".into(), (*ms).into()),
+            Self::SetAlerts(thresholds) => {
+                op("set", "alert_at".into(), thresholds.as_str().into());
+                op("del", "alert_next".into(), "".into());
+            }
         }
     }
 }
@@ -316,6 +341,12 @@ impl HotStore {
             state.purchased.into(),
             "open_until".into(),
             state.open_until().into(),
+            "period_start".into(),
+            state.period_start_ms.into(),
+            "alert_at".into(),
+            state.alert_at.as_str().into(),
+            "alerted".into(),
+            state.alerted.as_str().into(),
         ];
         for slug in &state.active_apps {
             args.push(format!("app:{slug}").into());

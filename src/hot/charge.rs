@@ -141,6 +141,13 @@ const FENCE_TTL_SECS: i64 = 3600;
 
 impl HotStore {
     pub async fn charge(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, HotError> {
+        let started = std::time::Instant::now();
+        let outcome = self.run_consume(charge).await;
+        self.script_time.record(started.elapsed());
+        outcome
+    }
+
+    async fn run_consume(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, HotError> {
         let script = &self.scripts.consume;
         let deadline = self.redis_now_ms() + (self.timeout.as_millis() as i64) * 2 / 5;
         let (keys, args) = self.charge_command(charge, deadline);

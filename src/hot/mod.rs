@@ -83,6 +83,9 @@ pub struct HotStore {
     /// Redis's clock minus ours, in ms, so a script can be given a deadline
     /// on Redis's clock (see [`charge`]).
     clock_offset_ms: Arc<AtomicI64>,
+    /// `redis_script_duration_seconds{script="consume"}`: the consume
+    /// script's round trip as the request path sees it.
+    script_time: metrics::Histogram,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -157,6 +160,7 @@ impl HotStore {
             scripts: Arc::new(Scripts::new()),
             timeout: settings.timeout,
             clock_offset_ms: Arc::new(AtomicI64::new(0)),
+            script_time: metrics::histogram!("redis_script_duration_seconds", "script" => "consume"),
         };
         if let Err(e) = store.sync_clock().await {
             tracing::warn!(error = %crate::telemetry::chain(&e), "could not read the redis clock yet");

@@ -105,6 +105,28 @@ pub async fn activate(
     PathParam(app_id): PathParam<String>,
     Body(body): Body,
 ) -> Result<axum::Json<Activation>, ApiError> {
+    let activated = activate_app(state, auth, app_id, body).await;
+    // The activation success rate (`activations_total{outcome}`).
+    let outcome = match &activated {
+        Ok(_) => "activated",
+        Err(e) if e.status().is_server_error() => "error",
+        Err(
+            ApiError::PlanUpgradeRequired(_)
+            | ApiError::RateLimited(_)
+            | ApiError::InsufficientScope(_),
+        ) => "refused",
+        Err(_) => "invalid",
+    };
+    metrics::counter!("activations_total", "outcome" => outcome).increment(1);
+    activated
+}
+
+async fn activate_app(
+    state: Shared,
+    auth: CustomerAuth,
+    app_id: String,
+    body: axum::body::Bytes,
+) -> Result<axum::Json<Activation>, ApiError> {
     auth.require(Scope::AppsActivate)?;
     let app = state
         .catalog

@@ -11,6 +11,7 @@
 pub mod activations;
 pub mod admin;
 pub mod admin_apps;
+pub mod alerts;
 pub mod api_keys;
 pub mod auth;
 pub mod billing;
@@ -49,6 +50,7 @@ pub fn router(state: Shared) -> Router {
         .merge(admin::router())
         .merge(admin_apps::router())
         .merge(usage::router())
+        .merge(alerts::router())
         .merge(billing::router(&state))
         .merge(webhooks::router())
         .merge(health::router())

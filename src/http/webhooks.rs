@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use crate::{
     auth::stripe_signature::{self, SignatureError},
-    domain::stripe_events::{Event, Outcome},
+    domain::stripe_events::Event,
     error::{decode_json_with_nul, ApiError},
     http::extract::Body,
     state::Shared,
@@ -55,8 +55,7 @@ pub async fn stripe(
 ) -> Result<Json<Received>, ApiError> {
     let header = headers
         .get("stripe-signature")
-        .and_then(|v| v.to_str().ok())
-        .ok_or(ApiError::InvalidSignature(SignatureError::Malformed))?;
+        .and_then(|v| v.to_str().ok());
     let secrets: Vec<&[u8]> = state
         .settings
         .stripe
@@ -64,16 +63,49 @@ pub async fn stripe(
         .iter()
         .map(|s| s.expose().as_bytes())
         .collect();
-    stripe_signature::verify(&secrets, header, &body, chrono::Utc::now().timestamp())
-        .map_err(ApiError::InvalidSignature)?;
-    let event: Event = decode_json_with_nul(&body)?;
-    let outcome = state.stripe_events.apply(event).await?;
+    let verified = header
+        .ok_or(SignatureError::Malformed)
+        .and_then(|h| stripe_signature::verify(&secrets, h, &body, chrono::Utc::now().timestamp()));
+    if let Err(e) = verified {
+        // Nothing of an unverified body is trusted, its type neither.
+        count("unverified", "invalid");
+        return Err(ApiError::InvalidSignature(e));
+    }
+    let event: Event =
+        decode_json_with_nul(&body).inspect_err(|_| count("unreadable", "invalid"))?;
+    let kind = known_type(&event.kind);
+    let outcome = state
+        .stripe_events
+        .apply(event)
+        .await
+        .inspect_err(|_| count(kind, "error"))?;
+    count(kind, outcome.name());
     Ok(Json(Received {
         received: true,
-        outcome: match outcome {
-            Outcome::Applied => "applied",
-            Outcome::Duplicate => "duplicate",
-            Outcome::Ignored => "ignored",
-        },
+        outcome: outcome.name(),
     }))
+}
+
+/// `stripe_webhook_events_total{type,outcome}`.
+fn count(kind: &'static str, outcome: &'static str) {
+    metrics::counter!("stripe_webhook_events_total", "type" => kind, "outcome" => outcome)
+        .increment(1);
+}
+
+/// The event types acted on keep their name as a label; every other is
+/// `other`, so the label stays bounded whatever Stripe adds.
+fn known_type(kind: &str) -> &'static str {
+    const KNOWN: [&str; 10] = [
+        "customer.subscription.created",
+        "customer.subscription.updated",
+        "customer.subscription.deleted",
+        "invoice.paid",
+        "invoice.payment_failed",
+        "payment_intent.succeeded",
+        "payment_intent.payment_failed",
+        "charge.refunded",
+        "charge.dispute.created",
+        "charge.dispute.closed",
+    ];
+    KNOWN.into_iter().find(|k| *k == kind).unwrap_or("other")
 }

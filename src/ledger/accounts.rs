@@ -41,6 +41,9 @@ struct BalanceRow {
     period_end: Option<DateTime<Utc>>,
     anchor: Option<DateTime<Utc>>,
     next_allowance: Option<i32>,
+    cancel_at_period_end: Option<bool>,
+    alert_thresholds: Option<Vec<i16>>,
+    alerted: Vec<i16>,
 }
 
 /// The ledger's view of a customer, to rebuild its hot state from.
@@ -51,6 +54,9 @@ pub struct Snapshot {
     /// Of the events asked about, those the ledger holds (and counts in
     /// `state`).
     pub stored: HashSet<Uuid>,
+    /// The merchant's usage alert thresholds (the defaults without
+    /// settings); `None` when the merchant turned alerts off.
+    pub alert_thresholds: Option<Vec<i16>>,
 }
 
 /// Reads everything the consume script needs, as Postgres knows it now,
@@ -69,6 +75,11 @@ pub async fn snapshot(
         r#"
         SELECT ARRAY(SELECT u.id FROM token_usage u WHERE u.id = ANY($2)) AS stored,
                b.billing_cycle_start AS period_start,
+               b.cancel_at_period_end,
+               CASE WHEN COALESCE(s.enabled, true) THEN COALESCE(s.thresholds, '{80,100}') END
+                   AS alert_thresholds,
+               ARRAY(SELECT a.threshold FROM usage_alerts a
+                     WHERE a.customer_id = c.id AND a.period_end = b.billing_cycle_end) AS alerted,
                c.purchased_tokens_credited - c.purchased_tokens_used AS purchased,
                p.tokens_per_month AS allowance,
                b.status,
@@ -87,6 +98,7 @@ pub async fn snapshot(
         LEFT JOIN customer_billing b ON b.customer_id = c.id
         LEFT JOIN billing_plans p ON p.id = b.plan_id
         LEFT JOIN billing_plans pp ON pp.id = b.pending_plan_id
+        LEFT JOIN usage_alert_settings s ON s.customer_id = c.id
         WHERE c.id = $1
         "#,
     )
@@ -115,13 +127,32 @@ pub async fn snapshot(
         None => SubscriptionStatus::None,
         Some(s) => SubscriptionStatus::parse(s).unwrap_or(SubscriptionStatus::Unpaid),
     };
+    let ending = row.cancel_at_period_end.unwrap_or(false);
     let period = match (row.period_end, row.anchor) {
-        (Some(end), Some(anchor)) => Some(hot_period(
-            anchor,
-            end,
-            row.next_allowance.or(row.allowance).map_or(0, i64::from),
-        )),
+        (Some(end), Some(anchor)) => {
+            let mut period = hot_period(
+                anchor,
+                end,
+                row.next_allowance.or(row.allowance).map_or(0, i64::from),
+            );
+            // A subscription ending with its period: none follows it.
+            if ending {
+                period.next_ends_ms.clear();
+            }
+            Some(period)
+        }
         _ => None,
+    };
+    let closes_at_ms = match (ending, row.period_end) {
+        (true, Some(end)) => end.timestamp_millis(),
+        _ => 0,
+    };
+    let joined = |values: &[i16]| {
+        values
+            .iter()
+            .map(i16::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
     };
     let state = AccountState {
         period,
@@ -132,6 +163,11 @@ pub async fn snapshot(
         grace_until_ms: row
             .past_due_since
             .map_or(0, |t| (t + grace).timestamp_millis()),
+        closes_at_ms,
+        period_start_ms: row.period_start.map_or(0, |t| t.timestamp_millis()),
+        // The domain decides whether alerts are on (ENABLE_USAGE_ALERTS).
+        alert_at: String::new(),
+        alerted: joined(&row.alerted),
         active_apps,
         embed_keys: keys
             .into_iter()
@@ -142,5 +178,6 @@ pub async fn snapshot(
         state,
         period_start: row.period_start,
         stored: row.stored.into_iter().collect(),
+        alert_thresholds: row.alert_thresholds,
     })
 }

@@ -7,11 +7,13 @@
 
 pub mod accounts;
 pub mod activations;
+pub mod alerts;
 pub mod billing;
 pub mod catalog;
 pub mod customers;
 pub mod embed_keys;
 pub mod partitions;
+pub mod reports;
 pub mod sealed;
 pub mod usage;
 

@@ -134,6 +134,11 @@ pub fn stripe_customer_place(customer: uuid::Uuid) -> String {
     format!("customer_billing.stripe_customer_id:{customer}")
 }
 
+/// Where a customer's usage alert signing secret is sealed.
+pub fn alert_secret_place(customer: uuid::Uuid) -> String {
+    format!("usage_alert_settings.signing_secret:{customer}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

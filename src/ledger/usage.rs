@@ -32,6 +32,21 @@ pub struct UsageRow {
     /// Set when Postgres refused the row as sent: it is then stored with
     /// only what the ledger must have, and the event's details kept here.
     pub set_aside: Option<SetAside>,
+    /// The usage alert thresholds this charge carried the period's usage
+    /// across (`x` of the stream entry), if any.
+    pub crossing: Option<Crossing>,
+}
+
+/// Thresholds a charge crossed (see `lua/consume.lua`, step 8).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Crossing {
+    pub thresholds: Vec<i16>,
+    /// The period's usage after the charge.
+    pub tokens_used: i64,
+    /// The period's allowance.
+    pub tokens_total: i64,
+    pub period_start: DateTime<Utc>,
+    pub period_end: DateTime<Utc>,
 }
 
 /// An event's details Postgres refused, kept beside the row stored without
@@ -286,9 +301,13 @@ pub async fn add_to_daily(
 /// allowance drawn in the current period) and `customer_apps.last_used_at`.
 /// Should two flushers deadlock on these rows, Postgres aborts one
 /// transaction; its entries stay pending and the next pass retries them.
-pub async fn apply_to_balances(conn: &mut PgConnection, rows: &[&UsageRow]) -> sqlx::Result<()> {
+pub async fn apply_to_balances(
+    conn: &mut PgConnection,
+    rows: &[&UsageRow],
+) -> sqlx::Result<Vec<f64>> {
     let mut purchased: BTreeMap<Uuid, i64> = BTreeMap::new();
     let mut last_used: BTreeMap<(Uuid, Uuid), DateTime<Utc>> = BTreeMap::new();
+    let mut first_used: BTreeMap<(Uuid, Uuid), DateTime<Utc>> = BTreeMap::new();
     // The allowance part of each row, with its time: only rows inside the
     // customer's current period count towards `tokens_used`.
     let (mut ids, mut amounts, mut times) = (Vec::new(), Vec::new(), Vec::new());
@@ -304,6 +323,10 @@ pub async fn apply_to_balances(conn: &mut PgConnection, rows: &[&UsageRow]) -> s
             .entry((row.customer_id, row.app_id))
             .or_insert(row.created_at);
         *seen = (*seen).max(row.created_at);
+        let first = first_used
+            .entry((row.customer_id, row.app_id))
+            .or_insert(row.created_at);
+        *first = (*first).min(row.created_at);
     }
 
     let (customers, totals): (Vec<Uuid>, Vec<i64>) =
@@ -355,10 +378,40 @@ pub async fn apply_to_balances(conn: &mut PgConnection, rows: &[&UsageRow]) -> s
         .bind(customers)
         .bind(apps)
         .bind(times)
-        .execute(conn)
+        .execute(&mut *conn)
         .await?;
     }
-    Ok(())
+    first_charges(conn, first_used).await
+}
+
+/// Marks the first charge of each activation that had none
+/// (`first_used_at`, set once: a flusher racing another waits for the row
+/// and then finds it set) and returns the seconds from each activation to
+/// its first charge (`time_to_first_consume_seconds`).
+async fn first_charges(
+    conn: &mut PgConnection,
+    first_used: BTreeMap<(Uuid, Uuid), DateTime<Utc>>,
+) -> sqlx::Result<Vec<f64>> {
+    if first_used.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (mut customers, mut apps, mut times) = (Vec::new(), Vec::new(), Vec::new());
+    for ((c, a), t) in first_used {
+        customers.push(c);
+        apps.push(a);
+        times.push(t);
+    }
+    sqlx::query_scalar(
+        "UPDATE customer_apps ca SET first_used_at = d.at \
+         FROM UNNEST($1::uuid[], $2::uuid[], $3::timestamptz[]) AS d(customer_id, app_id, at) \
+         WHERE ca.customer_id = d.customer_id AND ca.app_id = d.app_id AND ca.first_used_at IS NULL \
+         RETURNING GREATEST(EXTRACT(EPOCH FROM d.at - ca.activated_at), 0)::float8",
+    )
+    .bind(customers)
+    .bind(apps)
+    .bind(times)
+    .fetch_all(conn)
+    .await
 }
 
 /// The customer's billing period `[start, end)`, if subscribed.

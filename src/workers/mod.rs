@@ -2,7 +2,10 @@
 //!
 //! - [`flusher`]: moves usage events from the Redis streams into the
 //!   ledger, exactly once in effect.
-//! - [`scheduler`]: periodic jobs (usage partitions ahead of time).
+//! - [`scheduler`]: periodic jobs (billing rollovers, usage partitions,
+//!   retention, billing reconciliation, the business gauges).
+//! - [`alerts`]: delivers merchants' usage alerts (run with the scheduler).
 
+pub mod alerts;
 pub mod flusher;
 pub mod scheduler;

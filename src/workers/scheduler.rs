@@ -16,6 +16,11 @@
 //! These are idempotent (`CREATE TABLE IF NOT EXISTS`, `DROP TABLE IF
 //! EXISTS`), so replicas running them at once need no lock.
 //!
+//! Every 30 s, `business-gauges`: MRR, active customers by plan,
+//! activations by app and status, and customers' period usage against
+//! their allowance, read from Postgres (one query each) into gauges by one
+//! replica at a time (a Postgres advisory lock): aggregate with `max`.
+//!
 //! Daily at 04:00 UTC, `billing-reconcile`: every Stripe-billed customer
 //! compared with Stripe and set right where it differs (one replica at a
 //! time, see `domain::reconcile`).
@@ -30,8 +35,14 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     domain::{billing::Periods, subscriptions::Subscriptions},
     hot::HotStore,
-    ledger::partitions,
+    ledger::{partitions, reports},
 };
+
+/// The advisory lock that lets one replica at a time refresh the gauges.
+const GAUGES_LOCK: i64 = 0x0ca0_0004;
+
+/// `period_usage_ratio`'s buckets (as in `telemetry`).
+pub const USAGE_RATIO_BUCKETS: [f64; 8] = [0.1, 0.25, 0.5, 0.75, 0.8, 0.9, 0.95, 1.0];
 
 pub struct Scheduler {
     db: PgPool,
@@ -56,6 +67,50 @@ impl Scheduler {
             months_ahead,
             retention_days,
         }
+    }
+
+    /// Refreshes the business gauges from Postgres (one replica at a time:
+    /// the others find the lock taken and leave their gauges as they were).
+    async fn business_gauges(&self) {
+        if let Err(e) = self.refresh_gauges().await {
+            tracing::warn!(error = %crate::telemetry::chain(&*e), "business gauges not refreshed");
+        }
+    }
+
+    /// `billing_mrr_cents`, `customers_active{plan}`,
+    /// `app_activations{app_id,status}` and a sample of
+    /// `period_usage_ratio`, each from one query.
+    pub async fn refresh_gauges(&self) -> anyhow::Result<bool> {
+        let mut conn = self.db.acquire().await?;
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(GAUGES_LOCK)
+            .fetch_one(&mut *conn)
+            .await?;
+        if !locked {
+            return Ok(false);
+        }
+        let refreshed = async {
+            metrics::gauge!("billing_mrr_cents").set(reports::mrr_cents(&mut conn).await? as f64);
+            for (plan, n) in reports::active_customers_by_plan(&mut conn).await? {
+                metrics::gauge!("customers_active", "plan" => plan).set(n as f64);
+            }
+            for (app, status, n) in reports::activations_by_app(&mut conn).await? {
+                metrics::gauge!("app_activations", "app_id" => app, "status" => status)
+                    .set(n as f64);
+            }
+            let ratios = metrics::histogram!("period_usage_ratio");
+            for (bucket, n) in reports::period_usage_ratios(&mut conn, &USAGE_RATIO_BUCKETS).await?
+            {
+                ratios.record_many(bucket, n.max(0) as usize);
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(GAUGES_LOCK)
+            .execute(&mut *conn)
+            .await?;
+        refreshed.map(|()| true)
     }
 
     async fn reconcile(&self) {
@@ -116,6 +171,7 @@ impl Scheduler {
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         self.daily().await;
         self.rollover().await;
+        self.business_gauges().await;
         let this = Arc::new(self);
         let mut scheduler = JobScheduler::new().await?;
         let job_state = this.clone();
@@ -130,6 +186,13 @@ impl Scheduler {
             .add(Job::new_async("0 0 3 * * *", move |_id, _lock| {
                 let job_state = job_state.clone();
                 Box::pin(async move { job_state.daily().await })
+            })?)
+            .await?;
+        let job_state = this.clone();
+        scheduler
+            .add(Job::new_async("*/30 * * * * *", move |_id, _lock| {
+                let job_state = job_state.clone();
+                Box::pin(async move { job_state.business_gauges().await })
             })?)
             .await?;
         let job_state = this.clone();

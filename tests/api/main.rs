@@ -3,6 +3,7 @@
 
 mod activations;
 mod admin;
+mod alerts;
 mod auth;
 mod bad_input;
 mod billing;
@@ -14,6 +15,7 @@ mod edges;
 mod flusher;
 mod helpers;
 mod ledger;
+mod metrics;
 mod rate_limits;
 mod rebuild;
 mod replicas;

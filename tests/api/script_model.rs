@@ -186,6 +186,10 @@ async fn run_case(
         active_apps: vec![APPS[0].to_owned(), APPS[1].to_owned()],
         embed_keys: key_ids.iter().map(|id| (*id, 0)).collect(),
         period: None,
+        period_start_ms: 0,
+        closes_at_ms: 0,
+        alert_at: String::new(),
+        alerted: String::new(),
     };
     prop_assert!(hot.load_account(customer, &state).await.unwrap());
     let mut model = Model {

@@ -15,7 +15,7 @@ use crate::{
     webhooks::{current_period, deliver_applied, invoice, now, subscribed, subscription},
 };
 
-async fn with_standin() -> (TestApp, StandIn) {
+pub async fn with_standin() -> (TestApp, StandIn) {
     let stripe = StandIn::start().await;
     let app = spawn_app_with(&[
         ("STRIPE_API_BASE", &stripe.base()),

@@ -13,8 +13,8 @@ use super::{Batch, Flusher, Written};
 use crate::{
     domain::usage::{summarize, Identity},
     ledger::{
-        partitions,
-        usage::{self, UsageRow},
+        alerts, partitions,
+        usage::{self, Crossing, UsageRow},
     },
 };
 
@@ -131,9 +131,23 @@ impl Flusher {
             }
         }
         usage::add_to_daily(&mut tx, &days).await?;
-        usage::apply_to_balances(&mut tx, &inserted).await?;
+        let firsts = usage::apply_to_balances(&mut tx, &inserted).await?;
         usage::record_set_aside(&mut tx, &inserted).await?;
+        let crossed = if self.settings.record_alerts {
+            alerts::record_crossings(&mut tx, &inserted).await?
+        } else {
+            Vec::new()
+        };
         tx.commit().await?;
+        // Counted once committed: a batch retried after a failure counts
+        // nothing twice.
+        for threshold in crossed {
+            metrics::counter!("usage_alerts_total", "threshold" => threshold.to_string())
+                .increment(1);
+        }
+        for wait in firsts {
+            metrics::histogram!("time_to_first_consume_seconds").record(wait);
+        }
         Ok(inserted.len())
     }
 }
@@ -215,6 +229,7 @@ pub fn decode(fields: &[(String, String)]) -> Result<UsageRow, String> {
                 embed_key_id: details.k,
                 created_at,
                 set_aside: None,
+                crossing: get("x").and_then(crossing),
             };
             let reason = format!("metadata is not an object of the expected types: {e}");
             return Ok(row.with_details_set_aside(get("d").unwrap_or_default(), &reason));
@@ -242,6 +257,27 @@ pub fn decode(fields: &[(String, String)]) -> Result<UsageRow, String> {
         embed_key_id: details.k,
         created_at,
         set_aside: None,
+        crossing: get("x").and_then(crossing),
+    })
+}
+
+/// The `x` field, `<thresholds>|<used>|<allowance>|<start ms>|<end ms>`.
+/// One that does not read is dropped: the charge is what matters.
+fn crossing(x: &str) -> Option<Crossing> {
+    let mut parts = x.split('|');
+    let thresholds = parts
+        .next()?
+        .split(',')
+        .map(|t| t.parse::<i16>().ok().filter(|t| (1..=100).contains(t)))
+        .collect::<Option<Vec<_>>>()?;
+    let mut number = || parts.next()?.parse::<i64>().ok();
+    let (tokens_used, tokens_total, start, end) = (number()?, number()?, number()?, number()?);
+    Some(Crossing {
+        thresholds,
+        tokens_used,
+        tokens_total,
+        period_start: Utc.timestamp_millis_opt(start).single()?,
+        period_end: Utc.timestamp_millis_opt(end).single()?,
     })
 }
 
