@@ -108,6 +108,11 @@ pub struct Settings {
     pub usage_alert_retry_base: Duration,
     pub log_level: String,
     pub log_json: bool,
+    /// `SENTRY_DSN`: errors and panics reported to Sentry, when set.
+    pub sentry_dsn: Option<Secret>,
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`: spans exported over OTLP/HTTP
+    /// (protobuf) to `<endpoint>/v1/traces`, when set.
+    pub otlp_endpoint: Option<String>,
     pub http: HttpSettings,
     /// True when some setting fell back to a development default.
     pub uses_dev_defaults: bool,
@@ -467,6 +472,24 @@ impl Settings {
                 "must be a level (error, warn, info, debug, trace) or a tracing filter",
             ));
         }
+        let sentry_dsn = match env.get("SENTRY_DSN").filter(|v| !v.is_empty()) {
+            Some(dsn) if dsn.parse::<sentry::types::Dsn>().is_err() => {
+                return Err(ConfigError::new("SENTRY_DSN", "is not a Sentry DSN"))
+            }
+            dsn => dsn.map(Secret::new),
+        };
+        let otlp_endpoint = match env
+            .get("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .filter(|v| !v.is_empty())
+        {
+            Some(url) if !(url.starts_with("http://") || url.starts_with("https://")) => {
+                return Err(ConfigError::new(
+                    "OTEL_EXPORTER_OTLP_ENDPOINT",
+                    "must be an http:// or https:// URL",
+                ))
+            }
+            url => url.map(|u| u.trim_end_matches('/').to_owned()),
+        };
         let log_json = match env.get("LOG_FORMAT") {
             None | Some("" | "json") => true,
             Some("text") => false,
@@ -580,6 +603,8 @@ impl Settings {
             )?),
             log_level,
             log_json,
+            sentry_dsn,
+            otlp_endpoint,
             http: HttpSettings {
                 header_timeout: Duration::from_secs(env.ranged(
                     "HTTP_HEADER_TIMEOUT_SECS",
@@ -813,6 +838,8 @@ mod tests {
             ("CORS_ORIGINS", "https://shop.example/path"),
             ("STRIPE_API_BASE", "api.stripe.com"),
             ("FLUSHER_CONSUMER", "two words"),
+            ("SENTRY_DSN", "sentry.example/42"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
         ] {
             let err = Settings::from_map(&vars(&[(name, value)]))
                 .err()

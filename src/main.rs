@@ -76,12 +76,19 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    telemetry::init_logging(&settings.log_level, settings.log_json);
+    // One TLS crypto provider for every client of the process (Redis,
+    // Postgres, Stripe, Sentry, OTLP, alert deliveries).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let telemetry = telemetry::init(&settings);
     // The cause chain on one line: a failed start is read by an operator,
     // and `Debug` would add a backtrace when RUST_BACKTRACE is set.
-    if let Err(e) = run(cli.command, settings).await {
-        tracing::error!(error = %telemetry::chain(&*e), "stopped");
-        eprintln!("error: {}", telemetry::chain(&*e));
+    let result = run(cli.command, settings).await;
+    if let Err(e) = &result {
+        tracing::error!(error = %telemetry::chain(&**e), "stopped");
+        eprintln!("error: {}", telemetry::chain(&**e));
+    }
+    telemetry.shutdown();
+    if result.is_err() {
         std::process::exit(1);
     }
 }

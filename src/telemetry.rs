@@ -1,4 +1,18 @@
-//! Logs (tracing) and metrics (Prometheus).
+//! Logs (tracing), error reports (Sentry), traces (OpenTelemetry) and
+//! metrics (Prometheus).
+//!
+//! - Logs go to stdout (see below).
+//! - With `SENTRY_DSN`, errors (`tracing::error!`) and panics are reported
+//!   to Sentry, each with the request's id and route as tags (from the
+//!   request's span, `http::edge`); never a request body, a header or a
+//!   secret (`send_default_pii` off, and nothing of them is logged).
+//!   Warnings become the report's breadcrumbs.
+//! - With `OTEL_EXPORTER_OTLP_ENDPOINT`, the spans (each request, the
+//!   consume script's round trip, the account changes and rebuilds, the
+//!   workers' passes) are exported over OTLP/HTTP; a request carrying a
+//!   W3C `traceparent` continues its caller's trace, and usage alert
+//!   deliveries carry theirs on. Without either, the spans are debug-level
+//!   and cost nothing.
 //!
 //! Logs are one line per event, JSON unless `LOG_FORMAT=text`, colour only
 //! on a terminal. Two rules keep them readable when a dependency fails
@@ -21,9 +35,17 @@ use std::{
 };
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use opentelemetry::{
+    propagation::TextMapPropagator,
+    trace::{TraceContextExt, TracerProvider as _},
+};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use sentry::integrations::tracing::{BreadcrumbLayer, ErrorLayer};
 use tracing::{callsite, Level, Metadata};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{
-    filter::{EnvFilter, FilterExt},
+    filter::{EnvFilter, FilterExt, LevelFilter},
     fmt::{self, MakeWriter},
     layer::{Context, Filter},
     prelude::*,
@@ -31,24 +53,143 @@ use tracing_subscriber::{
     Layer,
 };
 
+use crate::config::Settings;
+
 /// Lines one callsite may log per [`LOG_WINDOW`].
 pub const LOG_BURST: u32 = 10;
 pub const LOG_WINDOW: Duration = Duration::from_secs(10);
 
-/// Logs to stdout at `LOG_LEVEL`, JSON unless `json` is false.
-pub fn init_logging(level: &str, json: bool) {
+/// What [`init`] started: flushed and stopped by [`Telemetry::shutdown`]
+/// before the process exits, so the last reports and spans are sent.
+pub struct Telemetry {
+    sentry: Option<sentry::ClientInitGuard>,
+    tracer: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// True when errors are reported to Sentry (the edge layer then tags
+    /// each request's reports with its id and route).
+    pub fn reports_errors(&self) -> bool {
+        self.sentry.is_some()
+    }
+
+    /// Sends what is buffered (at most [`FLUSH_TIMEOUT`] each) and stops.
+    pub fn shutdown(self) {
+        if let Some(provider) = self.tracer {
+            if let Err(e) = provider.shutdown_with_timeout(FLUSH_TIMEOUT) {
+                eprintln!("traces not all exported: {e}");
+            }
+        }
+        if let Some(guard) = self.sentry {
+            guard.flush(Some(FLUSH_TIMEOUT));
+        }
+    }
+}
+
+/// How long the exit waits for Sentry and the OTLP collector.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Logs to stdout at `LOG_LEVEL` (JSON unless `LOG_FORMAT=text`), and
+/// reports and traces when `SENTRY_DSN` and `OTEL_EXPORTER_OTLP_ENDPOINT`
+/// say where.
+pub fn init(settings: &Settings) -> Telemetry {
+    let sentry = settings.sentry_dsn.as_ref().map(|dsn| {
+        let environment = if settings.production {
+            "production"
+        } else {
+            "development"
+        };
+        sentry::init(
+            sentry::ClientOptions::new()
+                .dsn(dsn.expose())
+                .maybe_release(sentry::release_name!())
+                .environment(environment)
+                // No request bodies, headers, addresses or user ids.
+                .send_default_pii(false)
+                .attach_stacktrace(true)
+                .shutdown_timeout(FLUSH_TIMEOUT),
+        )
+    });
+    let tracer =
+        settings
+            .otlp_endpoint
+            .as_deref()
+            .and_then(|endpoint| match tracer_provider(endpoint) {
+                Ok(provider) => Some(provider),
+                Err(e) => {
+                    eprintln!("OTEL_EXPORTER_OTLP_ENDPOINT: traces are not exported: {e}");
+                    None
+                }
+            });
+    // Our own spans (debug level, so free unless exported), not the
+    // libraries'.
+    let traces = tracer.as_ref().map(|provider| {
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer(SERVICE_NAME))
+            .with_filter(EnvFilter::new("connected_apps=debug"))
+    });
+    // Errors become reports; warnings and info their breadcrumbs. Each
+    // place reports at most LOG_BURST times per LOG_WINDOW, as it logs.
+    let reports = sentry.as_ref().map(|_| {
+        ErrorLayer::new()
+            .with_filter(LevelFilter::ERROR.and(Throttle::quiet()))
+            .and_then(BreadcrumbLayer::new().with_filter(LevelFilter::INFO))
+    });
     let _ = tracing_subscriber::registry()
         .with(layer(
-            level,
-            json,
+            &settings.log_level,
+            settings.log_json,
             std::io::stdout,
             std::io::stdout().is_terminal(),
         ))
+        .with(traces)
+        .with(reports)
         .try_init();
+    Telemetry { sentry, tracer }
+}
+
+/// The name our spans and reports carry.
+pub const SERVICE_NAME: &str = "connected-apps";
+
+/// Spans batched to `<endpoint>/v1/traces` over OTLP/HTTP (protobuf).
+fn tracer_provider(endpoint: &str) -> anyhow::Result<SdkTracerProvider> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_endpoint(format!("{endpoint}/v1/traces"))
+        .with_timeout(Duration::from_secs(10))
+        .build()?;
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(SERVICE_NAME)
+                .build(),
+        )
+        .build())
+}
+
+/// The trace a request's `traceparent` header continues, if it carries one.
+pub fn remote_parent(headers: &axum::http::HeaderMap) -> Option<opentelemetry::Context> {
+    if !headers.contains_key("traceparent") {
+        return None;
+    }
+    let context =
+        TraceContextPropagator::new().extract(&opentelemetry_http::HeaderExtractor(headers));
+    context.has_active_span().then_some(context)
+}
+
+/// Writes the current span's trace into `headers` as W3C `traceparent`,
+/// so the receiver of a call we make can continue it.
+pub fn inject_trace(headers: &mut axum::http::HeaderMap) {
+    let context = tracing::Span::current().context();
+    if context.span().span_context().is_valid() {
+        TraceContextPropagator::new()
+            .inject_context(&context, &mut opentelemetry_http::HeaderInjector(headers));
+    }
 }
 
 /// The logging layer: format, level filter and per-callsite throttle.
-/// Separate from [`init_logging`] so a test can write into a buffer.
+/// Separate from [`init`] so a test can write into a buffer.
 pub fn layer<S, W>(
     level: &str,
     json: bool,
@@ -99,6 +240,18 @@ pub fn chain(error: &dyn std::error::Error) -> String {
 #[derive(Default)]
 struct Throttle {
     windows: Mutex<HashMap<callsite::Identifier, (Instant, u32)>>,
+    /// Not counted in `log_events_suppressed_total` (the reports' throttle:
+    /// the logs' one counts the same events).
+    quiet: bool,
+}
+
+impl Throttle {
+    fn quiet() -> Self {
+        Throttle {
+            quiet: true,
+            ..Throttle::default()
+        }
+    }
 }
 
 impl<S> Filter<S> for Throttle {
@@ -130,7 +283,7 @@ impl<S> Filter<S> for Throttle {
             *count += 1;
             *count <= LOG_BURST
         };
-        if !allowed {
+        if !allowed && !self.quiet {
             metrics::counter!("log_events_suppressed_total", "level" => level_label(meta.level()))
                 .increment(1);
         }

@@ -17,6 +17,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::Mutex;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::{
@@ -78,6 +79,7 @@ impl Accounts {
     /// When the unflushed part of the stream is longer than
     /// `REBUILD_MAX_BACKLOG` entries, the rebuild waits for the flusher:
     /// 503, nothing loaded.
+    #[tracing::instrument(name = "hot state rebuild", level = "debug", skip_all, fields(%customer))]
     pub async fn rebuild(&self, customer: Uuid) -> Result<(), ApiError> {
         let stripe = (customer.as_u128() % REBUILD_STRIPES as u128) as usize;
         let _local = self.rebuild_locks[stripe].lock().await;
@@ -134,6 +136,7 @@ impl Accounts {
     /// client gone, its connection closed) drops the handler's future,
     /// and a change dropped between Redis and the commit would leave the
     /// two apart. The task runs to the end whatever happens to the request.
+    #[tracing::instrument(name = "account change", level = "debug", skip_all, fields(%customer))]
     pub async fn change<T: Send + 'static>(
         &self,
         customer: Uuid,
@@ -144,27 +147,30 @@ impl Accounts {
             + 'static,
     ) -> Result<T, ApiError> {
         let (hot, db) = (self.hot.clone(), self.db.clone());
-        let task = tokio::spawn(async move {
-            let mut tx = db.begin().await?;
-            if !ledger_accounts::lock_customer(&mut tx, customer).await? {
-                return Err(ApiError::NotFound("customer"));
-            }
-            let (result, changes) = change(&mut tx).await?;
-            if let Err(e) = hot.update_account(customer, &changes).await {
-                // The reply may be what was lost; only credits and takes,
-                // gated by their marker, can be undone without knowing
-                // whether they were applied.
-                if changes.iter().any(AccountChange::is_once) {
-                    undo(&hot, customer, &changes, "update").await;
+        let task = tokio::spawn(
+            async move {
+                let mut tx = db.begin().await?;
+                if !ledger_accounts::lock_customer(&mut tx, customer).await? {
+                    return Err(ApiError::NotFound("customer"));
                 }
-                return Err(e.into());
+                let (result, changes) = change(&mut tx).await?;
+                if let Err(e) = hot.update_account(customer, &changes).await {
+                    // The reply may be what was lost; only credits and takes,
+                    // gated by their marker, can be undone without knowing
+                    // whether they were applied.
+                    if changes.iter().any(AccountChange::is_once) {
+                        undo(&hot, customer, &changes, "update").await;
+                    }
+                    return Err(e.into());
+                }
+                if let Err(e) = tx.commit().await {
+                    undo(&hot, customer, &changes, "commit").await;
+                    return Err(e.into());
+                }
+                Ok(result)
             }
-            if let Err(e) = tx.commit().await {
-                undo(&hot, customer, &changes, "commit").await;
-                return Err(e.into());
-            }
-            Ok(result)
-        });
+            .in_current_span(),
+        );
         task.await
             .map_err(|e| ApiError::Internal(anyhow::anyhow!("an account change failed: {e}")))?
     }

@@ -140,6 +140,7 @@ const CHARGE_RECORD_TTL_SECS: i64 = 10;
 const FENCE_TTL_SECS: i64 = 3600;
 
 impl HotStore {
+    #[tracing::instrument(name = "consume script", level = "debug", skip_all)]
     pub async fn charge(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, HotError> {
         let started = std::time::Instant::now();
         let outcome = self.run_consume(charge).await;
@@ -184,6 +185,7 @@ impl HotStore {
     /// charge it made, or [`ChargeOutcome::DeadlinePassed`] with a fence
     /// that keeps the script from ever charging it. An error when Redis did
     /// not answer the settle either: the outcome is then unknown.
+    #[tracing::instrument(name = "settle script", level = "debug", skip_all)]
     pub async fn settle(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, HotError> {
         let (record, _) = self.outcome_record(charge);
         let fence_ttl = charge

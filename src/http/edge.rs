@@ -4,6 +4,12 @@
 //! any error answer not in the contract's shape (one a library or layer
 //! wrote) given the contract's body for its status.
 //!
+//! Each request runs in a `request` span (debug level: nothing unless
+//! traces are exported, see `telemetry`), continuing the trace of its
+//! `traceparent` header if it has one; and, when errors are reported to
+//! Sentry, under its own Sentry hub whose scope tags every report it makes
+//! (an error logged, a panic) with the request's id, route and method.
+//!
 //! Labels are bounded whatever a client sends: a method outside HTTP's
 //! standard ones is `OTHER`, a path no route matches is `unmatched`, so
 //! unauthenticated requests cannot mint new series.
@@ -33,9 +39,12 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use metrics::{Counter, Histogram};
+use sentry::Hub;
 use tower::{Layer, Service};
+use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::error::ApiError;
+use crate::{error::ApiError, telemetry};
 
 #[derive(Clone)]
 struct Handles {
@@ -48,6 +57,17 @@ type ByRoute = HashMap<String, HashMap<(&'static str, u16), Handles>>;
 #[derive(Clone, Default)]
 pub struct EdgeLayer {
     handles: Arc<RwLock<ByRoute>>,
+    reports_errors: bool,
+}
+
+impl EdgeLayer {
+    /// `reports_errors`: Sentry is configured (`SENTRY_DSN`).
+    pub fn new(reports_errors: bool) -> Self {
+        EdgeLayer {
+            handles: Arc::default(),
+            reports_errors,
+        }
+    }
 }
 
 impl<S> Layer<S> for EdgeLayer {
@@ -57,6 +77,7 @@ impl<S> Layer<S> for EdgeLayer {
         Edge {
             inner,
             handles: self.handles.clone(),
+            reports_errors: self.reports_errors,
         }
     }
 }
@@ -65,6 +86,7 @@ impl<S> Layer<S> for EdgeLayer {
 pub struct Edge<S> {
     inner: S,
     handles: Arc<RwLock<ByRoute>>,
+    reports_errors: bool,
 }
 
 impl<S> Service<Request> for Edge<S>
@@ -82,12 +104,44 @@ where
     fn call(&mut self, req: Request) -> Self::Future {
         let route = req.extensions().get::<MatchedPath>().cloned();
         let method = method_label(req.method());
+        let route_label = route.as_ref().map_or("unmatched", MatchedPath::as_str);
+        let request_id = req
+            .headers()
+            .get(super::REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let span = tracing::debug_span!(
+            "request",
+            otel.name = %format_args!("{method} {route_label}"),
+            otel.kind = "server",
+            http.request.method = method,
+            http.route = route_label,
+            request_id,
+            http.response.status_code = tracing::field::Empty,
+        );
+        if !span.is_disabled() {
+            if let Some(parent) = telemetry::remote_parent(req.headers()) {
+                // Only fails when no OpenTelemetry layer is installed.
+                let _ = span.set_parent(parent);
+            }
+        }
+        let hub = self.reports_errors.then(|| {
+            let hub = Arc::new(Hub::new_from_top(Hub::main()));
+            hub.configure_scope(|scope| {
+                scope.set_tag("request_id", request_id);
+                scope.set_tag("route", route_label);
+                scope.set_tag("method", method);
+            });
+            hub
+        });
         ResponseFuture {
             inner: self.inner.call(req),
             start: Instant::now(),
             route,
             method,
             handles: self.handles.clone(),
+            span,
+            hub,
         }
     }
 }
@@ -100,6 +154,8 @@ pin_project_lite::pin_project! {
         route: Option<MatchedPath>,
         method: &'static str,
         handles: Arc<RwLock<ByRoute>>,
+        span: Span,
+        hub: Option<Arc<Hub>>,
     }
 }
 
@@ -111,18 +167,29 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
+        let _entered = this.span.enter();
         let inner = this.inner;
-        let result = match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(Poll::Pending) => return Poll::Pending,
-            Ok(Poll::Ready(result)) => result,
-            Err(_) => {
-                Ok(ApiError::Internal(anyhow::anyhow!("request handler panicked")).into_response())
-            }
+        let poll = || match catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(result)) => Poll::Ready(result.map(crate::error::contract_shaped)),
+            // Sentry's panic hook has reported the panic with its backtrace.
+            Err(_) => Poll::Ready(Ok(ApiError::Internal(anyhow::anyhow!(
+                "request handler panicked"
+            ))
+            .into_response())),
         };
-        let result = result.map(crate::error::contract_shaped);
+        let result = match this.hub {
+            Some(hub) => Hub::run(hub.clone(), poll),
+            None => poll(),
+        };
+        let Poll::Ready(result) = result else {
+            return Poll::Pending;
+        };
         if let Ok(response) = &result {
+            let status = response.status().as_u16();
+            this.span.record("http.response.status_code", status);
             let route = this.route.as_ref().map_or("unmatched", MatchedPath::as_str);
-            let handles = handles_for(this.handles, route, this.method, response.status().as_u16());
+            let handles = handles_for(this.handles, route, this.method, status);
             handles.requests.increment(1);
             handles.duration.record(this.start.elapsed().as_secs_f64());
         }

@@ -38,10 +38,11 @@ use tower_http::{
 
 use crate::{error::ApiError, state::Shared};
 
-const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 pub fn router(state: Shared) -> Router {
     let cors = cors(&state.settings.cors_origins);
+    let reports_errors = state.settings.sentry_dsn.is_some();
     Router::new()
         .merge(consume::router())
         .merge(catalog::router(&state))
@@ -59,7 +60,7 @@ pub fn router(state: Shared) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
         .layer(tower::util::option_layer(cors))
-        .layer(edge::EdgeLayer::default())
+        .layer(edge::EdgeLayer::new(reports_errors))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(SetRequestIdLayer::new(REQUEST_ID, FastRequestUuid))
         .with_state(state)
@@ -71,7 +72,7 @@ pub fn ops_router(state: Shared) -> Router {
         .merge(health::router())
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(edge::EdgeLayer::default())
+        .layer(edge::EdgeLayer::new(state.settings.sentry_dsn.is_some()))
         .with_state(state)
 }
 

@@ -115,6 +115,7 @@ impl AlertDeliveries {
     }
 
     /// Posts one delivery; `Err` with why it did not land.
+    #[tracing::instrument(name = "usage alert delivery", level = "debug", skip_all, fields(alert = %delivery.id))]
     async fn attempt(&self, delivery: &DueDelivery) -> Result<(), String> {
         let (Some(url), Some(sealed)) = (&delivery.webhook_url, &delivery.signing_secret) else {
             return Err("no webhook URL".into());
@@ -129,11 +130,15 @@ impl AlertDeliveries {
         let body = payload(delivery).to_string();
         let signature =
             stripe_signature::sign(&[secret.as_str()], body.as_bytes(), Utc::now().timestamp());
+        // The receiver may continue this delivery's trace.
+        let mut trace = reqwest::header::HeaderMap::new();
+        crate::telemetry::inject_trace(&mut trace);
         let answer = self
             .http
             .post(url)
             .header("Content-Type", "application/json")
             .header("Connected-Apps-Signature", signature)
+            .headers(trace)
             .body(body)
             .send()
             .await

@@ -71,6 +71,7 @@ impl Scheduler {
 
     /// Refreshes the business gauges from Postgres (one replica at a time:
     /// the others find the lock taken and leave their gauges as they were).
+    #[tracing::instrument(name = "scheduler business gauges", level = "debug", skip_all)]
     async fn business_gauges(&self) {
         if let Err(e) = self.refresh_gauges().await {
             tracing::warn!(error = %crate::telemetry::chain(&*e), "business gauges not refreshed");
@@ -113,6 +114,7 @@ impl Scheduler {
         refreshed.map(|()| true)
     }
 
+    #[tracing::instrument(name = "scheduler reconcile", level = "debug", skip_all)]
     async fn reconcile(&self) {
         match self.subscriptions.reconcile().await {
             Ok(report) if report.ran => tracing::info!(
@@ -128,6 +130,7 @@ impl Scheduler {
         }
     }
 
+    #[tracing::instrument(name = "scheduler rollover", level = "debug", skip_all)]
     async fn rollover(&self) {
         match self.periods.roll_ended(Utc::now()).await {
             Ok(0) => {}
@@ -151,6 +154,7 @@ impl Scheduler {
         Ok(partitions::drop_before(&self.db, cutoff).await?)
     }
 
+    #[tracing::instrument(name = "scheduler daily", level = "debug", skip_all)]
     async fn daily(&self) {
         match self.ensure_partitions().await {
             Ok(()) => tracing::info!("usage partitions ensured"),

@@ -23,5 +23,6 @@ mod script_model;
 mod storable;
 mod stripe_semantics;
 mod stripe_standin;
+mod telemetry;
 mod usage;
 mod webhooks;

@@ -140,6 +140,9 @@ CORS_ORIGINS: {{ join "," . | quote }}
 ENABLE_BETA_APPS: {{ $c.enableBetaApps | toString | quote }}
 ENABLE_USAGE_ALERTS: {{ $c.enableUsageAlerts | toString | quote }}
 ENABLE_TOKEN_ANALYTICS: {{ $c.enableTokenAnalytics | toString | quote }}
+{{- with $c.otlpEndpoint }}
+OTEL_EXPORTER_OTLP_ENDPOINT: {{ . | quote }}
+{{- end }}
 PAST_DUE_GRACE_HOURS: {{ $c.pastDueGraceHours | int64 | quote }}
 USAGE_STREAM_SHARDS: {{ $c.usageStreamShards | int64 | quote }}
 FLUSHER_WORKERS: {{ $c.flusherWorkers | int64 | quote }}

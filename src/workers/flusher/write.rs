@@ -24,6 +24,7 @@ impl Flusher {
     /// details set aside; any other error (Postgres unreachable, a
     /// deadlock) fails the whole call. Only an entry that cannot be decoded
     /// at all (or a row refused even bare) is left failed.
+    #[tracing::instrument(name = "flusher write", level = "debug", skip_all, fields(entries = batch.len()))]
     pub async fn write(&mut self, batch: &Batch) -> anyhow::Result<Written> {
         let mut written = Written::default();
         let mut rows: Vec<(usize, UsageRow)> = Vec::with_capacity(batch.len());
