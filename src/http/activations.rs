@@ -1,12 +1,7 @@
 //! Activating apps: activate, configure, pause and resume, deactivate, and
 //! list one's own activations.
 
-use axum::{
-    extract::State,
-    middleware,
-    routing::{get, patch, post},
-    Router,
-};
+use axum::{extract::State, middleware};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -16,6 +11,8 @@ use super::{
     extract::{Body, PathParam},
     rate_limit,
 };
+use utoipa_axum::{router::OpenApiRouter, routes};
+
 use crate::{
     auth::Scope,
     domain::{
@@ -29,21 +26,19 @@ use crate::{
     state::Shared,
 };
 
-pub fn router(state: &Shared) -> Router<Shared> {
-    let activate = Router::new()
-        .route("/api/v1/customer/apps/{app_id}/activate", post(activate))
-        .route_layer(middleware::from_fn_with_state(
-            state.clone(),
-            rate_limit::activate,
-        ));
-    Router::new()
+pub fn router(state: &Shared) -> OpenApiRouter<Shared> {
+    let activate =
+        OpenApiRouter::new()
+            .routes(routes!(activate))
+            .route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                rate_limit::activate,
+            ));
+    OpenApiRouter::new()
         .merge(activate)
-        .route("/api/v1/customer/apps", get(list_activations))
-        .route("/api/v1/customer/apps/{app_id}", patch(update))
-        .route(
-            "/api/v1/customer/apps/{app_id}/deactivate",
-            post(deactivate),
-        )
+        .routes(routes!(list_activations))
+        .routes(routes!(update))
+        .routes(routes!(deactivate))
 }
 
 #[derive(Deserialize, Default, utoipa::ToSchema)]

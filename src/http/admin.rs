@@ -5,8 +5,6 @@ use axum::{
     extract::State,
     http::{HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
-    routing::post,
-    Router,
 };
 use chrono::{DateTime, Months, Utc};
 use serde::{Deserialize, Serialize};
@@ -16,6 +14,8 @@ use super::{
     auth::AdminAuth,
     extract::{idempotency_key, Json, PathParam},
 };
+use utoipa_axum::{router::OpenApiRouter, routes};
+
 use crate::{
     error::{ApiError, FieldError},
     hot::account::{AccountChange, Once},
@@ -23,11 +23,11 @@ use crate::{
     state::Shared,
 };
 
-pub fn router() -> Router<Shared> {
-    Router::new()
-        .route("/api/v1/admin/customers", post(create_customer))
-        .route("/api/v1/admin/customers/{id}/grants", post(grant_tokens))
-        .route("/api/v1/admin/billing/reconcile", post(reconcile_billing))
+pub fn router() -> OpenApiRouter<Shared> {
+    OpenApiRouter::new()
+        .routes(routes!(create_customer))
+        .routes(routes!(grant_tokens))
+        .routes(routes!(reconcile_billing))
 }
 
 #[derive(Deserialize, utoipa::ToSchema)]

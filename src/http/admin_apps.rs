@@ -1,12 +1,7 @@
 //! Operators manage the catalog: `POST /api/v1/admin/apps` and
 //! `PATCH /api/v1/admin/apps/{app_id}` (status).
 
-use axum::{
-    extract::State,
-    http::StatusCode,
-    routing::{patch, post},
-    Router,
-};
+use axum::{extract::State, http::StatusCode};
 use serde::Deserialize;
 
 use super::{
@@ -14,6 +9,8 @@ use super::{
     catalog::AppListing,
     extract::{Json, PathParam},
 };
+use utoipa_axum::{router::OpenApiRouter, routes};
+
 use crate::{
     domain::{catalog::Tier, configuration},
     error::{ApiError, FieldError},
@@ -21,10 +18,10 @@ use crate::{
     state::Shared,
 };
 
-pub fn router() -> Router<Shared> {
-    Router::new()
-        .route("/api/v1/admin/apps", post(create_app))
-        .route("/api/v1/admin/apps/{app_id}", patch(change_app))
+pub fn router() -> OpenApiRouter<Shared> {
+    OpenApiRouter::new()
+        .routes(routes!(create_app))
+        .routes(routes!(change_app))
 }
 
 const STATUSES: [&str; 4] = ["available", "beta", "deprecated", "disabled"];

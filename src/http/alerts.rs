@@ -1,12 +1,14 @@
 //! Merchants' usage alerts: `GET`/`PUT /api/v1/customer/alerts` and
 //! `GET /api/v1/customer/alerts/events` (API.md "Usage alerts").
 
-use axum::{extract::State, routing::get, Json, Router};
+use axum::{extract::State, Json};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use uuid::Uuid;
 
 use super::{auth::CustomerAuth, extract::Json as Body};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
 use crate::{
     auth::Scope,
     domain::alerts::{SettingsChange, SettingsView},
@@ -14,10 +16,10 @@ use crate::{
     state::Shared,
 };
 
-pub fn router() -> Router<Shared> {
-    Router::new()
-        .route("/api/v1/customer/alerts", get(settings).put(update))
-        .route("/api/v1/customer/alerts/events", get(events))
+pub fn router() -> OpenApiRouter<Shared> {
+    OpenApiRouter::new()
+        .routes(routes!(settings, update))
+        .routes(routes!(events))
 }
 
 #[derive(Serialize, utoipa::ToSchema)]

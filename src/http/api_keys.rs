@@ -1,11 +1,6 @@
 //! Embed API keys: create (the plaintext shown once), list, revoke.
 
-use axum::{
-    extract::State,
-    http::StatusCode,
-    routing::{delete, get},
-    Router,
-};
+use axum::{extract::State, http::StatusCode};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -14,6 +9,8 @@ use super::{
     auth::CustomerAuth,
     extract::{Json, PathParam},
 };
+use utoipa_axum::{router::OpenApiRouter, routes};
+
 use crate::{
     auth::{embed_key, Scope},
     error::{ApiError, FieldError},
@@ -22,10 +19,10 @@ use crate::{
     state::Shared,
 };
 
-pub fn router() -> Router<Shared> {
-    Router::new()
-        .route("/api/v1/customer/api-keys", get(list_keys).post(create_key))
-        .route("/api/v1/customer/api-keys/{key_id}", delete(revoke_key))
+pub fn router() -> OpenApiRouter<Shared> {
+    OpenApiRouter::new()
+        .routes(routes!(list_keys, create_key))
+        .routes(routes!(revoke_key))
 }
 
 /// A billion an hour (277,000 a second): more than any shop's widget

@@ -5,9 +5,7 @@
 use axum::{
     extract::State,
     http::{HeaderMap, StatusCode},
-    middleware,
-    routing::{get, post},
-    Json, Router,
+    middleware, Json,
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -18,6 +16,8 @@ use super::{
     extract::{idempotency_key, Body, Query},
     rate_limit,
 };
+use utoipa_axum::{router::OpenApiRouter, routes};
+
 use crate::{
     auth::Scope,
     domain::subscriptions::PURCHASE_TOKENS,
@@ -26,16 +26,13 @@ use crate::{
     state::Shared,
 };
 
-pub fn router(state: &Shared) -> Router<Shared> {
-    Router::new()
-        .route("/api/v1/customer/billing/plans", get(plans))
-        .route("/api/v1/customer/billing/setup-intent", post(setup_intent))
-        .route("/api/v1/customer/billing/subscribe", post(subscribe))
-        .route(
-            "/api/v1/customer/billing/subscription",
-            get(subscription).patch(change_plan).delete(cancel),
-        )
-        .route("/api/v1/customer/billing/tokens/purchase", post(purchase))
+pub fn router(state: &Shared) -> OpenApiRouter<Shared> {
+    OpenApiRouter::new()
+        .routes(routes!(plans))
+        .routes(routes!(setup_intent))
+        .routes(routes!(subscribe))
+        .routes(routes!(subscription, change_plan, cancel))
+        .routes(routes!(purchase))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             rate_limit::billing,

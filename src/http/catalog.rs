@@ -1,9 +1,11 @@
 //! The apps catalog: `GET /api/v1/apps`.
 
-use axum::{extract::State, middleware, routing::get, Router};
+use axum::{extract::State, middleware};
 use serde::{Deserialize, Serialize};
 
 use super::{auth::CustomerAuth, extract::Query, rate_limit};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
 use crate::{
     auth::Scope,
     domain::catalog::{CatalogApp, Filter},
@@ -11,9 +13,9 @@ use crate::{
     state::Shared,
 };
 
-pub fn router(state: &Shared) -> Router<Shared> {
-    Router::new()
-        .route("/api/v1/apps", get(list_apps))
+pub fn router(state: &Shared) -> OpenApiRouter<Shared> {
+    OpenApiRouter::new()
+        .routes(routes!(list_apps))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             rate_limit::apps,

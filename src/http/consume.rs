@@ -4,8 +4,6 @@ use axum::{
     extract::State,
     http::{HeaderMap, HeaderValue},
     response::{IntoResponse, Response},
-    routing::post,
-    Router,
 };
 use serde::Serialize;
 use uuid::Uuid;
@@ -14,10 +12,12 @@ use super::{
     auth::ConsumeAuth,
     extract::{idempotency_key, Body},
 };
+use utoipa_axum::{router::OpenApiRouter, routes};
+
 use crate::{domain::consume::ConsumeRequest, error::ApiError, state::Shared};
 
-pub fn router() -> Router<Shared> {
-    Router::new().route("/api/v1/customer/tokens/consume", post(consume))
+pub fn router() -> OpenApiRouter<Shared> {
+    OpenApiRouter::new().routes(routes!(consume))
 }
 
 /// The request body (documentation only: the handler parses it borrowed).

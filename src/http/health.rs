@@ -2,24 +2,32 @@
 
 use std::time::Duration;
 
-use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Json, Router};
+use axum::{extract::State, http::StatusCode, response::IntoResponse, Json};
 use serde_json::json;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::state::Shared;
 
-pub fn router() -> Router<Shared> {
-    Router::new()
-        .route("/health/live", get(live))
-        .route("/health/ready", get(ready))
-        .route("/metrics", get(metrics_text))
+pub fn router() -> OpenApiRouter<Shared> {
+    OpenApiRouter::new()
+        .routes(routes!(live))
+        .routes(routes!(ready))
+        .routes(routes!(metrics_text))
 }
 
 /// The process is up and serving.
+#[utoipa::path(get, path = "/health/live", tag = "operations",
+    responses((status = 200, description = "The process serves requests (it may still be waiting on Redis or Postgres)", body = serde_json::Value, example = json!({"status": "ok"}))))]
 pub async fn live() -> impl IntoResponse {
     Json(json!({"status": "ok"}))
 }
 
 /// Redis and Postgres both answer within a second.
+#[utoipa::path(get, path = "/health/ready", tag = "operations",
+    responses((status = 200, description = "Redis and Postgres both answered within a second", body = serde_json::Value,
+                example = json!({"status": "ok", "checks": {"redis": "ok", "postgres": "ok"}})),
+              (status = 503, description = "One of them did not: take the instance out of the load balancer", body = serde_json::Value,
+                example = json!({"status": "unavailable", "checks": {"redis": "ok", "postgres": "unavailable"}}))))]
 pub async fn ready(State(state): State<Shared>) -> impl IntoResponse {
     let deadline = Duration::from_secs(1);
     let redis = matches!(
@@ -46,6 +54,8 @@ pub async fn ready(State(state): State<Shared>) -> impl IntoResponse {
 }
 
 /// Prometheus text format.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Every metric of the process in Prometheus's text format (see the README's Operating section)", content_type = "text/plain; version=0.0.4", body = String)))]
 pub async fn metrics_text(State(state): State<Shared>) -> impl IntoResponse {
     (
         [(

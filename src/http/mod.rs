@@ -36,6 +36,8 @@ use tower_http::{
     request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer},
 };
 
+use utoipa_axum::router::OpenApiRouter;
+
 use crate::{error::ApiError, state::Shared};
 
 pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -43,7 +45,7 @@ pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id"
 pub fn router(state: Shared) -> Router {
     let cors = cors(&state.settings.cors_origins);
     let reports_errors = state.settings.sentry_dsn.is_some();
-    Router::new()
+    let routes = OpenApiRouter::new()
         .merge(consume::router())
         .merge(catalog::router(&state))
         .merge(activations::router(&state))
@@ -54,8 +56,8 @@ pub fn router(state: Shared) -> Router {
         .merge(alerts::router())
         .merge(billing::router(&state))
         .merge(webhooks::router())
-        .merge(health::router())
-        .merge(openapi::router())
+        .merge(health::router());
+    openapi::with_document(routes)
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))
@@ -68,8 +70,8 @@ pub fn router(state: Shared) -> Router {
 
 /// What a process without the API role serves: the probes and `/metrics`.
 pub fn ops_router(state: Shared) -> Router {
-    Router::new()
-        .merge(health::router())
+    let (routes, _) = health::router().split_for_parts();
+    routes
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(edge::EdgeLayer::new(state.settings.sentry_dsn.is_some()))

@@ -1,10 +1,19 @@
 //! `GET /openapi.json`: the contract as the service implements it.
+//!
+//! Each route is registered with `utoipa_axum`'s `routes!`, which reads
+//! its path and methods from the handler's `#[utoipa::path]`: a route
+//! cannot be served without being documented, nor documented at a path it
+//! is not served on. This document adds what is said of every route and
+//! the security schemes; `/openapi.json` itself is the one route added by
+//! hand (it serves the document the others make).
 
-use axum::{routing::get, Json, Router};
+use axum::{body::Bytes, http::header::CONTENT_TYPE, routing::get, Router};
 use utoipa::{
     openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme},
     Modify, OpenApi,
 };
+
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::state::Shared;
 
@@ -20,34 +29,7 @@ use crate::state::Shared;
             `HTTP_BODY_TIMEOUT_SECS` or is not whole within `HTTP_REQUEST_TIMEOUT_SECS` gets 408 `request_timeout`; \
             unknown routes 404 `not_found`; a wrong method 405 `method_not_allowed`."
     ),
-    paths(
-        super::consume::consume,
-        super::catalog::list_apps,
-        super::activations::activate,
-        super::activations::deactivate,
-        super::activations::update,
-        super::activations::list_activations,
-        super::api_keys::create_key,
-        super::api_keys::list_keys,
-        super::api_keys::revoke_key,
-        super::admin::create_customer,
-        super::admin::grant_tokens,
-        super::admin::reconcile_billing,
-        super::admin_apps::create_app,
-        super::admin_apps::change_app,
-        super::usage::usage,
-        super::alerts::settings,
-        super::alerts::update,
-        super::alerts::events,
-        super::webhooks::stripe,
-        super::billing::plans,
-        super::billing::setup_intent,
-        super::billing::subscribe,
-        super::billing::subscription,
-        super::billing::change_plan,
-        super::billing::cancel,
-        super::billing::purchase,
-    ),
+    paths(document),
     components(schemas(crate::error::FieldError)),
     modifiers(&Security)
 )]
@@ -74,6 +56,24 @@ impl Modify for Security {
     }
 }
 
-pub fn router() -> Router<Shared> {
-    Router::new().route("/openapi.json", get(|| async { Json(ApiDoc::openapi()) }))
+/// The document of every route.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "This document (OpenAPI 3.1)", body = serde_json::Value)))]
+#[allow(dead_code)] // Documentation only: `with_document` serves the route.
+fn document() {}
+
+/// `routes` with `GET /openapi.json` serving their document, serialised
+/// once.
+pub fn with_document(routes: OpenApiRouter<Shared>) -> Router<Shared> {
+    let (router, document) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(routes)
+        .split_for_parts();
+    let json = Bytes::from(document.to_json().expect("the document serialises"));
+    router.route(
+        "/openapi.json",
+        get(move || {
+            let json = json.clone();
+            async move { ([(CONTENT_TYPE, "application/json")], json) }
+        }),
+    )
 }

@@ -1,10 +1,12 @@
 //! The dashboards' usage report.
 
-use axum::{extract::State, routing::get, Router};
+use axum::extract::State;
 use chrono::NaiveDate;
 use serde::Deserialize;
 
 use super::{auth::CustomerAuth, extract::Query};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
 use crate::{
     auth::Scope,
     domain::usage::{Reports, UsageReport},
@@ -12,8 +14,8 @@ use crate::{
     state::Shared,
 };
 
-pub fn router() -> Router<Shared> {
-    Router::new().route("/api/v1/customer/tokens/usage", get(usage))
+pub fn router() -> OpenApiRouter<Shared> {
+    OpenApiRouter::new().routes(routes!(usage))
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

@@ -10,10 +10,11 @@
 use axum::{
     extract::{DefaultBodyLimit, State},
     http::HeaderMap,
-    routing::post,
-    Json, Router,
+    Json,
 };
 use serde::Serialize;
+
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::{
     auth::stripe_signature::{self, SignatureError},
@@ -26,9 +27,9 @@ use crate::{
 /// Stripe's events can outgrow the API's 64 KiB (an invoice with many lines).
 const MAX_EVENT_BYTES: usize = 1024 * 1024;
 
-pub fn router() -> Router<Shared> {
-    Router::new()
-        .route("/api/v1/webhooks/stripe", post(stripe))
+pub fn router() -> OpenApiRouter<Shared> {
+    OpenApiRouter::new()
+        .routes(routes!(stripe))
         .layer(DefaultBodyLimit::max(MAX_EVENT_BYTES))
 }
 

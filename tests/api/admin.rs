@@ -124,6 +124,13 @@ async fn the_openapi_document_and_probes_are_served() {
 
     let spec = app.openapi().await;
     assert!(spec["paths"]["/api/v1/customer/tokens/consume"]["post"].is_object());
+    // Every route is documented, the operational ones too.
+    for path in ["/health/live", "/health/ready", "/metrics", "/openapi.json"] {
+        assert!(
+            spec["paths"][path]["get"].is_object(),
+            "{path} undocumented"
+        );
+    }
     assert_eq!(
         app.http
             .get(app.url("/health/live"))

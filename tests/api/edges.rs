@@ -245,7 +245,10 @@ async fn contract_error(response: reqwest::Response, what: &str) -> (u16, String
         .get("content-type")
         .map(|v| v.to_str().unwrap().to_owned())
         .unwrap_or_default();
-    let text = response.text().await.unwrap();
+    let text = response
+        .text()
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
     if status < 400 {
         return (status, String::new());
     }
@@ -311,13 +314,19 @@ async fn every_route_answers_bad_requests_with_the_contracts_error_body() {
                     .send()
             };
             let what = format!("{method} {template}");
-            let (status, _) = contract_error(
-                send("application/json", oversized.clone()).await.unwrap(),
-                &format!("{what} oversized"),
-            )
-            .await;
-            if takes_body {
-                assert_eq!(status, 413, "{what} oversized");
+            // Not /metrics: answered without reading the body, its long
+            // answer can be cut by the reset the kernel sends when the
+            // server closes a connection with the body unread (a scraper
+            // sends no body).
+            if template != "/metrics" {
+                let (status, _) = contract_error(
+                    send("application/json", oversized.clone()).await.unwrap(),
+                    &format!("{what} oversized"),
+                )
+                .await;
+                if takes_body {
+                    assert_eq!(status, 413, "{what} oversized");
+                }
             }
             let (status, code) = contract_error(
                 send("text/plain", "{}".into()).await.unwrap(),
