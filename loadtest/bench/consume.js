@@ -1,7 +1,7 @@
 // Consume at a fixed arrival rate and check the latency budget.
 //
 //   BASE_URL=http://127.0.0.1:8000 TOKEN=<jwt or ak_ key> RATE=2000 DURATION=30s \
-//     k6 run benches/k6/consume.js
+//     k6 run loadtest/bench/consume.js
 //
 // Fails (non-zero exit) when p95 exceeds 2 ms or any request errors.
 import http from 'k6/http';

@@ -1,10 +1,10 @@
 // Read the usage report, as dashboards do, at a fixed arrival rate.
 //
 //   BASE_URL=http://127.0.0.1:8000 TOKEN=<jwt with tokens:read> FROM=2025-12-01 TO=2026-11-30 \
-//     RATE=200 DURATION=30s k6 run benches/k6/usage.js
+//     RATE=200 DURATION=30s k6 run loadtest/bench/usage.js
 //
 // Fails (non-zero exit) when p95 exceeds 10 ms or any request errors.
-// benches/usage-setup.sh prepares a customer with a year of daily rows.
+// loadtest/bench/usage-setup.sh prepares a customer with a year of daily rows.
 import http from 'k6/http';
 import { check } from 'k6';
 

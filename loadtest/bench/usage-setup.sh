@@ -3,12 +3,12 @@
 # with a year of daily aggregates for all ten apps (3,650 rows), on a
 # running service. Prints the customer's token (scope tokens:read).
 #
-#   BASE_URL=http://127.0.0.1:8000 DATABASE_URL=postgres://… benches/usage-setup.sh
+#   BASE_URL=http://127.0.0.1:8000 DATABASE_URL=postgres://… loadtest/bench/usage-setup.sh
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 db=${DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/connected_apps}
 
-. benches/lib.sh
+. loadtest/bench/lib.sh
 customer=$(new_enterprise_customer)
 psql -q "$db" -c "INSERT INTO usage_analytics_daily (customer_id, app_id, date, tokens_consumed, events_count, sessions_count, unique_users)
   SELECT '$customer', a.id, d::date, 100 + (random() * 900)::int, 100, 20, 15

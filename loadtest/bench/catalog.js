@@ -2,11 +2,11 @@
 // the whole list, filters, a search and a second page, in turn.
 //
 //   BASE_URL=http://127.0.0.1:8000 TOKEN=<jwt with apps:read> RATE=1000 DURATION=30s \
-//     k6 run benches/k6/catalog.js
+//     k6 run loadtest/bench/catalog.js
 //
 // Fails (non-zero exit) when p95 exceeds 5 ms or any request errors. The
 // service under test needs RATE_LIMIT_APPS_PER_HOUR=0 (the catalog's limit
-// is 100 per customer and hour); benches/catalog-setup.sh prints a token.
+// is 100 per customer and hour); loadtest/bench/catalog-setup.sh prints a token.
 import http from 'k6/http';
 import { check } from 'k6';
 
