@@ -353,6 +353,15 @@ pub fn decode_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError
 /// a body whose free text is never stored (a Stripe event carries what
 /// customers typed, and refusing it would refuse the event on every retry).
 pub fn decode_json_with_nul<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+    // Every body of the API is an object. Serde would also fill a struct
+    // from an array, positionally (`[null, null]` as every field absent):
+    // a client that sent one meant something else.
+    if body.trim_ascii_start().starts_with(b"[") {
+        return Err(ApiError::Validation(vec![FieldError::new(
+            "body",
+            "must be a JSON object, not an array",
+        )]));
+    }
     // The common case, valid input, pays for no path tracking; only a
     // failure is parsed again to name the field.
     if let Ok(value) = serde_json::from_slice(body) {

@@ -301,3 +301,42 @@ async fn a_nul_character_is_refused_by_field_across_the_api_and_writes_nothing()
     .unwrap();
     assert_eq!(written, (1, 0, 0));
 }
+
+#[tokio::test]
+async fn an_array_where_an_object_belongs_is_refused_not_read_as_every_field_absent() {
+    let app = spawn_app().await;
+    let shop = app.customer_with_apps("professional", &["vto-001"]).await;
+    let before = app.get_json("/api/v1/customer/alerts", &shop.token).await.1;
+
+    // Serde fills a struct from an array positionally: `[null, null]` would
+    // be a change of nothing, answered 200.
+    for (method, path) in [
+        ("PATCH", "/api/v1/customer/apps/vto-001"),
+        ("PUT", "/api/v1/customer/alerts"),
+        ("POST", "/api/v1/customer/api-keys"),
+        ("POST", "/api/v1/customer/tokens/consume"),
+    ] {
+        let response = app
+            .http
+            .request(method.parse().unwrap(), app.url(path))
+            .bearer_auth(&shop.token)
+            .header("Content-Type", "application/json")
+            .body("[null, null]")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 422, "{method} {path}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(
+            body["error"]["code"], "validation_failed",
+            "{method} {path}"
+        );
+        assert_eq!(detail_fields(&body), ["body"], "{method} {path}");
+    }
+    assert_eq!(
+        app.get_json("/api/v1/customer/alerts", &shop.token).await.1,
+        before
+    );
+    let (_, keys) = app.get_json("/api/v1/customer/api-keys", &shop.token).await;
+    assert_eq!(keys["api_keys"].as_array().map(Vec::len), Some(0), "{keys}");
+}
