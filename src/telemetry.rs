@@ -8,8 +8,8 @@
 //!   secret (`send_default_pii` off, and nothing of them is logged).
 //!   Warnings become the report's breadcrumbs.
 //! - With `OTEL_EXPORTER_OTLP_ENDPOINT`, the spans (each request, the
-//!   consume script's round trip, the account changes and rebuilds, the
-//!   workers' passes) are exported over OTLP/HTTP; a request carrying a
+//!   consume script's round trip, each `ledger` function's Postgres work,
+//!   the account changes and rebuilds, the workers' passes) are exported over OTLP/HTTP; a request carrying a
 //!   W3C `traceparent` continues its caller's trace, and usage alert
 //!   deliveries carry theirs on. Without either, the spans are debug-level
 //!   and cost nothing.

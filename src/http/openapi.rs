@@ -9,7 +9,10 @@
 
 use axum::{body::Bytes, http::header::CONTENT_TYPE, routing::get, Router};
 use utoipa::{
-    openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme},
+    openapi::{
+        security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme},
+        ContentBuilder, Ref, RefOr, Response, ResponseBuilder,
+    },
     Modify, OpenApi,
 };
 
@@ -56,6 +59,77 @@ impl Modify for Security {
     }
 }
 
+/// The answers the layers and extractors give on any route of a kind,
+/// added to each operation that does not document its own: 401 and 403
+/// where credentials are required, 400, 408, 413, 415 and 422 where a
+/// body is read (422 also where a query is), 503 on every `/api/` route (Redis or Postgres down; nothing
+/// charged), 429 where a route group's limiter stands.
+struct CommonAnswers;
+
+impl Modify for CommonAnswers {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let operations = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for operation in operations.into_iter().flatten() {
+                let mut answers = Vec::new();
+                if operation.security.as_ref().is_some_and(|s| !s.is_empty()) {
+                    answers.push(("401", "`unauthorized`: no credential, or one that is expired, malformed or revoked"));
+                    answers.push(("403", "`forbidden`: the credential lacks the scope (or is an embed key where a token is required)"));
+                }
+                let has_query =
+                    operation.parameters.iter().flatten().any(|p| {
+                        matches!(p.parameter_in, utoipa::openapi::path::ParameterIn::Query)
+                    });
+                if operation.request_body.is_some() || has_query {
+                    answers.push(("422", "`validation_failed`, with `details` naming each field (or query parameter) and what is wrong with it"));
+                }
+                if operation.request_body.is_some() {
+                    answers.push(("400", "`invalid_json` (not JSON) or `invalid_request`"));
+                    answers.push(("408", "`request_timeout`: the body did not arrive in time"));
+                    answers.push(("413", "`payload_too_large`"));
+                    answers.push((
+                        "415",
+                        "`unsupported_media_type`: a body declared as anything but JSON",
+                    ));
+                }
+                if path.starts_with("/api/") {
+                    answers.push(("503", "`unavailable`: a dependency is down; nothing was charged or changed, retry later"));
+                }
+                if path.starts_with("/api/v1/customer/billing/") || path == "/api/v1/apps" {
+                    answers.push(("429", "`rate_limited`, with `Retry-After`"));
+                }
+                for (status, description) in answers {
+                    operation
+                        .responses
+                        .responses
+                        .entry(status.to_owned())
+                        .or_insert_with(|| error_answer(description));
+                }
+            }
+        }
+    }
+}
+
+fn error_answer(description: &str) -> RefOr<Response> {
+    RefOr::T(
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build(),
+    )
+}
+
 /// The document of every route.
 #[utoipa::path(get, path = "/openapi.json", tag = "operations",
     responses((status = 200, description = "This document (OpenAPI 3.1)", body = serde_json::Value)))]
@@ -65,9 +139,11 @@ fn document() {}
 /// `routes` with `GET /openapi.json` serving their document, serialised
 /// once.
 pub fn with_document(routes: OpenApiRouter<Shared>) -> Router<Shared> {
-    let (router, document) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (router, mut document) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(routes)
         .split_for_parts();
+    // After the merge: the routes bring the operations.
+    CommonAnswers.modify(&mut document);
     let json = Bytes::from(document.to_json().expect("the document serialises"));
     router.route(
         "/openapi.json",

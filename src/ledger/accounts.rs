@@ -20,6 +20,7 @@ use crate::{
 
 /// Locks the customer's row until the transaction ends. False when there
 /// is no such customer.
+#[tracing::instrument(name = "postgres accounts.lock_customer", level = "debug", skip_all)]
 pub async fn lock_customer(conn: &mut PgConnection, customer: Uuid) -> sqlx::Result<bool> {
     let found: Option<Uuid> =
         sqlx::query_scalar("SELECT id FROM customers WHERE id = $1 FOR NO KEY UPDATE")
@@ -65,6 +66,7 @@ pub struct Snapshot {
 /// writes usage rows and `purchased_tokens_used` in one transaction, and
 /// both are seen together or not at all, and an event is counted in the
 /// balance exactly when it is among those held.
+#[tracing::instrument(name = "postgres accounts.snapshot", level = "debug", skip_all)]
 pub async fn snapshot(
     conn: &mut PgConnection,
     customer: Uuid,

@@ -25,6 +25,7 @@ const SELECT: &str =
 
 /// Activates (or re-activates) an app with its configuration. An existing
 /// activation keeps its id; `activated_at` moves only when it was not active.
+#[tracing::instrument(name = "postgres activations.activate", level = "debug", skip_all)]
 pub async fn activate(
     conn: &mut PgConnection,
     customer: Uuid,
@@ -51,6 +52,7 @@ pub async fn activate(
         .map(|row| row.expect("row just written"))
 }
 
+#[tracing::instrument(name = "postgres activations.find", level = "debug", skip_all)]
 pub async fn find(
     conn: &mut PgConnection,
     customer: Uuid,
@@ -65,6 +67,7 @@ pub async fn find(
     .await
 }
 
+#[tracing::instrument(name = "postgres activations.list", level = "debug", skip_all)]
 pub async fn list(conn: &mut PgConnection, customer: Uuid) -> sqlx::Result<Vec<ActivationRow>> {
     sqlx::query_as(&format!(
         "{SELECT} WHERE ca.customer_id = $1 ORDER BY ca.activated_at DESC"
@@ -76,6 +79,7 @@ pub async fn list(conn: &mut PgConnection, customer: Uuid) -> sqlx::Result<Vec<A
 
 /// Sets the activation's status (`active`, `paused`, `disabled`); `None`
 /// when the customer never activated the app.
+#[tracing::instrument(name = "postgres activations.set_status", level = "debug", skip_all)]
 pub async fn set_status(
     conn: &mut PgConnection,
     customer: Uuid,
@@ -98,6 +102,7 @@ pub async fn set_status(
 /// Changes an active or paused activation: its status, its configuration
 /// and embed code, or both. `None` when there is no such activation (or it
 /// was deactivated).
+#[tracing::instrument(name = "postgres activations.update", level = "debug", skip_all)]
 pub async fn update(
     conn: &mut PgConnection,
     customer: Uuid,

@@ -30,6 +30,7 @@ impl Default for AlertSettings {
 }
 
 /// The customer's settings, or the defaults.
+#[tracing::instrument(name = "postgres alerts.settings", level = "debug", skip_all)]
 pub async fn settings(conn: &mut PgConnection, customer: Uuid) -> sqlx::Result<AlertSettings> {
     let stored: Option<AlertSettings> = sqlx::query_as(
         "SELECT webhook_url, thresholds, enabled, signing_secret FROM usage_alert_settings \
@@ -41,6 +42,7 @@ pub async fn settings(conn: &mut PgConnection, customer: Uuid) -> sqlx::Result<A
     Ok(stored.unwrap_or_default())
 }
 
+#[tracing::instrument(name = "postgres alerts.save_settings", level = "debug", skip_all)]
 pub async fn save_settings(
     conn: &mut PgConnection,
     customer: Uuid,
@@ -66,6 +68,7 @@ pub async fn save_settings(
 /// once), each once per customer, period and threshold; pending delivery
 /// when the merchant has a URL and alerts on, `none` otherwise. Returns the
 /// thresholds newly recorded.
+#[tracing::instrument(name = "postgres alerts.record_crossings", level = "debug", skip_all)]
 pub async fn record_crossings(
     conn: &mut PgConnection,
     rows: &[&UsageRow],
@@ -133,6 +136,7 @@ pub struct AlertEvent {
 }
 
 /// The customer's crossings, newest first.
+#[tracing::instrument(name = "postgres alerts.events", level = "debug", skip_all)]
 pub async fn events(
     conn: &mut PgConnection,
     customer: Uuid,
@@ -169,6 +173,7 @@ pub struct DueDelivery {
 /// Takes up to `limit` deliveries due by `now`, locked until the caller's
 /// transaction ends: replicas running the worker side by side skip what
 /// another holds.
+#[tracing::instrument(name = "postgres alerts.due_deliveries", level = "debug", skip_all)]
 pub async fn due_deliveries(
     conn: &mut PgConnection,
     now: DateTime<Utc>,
@@ -201,6 +206,7 @@ pub enum Attempt<'a> {
     },
 }
 
+#[tracing::instrument(name = "postgres alerts.record_attempt", level = "debug", skip_all)]
 pub async fn record_attempt(
     conn: &mut PgConnection,
     id: Uuid,

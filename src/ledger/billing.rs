@@ -8,6 +8,7 @@ use crate::{domain::billing::period_after, ledger::customers::credit_purchased};
 
 /// Customers billed without Stripe whose period has ended by `now`,
 /// oldest first. (Stripe's customers move on with `invoice.paid`.)
+#[tracing::instrument(name = "postgres billing.periods_ended", level = "debug", skip_all)]
 pub async fn periods_ended(
     conn: &mut PgConnection,
     now: DateTime<Utc>,
@@ -45,6 +46,7 @@ struct PeriodRow {
 /// Moves the customer's period on until it contains `now` (see
 /// [`move_period`]). The caller holds the customer's row lock. `None` when
 /// the period has not ended (another replica moved it already).
+#[tracing::instrument(name = "postgres billing.roll_period", level = "debug", skip_all)]
 pub async fn roll_period(
     conn: &mut PgConnection,
     customer: Uuid,
@@ -108,6 +110,7 @@ async fn move_period(
 /// Records a Stripe event as applied. False when it was applied before:
 /// the caller then changes nothing. A second delivery racing the first
 /// waits on the primary key until the first commits.
+#[tracing::instrument(name = "postgres billing.record_event", level = "debug", skip_all)]
 pub async fn record_event(
     conn: &mut PgConnection,
     id: &str,
@@ -127,6 +130,11 @@ pub async fn record_event(
 }
 
 /// The customer a Stripe subscription belongs to.
+#[tracing::instrument(
+    name = "postgres billing.customer_of_subscription",
+    level = "debug",
+    skip_all
+)]
 pub async fn customer_of_subscription(
     conn: &mut PgConnection,
     subscription: &str,
@@ -138,6 +146,11 @@ pub async fn customer_of_subscription(
 }
 
 /// The customer a payment intent's purchase belongs to.
+#[tracing::instrument(
+    name = "postgres billing.customer_of_payment",
+    level = "debug",
+    skip_all
+)]
 pub async fn customer_of_payment(
     conn: &mut PgConnection,
     payment_intent: &str,
@@ -157,6 +170,7 @@ pub struct PlanRow {
     pub tokens_per_month: i32,
 }
 
+#[tracing::instrument(name = "postgres billing.plan_by_price", level = "debug", skip_all)]
 pub async fn plan_by_price(conn: &mut PgConnection, price: &str) -> sqlx::Result<Option<PlanRow>> {
     sqlx::query_as("SELECT id, tokens_per_month FROM billing_plans WHERE stripe_price_id = $1")
         .bind(price)
@@ -185,6 +199,7 @@ pub struct BillingRow {
     pub past_due_until_paid: Option<DateTime<Utc>>,
 }
 
+#[tracing::instrument(name = "postgres billing.lock_billing", level = "debug", skip_all)]
 pub async fn lock_billing(
     conn: &mut PgConnection,
     customer: Uuid,
@@ -231,6 +246,11 @@ pub struct SubscriptionState<'a> {
 /// Writes a subscription's state over ours. Another subscription than the
 /// one recorded starts its own order of events (`stripe_synced_at`) and
 /// its own invoice history.
+#[tracing::instrument(
+    name = "postgres billing.write_subscription",
+    level = "debug",
+    skip_all
+)]
 pub async fn write_subscription(
     conn: &mut PgConnection,
     customer: Uuid,
@@ -272,6 +292,11 @@ pub async fn write_subscription(
 }
 
 /// `tokens_used` of the current period, from the rows persisted in it.
+#[tracing::instrument(
+    name = "postgres billing.recount_period_usage",
+    level = "debug",
+    skip_all
+)]
 pub async fn recount_period_usage(conn: &mut PgConnection, customer: Uuid) -> sqlx::Result<()> {
     sqlx::query(
         "WITH u AS ( \
@@ -292,6 +317,7 @@ pub async fn recount_period_usage(conn: &mut PgConnection, customer: Uuid) -> sq
 
 /// Marks a payment failed: `past_due` since the first failure, until the
 /// period ending at `failed_end` (or a later one) is paid.
+#[tracing::instrument(name = "postgres billing.mark_past_due", level = "debug", skip_all)]
 pub async fn mark_past_due(
     conn: &mut PgConnection,
     customer: Uuid,
@@ -312,6 +338,11 @@ pub async fn mark_past_due(
 }
 
 /// An invoice paid for the period ending at `end`.
+#[tracing::instrument(
+    name = "postgres billing.record_paid_through",
+    level = "debug",
+    skip_all
+)]
 pub async fn record_paid_through(
     conn: &mut PgConnection,
     customer: Uuid,
@@ -329,6 +360,7 @@ pub async fn record_paid_through(
 }
 
 /// The failed period is paid: the subscription is in good standing again.
+#[tracing::instrument(name = "postgres billing.clear_past_due", level = "debug", skip_all)]
 pub async fn clear_past_due(conn: &mut PgConnection, customer: Uuid) -> sqlx::Result<()> {
     sqlx::query(
         "UPDATE customer_billing SET status = 'active', past_due_since = NULL, \
@@ -347,6 +379,7 @@ pub async fn clear_past_due(conn: &mut PgConnection, customer: Uuid) -> sqlx::Re
 /// becomes `completed`. Returns the tokens credited, `None` when it was already.
 /// A new row takes our purchase id (from the intent's metadata) when it
 /// is free, so a retried request finds its purchase whichever came first.
+#[tracing::instrument(name = "postgres billing.complete_purchase", level = "debug", skip_all)]
 pub async fn complete_purchase(
     conn: &mut PgConnection,
     customer: Uuid,
@@ -388,6 +421,7 @@ pub struct PurchaseRow {
     pub status: String,
 }
 
+#[tracing::instrument(name = "postgres billing.lock_purchase", level = "debug", skip_all)]
 pub async fn lock_purchase(
     conn: &mut PgConnection,
     payment_intent: &str,
@@ -403,6 +437,7 @@ pub async fn lock_purchase(
 
 /// Records a refund: the purchase's refunded share, and the tokens taken
 /// back from the customer's balance.
+#[tracing::instrument(name = "postgres billing.record_refund", level = "debug", skip_all)]
 pub async fn record_refund(
     conn: &mut PgConnection,
     payment_intent: &str,
@@ -426,6 +461,7 @@ pub async fn record_refund(
 
 /// Records an open dispute: the tokens it took back from the customer's
 /// balance.
+#[tracing::instrument(name = "postgres billing.record_dispute", level = "debug", skip_all)]
 pub async fn record_dispute(
     conn: &mut PgConnection,
     payment_intent: &str,
@@ -443,6 +479,11 @@ pub async fn record_dispute(
 }
 
 /// A dispute won: what it took is given back. Returns the tokens.
+#[tracing::instrument(
+    name = "postgres billing.settle_dispute_won",
+    level = "debug",
+    skip_all
+)]
 pub async fn settle_dispute_won(
     conn: &mut PgConnection,
     payment_intent: &str,
@@ -462,6 +503,7 @@ pub async fn settle_dispute_won(
 
 /// `invoice.paid` for a new period `[start, end)`: the period moves on and
 /// a scheduled downgrade applies. Returns the new period's allowance.
+#[tracing::instrument(name = "postgres billing.roll_to", level = "debug", skip_all)]
 pub async fn roll_to(
     conn: &mut PgConnection,
     customer: Uuid,
@@ -474,6 +516,11 @@ pub async fn roll_to(
 /// Re-seals every Stripe customer id not sealed under the ring's first
 /// key (on customers and on their billing); returns how many. Each row
 /// under its own lock, so it runs beside the service.
+#[tracing::instrument(
+    name = "postgres billing.reseal_stripe_customers",
+    level = "debug",
+    skip_all
+)]
 pub async fn reseal_stripe_customers(
     pool: &sqlx::PgPool,
     sealer: &crate::ledger::sealed::Sealer,
@@ -519,6 +566,7 @@ pub struct SubscriptionRow {
     pub stripe_customer_id: Option<String>,
 }
 
+#[tracing::instrument(name = "postgres billing.subscription", level = "debug", skip_all)]
 pub async fn subscription(
     conn: &mut PgConnection,
     customer: Uuid,
@@ -536,6 +584,7 @@ pub async fn subscription(
 /// Customers billed through Stripe whose subscription is live or ended
 /// less than a period ago, with the subscription's id: what the
 /// reconciliation compares.
+#[tracing::instrument(name = "postgres billing.stripe_billed", level = "debug", skip_all)]
 pub async fn stripe_billed(conn: &mut PgConnection) -> sqlx::Result<Vec<(Uuid, String)>> {
     sqlx::query_as(
         "SELECT customer_id, stripe_subscription_id FROM customer_billing \
@@ -549,6 +598,7 @@ pub async fn stripe_billed(conn: &mut PgConnection) -> sqlx::Result<Vec<(Uuid, S
 
 /// The customer's Stripe subscription id (if any) and its plan's
 /// allowance, unlocked.
+#[tracing::instrument(name = "postgres billing.current_plan", level = "debug", skip_all)]
 pub async fn current_plan(
     conn: &mut PgConnection,
     customer: Uuid,
@@ -563,6 +613,7 @@ pub async fn current_plan(
 }
 
 /// A purchase we recorded: its tokens and its payment intent.
+#[tracing::instrument(name = "postgres billing.purchase", level = "debug", skip_all)]
 pub async fn purchase(
     conn: &mut PgConnection,
     purchase: Uuid,
@@ -577,6 +628,11 @@ pub async fn purchase(
 
 /// Records a purchase whose payment is under way. Keyed by the payment
 /// intent: a webhook that came first has written it already.
+#[tracing::instrument(
+    name = "postgres billing.record_pending_purchase",
+    level = "debug",
+    skip_all
+)]
 pub async fn record_pending_purchase(
     conn: &mut PgConnection,
     purchase: Uuid,
@@ -600,6 +656,7 @@ pub async fn record_pending_purchase(
 }
 
 /// A purchase's payment attempt failed: `failed` until an attempt succeeds.
+#[tracing::instrument(name = "postgres billing.fail_purchase", level = "debug", skip_all)]
 pub async fn fail_purchase(conn: &mut PgConnection, payment_intent: &str) -> sqlx::Result<bool> {
     let done = sqlx::query(
         "UPDATE token_purchases SET status = 'failed' \

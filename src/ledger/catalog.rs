@@ -27,6 +27,7 @@ const APP_COLUMNS: &str = "id, name, slug, description, category, token_cost, st
     configuration_schema, features, documentation_url, icon_url, embed_script_url, pricing_tier, \
     created_at, updated_at";
 
+#[tracing::instrument(name = "postgres catalog.all_apps", level = "debug", skip_all)]
 pub async fn all_apps(pool: &PgPool) -> sqlx::Result<Vec<AppRow>> {
     sqlx::query_as(&format!("SELECT {APP_COLUMNS} FROM apps ORDER BY name"))
         .fetch_all(pool)
@@ -46,6 +47,7 @@ pub struct PlanRow {
     pub tier: String,
 }
 
+#[tracing::instrument(name = "postgres catalog.plan", level = "debug", skip_all)]
 pub async fn plan(conn: &mut PgConnection, id: &str) -> sqlx::Result<Option<PlanRow>> {
     sqlx::query_as(
         "SELECT id, name, description, tokens_per_month, price_cents, billing_cycle, \
@@ -57,6 +59,11 @@ pub async fn plan(conn: &mut PgConnection, id: &str) -> sqlx::Result<Option<Plan
 }
 
 /// The tier of the customer's current plan; `None` without a subscription.
+#[tracing::instrument(
+    name = "postgres catalog.customer_plan_tier",
+    level = "debug",
+    skip_all
+)]
 pub async fn customer_plan_tier(
     conn: &mut PgConnection,
     customer: Uuid,
@@ -85,6 +92,7 @@ pub struct NewApp<'a> {
     pub pricing_tier: &'a str,
 }
 
+#[tracing::instrument(name = "postgres catalog.insert_app", level = "debug", skip_all)]
 pub async fn insert_app(conn: &mut PgConnection, app: &NewApp<'_>) -> sqlx::Result<Option<AppRow>> {
     sqlx::query_as(&format!(
         "INSERT INTO apps (id, slug, name, description, category, token_cost, status, configuration_schema, \
@@ -110,6 +118,7 @@ pub async fn insert_app(conn: &mut PgConnection, app: &NewApp<'_>) -> sqlx::Resu
 }
 
 /// Sets an app's status; `None` for an unknown slug.
+#[tracing::instrument(name = "postgres catalog.set_app_status", level = "debug", skip_all)]
 pub async fn set_app_status(
     conn: &mut PgConnection,
     slug: &str,
@@ -125,6 +134,7 @@ pub async fn set_app_status(
 }
 
 /// Every plan on offer, cheapest first.
+#[tracing::instrument(name = "postgres catalog.plans", level = "debug", skip_all)]
 pub async fn plans(conn: &mut PgConnection) -> sqlx::Result<Vec<PlanRow>> {
     sqlx::query_as(
         "SELECT id, name, description, tokens_per_month, price_cents, billing_cycle, \

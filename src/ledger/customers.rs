@@ -13,6 +13,7 @@ pub struct CustomerRow {
 }
 
 /// Inserts a customer. `None` when the email is taken.
+#[tracing::instrument(name = "postgres customers.insert", level = "debug", skip_all)]
 pub async fn insert(
     conn: &mut PgConnection,
     name: &str,
@@ -31,6 +32,11 @@ pub async fn insert(
 
 /// Subscribes a customer to a plan without Stripe (invoiced by hand), for
 /// the period `[start, end)`.
+#[tracing::instrument(
+    name = "postgres customers.subscribe_manually",
+    level = "debug",
+    skip_all
+)]
 pub async fn subscribe_manually(
     conn: &mut PgConnection,
     customer: Uuid,
@@ -71,6 +77,7 @@ pub enum Granted {
 /// Records grant `id` and credits it to the customer's purchased balance,
 /// unless a grant with that id exists: then it returns that one and
 /// credits nothing.
+#[tracing::instrument(name = "postgres customers.grant", level = "debug", skip_all)]
 pub async fn grant(
     conn: &mut PgConnection,
     id: Uuid,
@@ -110,6 +117,11 @@ pub async fn grant(
 
 /// Adds to (or, negative, takes from) the customer's purchased tokens in
 /// the ledger: grants, purchases and refunds.
+#[tracing::instrument(
+    name = "postgres customers.credit_purchased",
+    level = "debug",
+    skip_all
+)]
 pub async fn credit_purchased(
     conn: &mut PgConnection,
     customer: Uuid,
@@ -128,6 +140,11 @@ pub async fn credit_purchased(
 
 /// Purchased tokens not yet spent, as far as the ledger knows: the live
 /// balance when the hot state is not loaded (nothing is being spent).
+#[tracing::instrument(
+    name = "postgres customers.purchased_balance",
+    level = "debug",
+    skip_all
+)]
 pub async fn purchased_balance(conn: &mut PgConnection, customer: Uuid) -> sqlx::Result<i64> {
     sqlx::query_scalar(
         "SELECT purchased_tokens_credited - purchased_tokens_used FROM customers WHERE id = $1",
@@ -137,6 +154,7 @@ pub async fn purchased_balance(conn: &mut PgConnection, customer: Uuid) -> sqlx:
     .await
 }
 
+#[tracing::instrument(name = "postgres customers.find", level = "debug", skip_all)]
 pub async fn find(conn: &mut PgConnection, customer: Uuid) -> sqlx::Result<Option<CustomerRow>> {
     sqlx::query_as("SELECT id, name, email, created_at FROM customers WHERE id = $1")
         .bind(customer)
@@ -145,6 +163,7 @@ pub async fn find(conn: &mut PgConnection, customer: Uuid) -> sqlx::Result<Optio
 }
 
 /// The customer's Stripe customer id, sealed, if Stripe made one.
+#[tracing::instrument(name = "postgres customers.stripe_customer", level = "debug", skip_all)]
 pub async fn stripe_customer(
     conn: &mut PgConnection,
     customer: Uuid,
@@ -159,6 +178,11 @@ pub async fn stripe_customer(
 }
 
 /// Stores the customer's Stripe customer id, sealed.
+#[tracing::instrument(
+    name = "postgres customers.set_stripe_customer",
+    level = "debug",
+    skip_all
+)]
 pub async fn set_stripe_customer(
     conn: &mut PgConnection,
     customer: Uuid,

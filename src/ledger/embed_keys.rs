@@ -32,6 +32,7 @@ pub struct NewEmbedKey<'a> {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
+#[tracing::instrument(name = "postgres embed_keys.insert", level = "debug", skip_all)]
 pub async fn insert(conn: &mut PgConnection, key: &NewEmbedKey<'_>) -> sqlx::Result<EmbedKeyRow> {
     sqlx::query_as(&format!(
         "INSERT INTO embed_api_keys (id, customer_id, name, key_hash, key_prefix, app_permissions, \
@@ -50,6 +51,7 @@ pub async fn insert(conn: &mut PgConnection, key: &NewEmbedKey<'_>) -> sqlx::Res
     .await
 }
 
+#[tracing::instrument(name = "postgres embed_keys.by_hash", level = "debug", skip_all)]
 pub async fn by_hash(
     conn: &mut PgConnection,
     hash: &[u8; 32],
@@ -62,6 +64,7 @@ pub async fn by_hash(
     .await
 }
 
+#[tracing::instrument(name = "postgres embed_keys.list", level = "debug", skip_all)]
 pub async fn list(conn: &mut PgConnection, customer: Uuid) -> sqlx::Result<Vec<EmbedKeyRow>> {
     sqlx::query_as(&format!(
         "SELECT {COLUMNS} FROM embed_api_keys WHERE customer_id = $1 ORDER BY created_at DESC"
@@ -73,6 +76,7 @@ pub async fn list(conn: &mut PgConnection, customer: Uuid) -> sqlx::Result<Vec<E
 
 /// Marks the key revoked. `None` when the customer has no such key;
 /// revoking twice is not an error and keeps the first time.
+#[tracing::instrument(name = "postgres embed_keys.revoke", level = "debug", skip_all)]
 pub async fn revoke(
     conn: &mut PgConnection,
     customer: Uuid,

@@ -47,6 +47,7 @@ pub fn pool(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
 
 /// Applies the migrations (which seed the catalog and plans) and makes
 /// sure the usage partitions exist.
+#[tracing::instrument(name = "postgres ledger.migrate", level = "debug", skip_all)]
 pub async fn migrate(pool: &PgPool, months_ahead: u32) -> anyhow::Result<()> {
     // A database in another encoding (SQL_ASCII, the default of a cluster
     // made without a locale) refuses every character beyond ASCII in a
@@ -69,6 +70,11 @@ pub async fn migrate(pool: &PgPool, months_ahead: u32) -> anyhow::Result<()> {
 /// to the server's `postgres` database to do it. In UTF8 whatever the
 /// cluster's default (see [`migrate`]), from `template0`, which any
 /// encoding may be made from.
+#[tracing::instrument(
+    name = "postgres ledger.create_database_if_missing",
+    level = "debug",
+    skip_all
+)]
 pub async fn create_database_if_missing(url: &str) -> anyhow::Result<()> {
     let options = connect_options(url)?;
     let name = options.get_database().unwrap_or("postgres").to_owned();

@@ -59,6 +59,7 @@ fn next_month(date: NaiveDate) -> NaiveDate {
 }
 
 /// Creates the partitions for the month of `day` if they are missing.
+#[tracing::instrument(name = "postgres partitions.ensure_month", level = "debug", skip_all)]
 pub async fn ensure_month(pool: &PgPool, day: NaiveDate) -> sqlx::Result<()> {
     let from = month_of(day);
     let to = next_month(day);
@@ -85,6 +86,11 @@ pub async fn ensure_month(pool: &PgPool, day: NaiveDate) -> sqlx::Result<()> {
 }
 
 /// Ensures the current month and `months_ahead` after it.
+#[tracing::instrument(
+    name = "postgres partitions.ensure_months_ahead",
+    level = "debug",
+    skip_all
+)]
 pub async fn ensure_months_ahead(
     pool: &PgPool,
     now: DateTime<Utc>,
@@ -100,6 +106,7 @@ pub async fn ensure_months_ahead(
 
 /// Drops every partition whose whole month lies before `cutoff`, and
 /// returns their names. Idempotent, so replicas may run it at once.
+#[tracing::instrument(name = "postgres partitions.drop_before", level = "debug", skip_all)]
 pub async fn drop_before(pool: &PgPool, cutoff: NaiveDate) -> sqlx::Result<Vec<String>> {
     let mut dropped = Vec::new();
     for parent in &PARENTS {

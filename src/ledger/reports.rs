@@ -5,6 +5,7 @@ use sqlx::PgConnection;
 
 /// Monthly recurring revenue of active subscriptions, in cents (a yearly
 /// plan counts a twelfth of its price).
+#[tracing::instrument(name = "postgres reports.mrr_cents", level = "debug", skip_all)]
 pub async fn mrr_cents(conn: &mut PgConnection) -> sqlx::Result<i64> {
     sqlx::query_scalar(
         "SELECT COALESCE(SUM(CASE WHEN p.billing_cycle = 'yearly' THEN p.price_cents / 12 \
@@ -17,6 +18,11 @@ pub async fn mrr_cents(conn: &mut PgConnection) -> sqlx::Result<i64> {
 
 /// Customers with an active subscription, per plan (every plan, zero
 /// included, so a series never vanishes).
+#[tracing::instrument(
+    name = "postgres reports.active_customers_by_plan",
+    level = "debug",
+    skip_all
+)]
 pub async fn active_customers_by_plan(conn: &mut PgConnection) -> sqlx::Result<Vec<(String, i64)>> {
     sqlx::query_as(
         "SELECT p.id, COUNT(b.customer_id) FROM billing_plans p \
@@ -28,6 +34,11 @@ pub async fn active_customers_by_plan(conn: &mut PgConnection) -> sqlx::Result<V
 }
 
 /// Activations per app and status (every app and status, zero included).
+#[tracing::instrument(
+    name = "postgres reports.activations_by_app",
+    level = "debug",
+    skip_all
+)]
 pub async fn activations_by_app(
     conn: &mut PgConnection,
 ) -> sqlx::Result<Vec<(String, String, i64)>> {
@@ -44,6 +55,11 @@ pub async fn activations_by_app(
 /// How many active customers with an allowance have used what share of it
 /// this period: `(bucket, customers)`, where bucket is the smallest of
 /// `buckets` (ascending) at or above the share (2.0 past the last one).
+#[tracing::instrument(
+    name = "postgres reports.period_usage_ratios",
+    level = "debug",
+    skip_all
+)]
 pub async fn period_usage_ratios(
     conn: &mut PgConnection,
     buckets: &[f64],

@@ -87,6 +87,7 @@ pub fn empty_object() -> Box<RawValue> {
 
 /// Keeps the details of rows stored without them; a redelivered event's
 /// record is already there and stays as it is.
+#[tracing::instrument(name = "postgres usage.record_set_aside", level = "debug", skip_all)]
 pub async fn record_set_aside(conn: &mut PgConnection, rows: &[&UsageRow]) -> sqlx::Result<()> {
     let (mut ids, mut customers, mut details, mut reasons) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -119,6 +120,7 @@ pub async fn record_set_aside(conn: &mut PgConnection, rows: &[&UsageRow]) -> sq
 /// Inserts the rows in one statement; rows already present (a redelivered
 /// event) are skipped. Returns the ids of the rows newly inserted, so the
 /// caller adds to balances and aggregates only once per event.
+#[tracing::instrument(name = "postgres usage.insert_batch", level = "debug", skip_all)]
 pub async fn insert_batch(
     conn: &mut PgConnection,
     rows: &[&UsageRow],
@@ -176,6 +178,7 @@ pub async fn insert_batch(
 
 /// Records the sessions and visitors of new rows; returns, per day, how
 /// many of them were seen for the first time that day.
+#[tracing::instrument(name = "postgres usage.record_sightings", level = "debug", skip_all)]
 pub async fn record_sightings(
     conn: &mut PgConnection,
     sightings: &BTreeSet<Sighting>,
@@ -230,6 +233,7 @@ pub async fn record_sightings(
 
 /// Adds new rows' totals to `usage_analytics_daily`, in key order so two
 /// flushers lock the same rows in the same order.
+#[tracing::instrument(name = "postgres usage.add_to_daily", level = "debug", skip_all)]
 pub async fn add_to_daily(
     conn: &mut PgConnection,
     days: &BTreeMap<DayKey, DayTotals>,
@@ -301,6 +305,7 @@ pub async fn add_to_daily(
 /// allowance drawn in the current period) and `customer_apps.last_used_at`.
 /// Should two flushers deadlock on these rows, Postgres aborts one
 /// transaction; its entries stay pending and the next pass retries them.
+#[tracing::instrument(name = "postgres usage.apply_to_balances", level = "debug", skip_all)]
 pub async fn apply_to_balances(
     conn: &mut PgConnection,
     rows: &[&UsageRow],
@@ -415,6 +420,7 @@ async fn first_charges(
 }
 
 /// The customer's billing period `[start, end)`, if subscribed.
+#[tracing::instrument(name = "postgres usage.current_period", level = "debug", skip_all)]
 pub async fn current_period(
     conn: &mut PgConnection,
     customer: Uuid,
@@ -441,6 +447,7 @@ pub struct ReportLine {
 /// The customer's daily aggregates from `from` to `to` (inclusive), summed
 /// per app and per day in one pass (GROUPING SETS) over the covering index
 /// on `(customer_id, date)`; apps are joined to the few sums, not the rows.
+#[tracing::instrument(name = "postgres usage.report", level = "debug", skip_all)]
 pub async fn report(
     conn: &mut PgConnection,
     customer: Uuid,
