@@ -333,10 +333,165 @@ pub fn metrics_handle() -> PrometheusHandle {
                     &crate::workers::scheduler::USAGE_RATIO_BUCKETS,
                 )
                 .expect("bucket list is not empty")
+                // Entries per flusher batch, up to FLUSH_BATCH_SIZE's ceiling.
+                .set_buckets_for_metric(
+                    Matcher::Full("flusher_batch_entries".into()),
+                    &[
+                        1.0, 10.0, 100.0, 500.0, 1000.0, 2000.0, 4000.0, 8000.0, 16000.0, 50000.0,
+                    ],
+                )
+                .expect("bucket list is not empty")
                 .install_recorder()
+                .map(|handle| {
+                    describe_metrics();
+                    handle
+                })
                 .expect("the metrics recorder is installed once")
         })
         .clone()
+}
+
+/// Every series the service exports, with its unit and meaning (the HELP
+/// line Prometheus shows; the README's Operating section lists them too).
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    // Requests.
+    describe_counter!(
+        "http_requests_total",
+        "HTTP requests answered, by method, matched route and status"
+    );
+    describe_histogram!(
+        "http_request_duration_seconds",
+        Unit::Seconds,
+        "Time to answer an HTTP request, by method, matched route and status"
+    );
+    describe_counter!("consume_requests_total", "Consume requests the script answered, by outcome (charged, replayed, insufficient_tokens, rate_limited, app_not_active, subscription_inactive, key_revoked, idempotency_conflict, not_loaded, deadline_passed)");
+    describe_counter!("consume_outcome_unknown_total", "Consumes whose Redis reply was lost and could not be settled: answered 503, charged or not (see Guarantees)");
+    describe_counter!(
+        "consume_settled_after_timeout_total",
+        "Consumes whose Redis reply was late and whose outcome was read back"
+    );
+    describe_histogram!(
+        "redis_script_duration_seconds",
+        Unit::Seconds,
+        "Round trip of a Lua script to Redis, by script"
+    );
+    describe_counter!(
+        "rate_limited_total",
+        "Requests refused by a route group's rate limiter, by group"
+    );
+    describe_counter!(
+        "rate_limit_errors_total",
+        "Rate limiter checks that failed (its Redis unreachable): the request was let through"
+    );
+    describe_counter!(
+        "hot_state_rebuilds_total",
+        "Customers' hot state rebuilt in Redis from the ledger"
+    );
+    // The flusher.
+    describe_counter!(
+        "flusher_events_persisted_total",
+        "Usage events written to the ledger"
+    );
+    describe_counter!(
+        "flusher_events_duplicate_total",
+        "Usage events already in the ledger (a redelivery): acknowledged, not written again"
+    );
+    describe_counter!(
+        "flusher_errors_total",
+        "Flusher passes that failed (Postgres or Redis unreachable); their events stay pending"
+    );
+    describe_counter!(
+        "flusher_entries_retried_total",
+        "Stream entries read again after a failed pass"
+    );
+    describe_counter!(
+        "flusher_entries_claimed_total",
+        "Stream entries taken over from a consumer that stopped"
+    );
+    describe_counter!(
+        "flusher_dead_letters_total",
+        "Stream entries moved to the dead-letter stream after FLUSH_MAX_DELIVERIES"
+    );
+    describe_counter!(
+        "flusher_details_set_aside_total",
+        "Usage events whose details could not be stored: charged and recorded without them"
+    );
+    describe_histogram!("flusher_batch_entries", "Entries per flusher batch");
+    describe_histogram!(
+        "flusher_phase_duration_seconds",
+        Unit::Seconds,
+        "Time of each phase of a flusher pass (take, write, acknowledge)"
+    );
+    describe_gauge!("usage_stream_entries", "Entries in each usage stream shard");
+    describe_gauge!(
+        "usage_stream_pending",
+        "Entries delivered to a flusher and not yet acknowledged, per shard"
+    );
+    describe_gauge!(
+        "usage_stream_undelivered",
+        "Entries no flusher has read yet, per shard"
+    );
+    describe_gauge!(
+        "usage_stream_oldest_unflushed_seconds",
+        Unit::Seconds,
+        "Age of the oldest event not yet in the ledger, per shard (the flusher's lag)"
+    );
+    // Billing.
+    describe_counter!("billing_sync_total", "Stripe API calls by operation and outcome (ok; refused: Stripe answered 4xx, a declined card among them; error: unreachable, 5xx or 429)");
+    describe_counter!(
+        "stripe_webhook_events_total",
+        "Stripe webhook deliveries by event type and outcome"
+    );
+    describe_counter!(
+        "billing_periods_rolled_total",
+        "Billing periods rolled over by the scheduler"
+    );
+    describe_counter!(
+        "billing_reconciliation_runs_total",
+        "Billing reconciliations with Stripe run"
+    );
+    describe_counter!(
+        "billing_reconciliation_fixes_total",
+        "Differences with Stripe a reconciliation set right, by field"
+    );
+    // Business and experience.
+    describe_gauge!(
+        "billing_mrr_cents",
+        "Monthly recurring revenue of active subscriptions, in cents"
+    );
+    describe_gauge!(
+        "customers_active",
+        "Customers with an active subscription, by plan"
+    );
+    describe_gauge!(
+        "app_activations",
+        "Activations by app and status (adoption)"
+    );
+    describe_counter!("tokens_consumed_total", "Tokens consumed, by app");
+    describe_histogram!(
+        "period_usage_ratio",
+        "Customers' tokens used this period over their allowance, sampled every refresh"
+    );
+    describe_counter!("activations_total", "App activation requests by outcome");
+    describe_histogram!(
+        "time_to_first_consume_seconds",
+        Unit::Seconds,
+        "Time from an app's activation to its first charge"
+    );
+    describe_counter!(
+        "usage_alerts_total",
+        "Usage alert crossings recorded, by threshold"
+    );
+    describe_counter!(
+        "usage_alert_deliveries_total",
+        "Usage alert delivery attempts by outcome (delivered, retried, failed)"
+    );
+    // The process.
+    describe_counter!(
+        "log_events_suppressed_total",
+        "Log lines dropped by the per-callsite throttle, by level"
+    );
 }
 
 #[cfg(test)]

@@ -83,7 +83,7 @@ impl From<activations::ActivationRow> for Activation {
 }
 
 #[utoipa::path(post, path = "/api/v1/customer/apps/{app_id}/activate", tag = "apps",
-    params(("app_id" = String, Path, description = "e.g. `vto-001`")), request_body = ActivateBody,
+    params(("app_id" = String, Path, description = "e.g. `vto-001`")), request_body(content = Option<ActivateBody>, description = "Optional: without a body the app's default configuration is used"),
     responses((status = 200, body = Activation),
               (status = 403, description = "`plan_upgrade_required`", body = crate::error::ErrorBody),
               (status = 404, description = "Unknown app, or one not offered: disabled, or beta without `ENABLE_BETA_APPS`", body = crate::error::ErrorBody),
@@ -128,8 +128,9 @@ async fn activate_app(
         .get(&app_id)
         .filter(|a| a.is_offered(state.settings.enable_beta_apps))
         .ok_or(ApiError::NotFound("app"))?;
-    // An empty body activates with the defaults.
-    let body: ActivateBody = if body.is_empty() {
+    // No body (or JSON's `null`, as the document allows) activates with
+    // the defaults.
+    let body: ActivateBody = if body.trim_ascii().is_empty() || body.trim_ascii() == b"null" {
         ActivateBody::default()
     } else {
         decode_json(&body)?

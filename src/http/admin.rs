@@ -33,7 +33,11 @@ pub fn router() -> OpenApiRouter<Shared> {
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewCustomer {
+    /// 1 to 200 characters (trimmed).
+    #[schema(min_length = 1, max_length = 200)]
     name: String,
+    /// Stored in lower case; unique.
+    #[schema(format = Email, max_length = 320)]
     email: String,
     /// Subscribe without Stripe (invoiced by hand) to this plan.
     plan_id: Option<String>,
@@ -117,7 +121,10 @@ pub async fn create_customer(
 #[serde(deny_unknown_fields)]
 pub struct NewGrant {
     /// 1 to 100,000,000 tokens, added to the purchased balance (they do not expire).
+    #[schema(minimum = 1, maximum = 100_000_000)]
     tokens: i64,
+    /// 1 to 500 characters (trimmed).
+    #[schema(min_length = 1, max_length = 500)]
     reason: String,
 }
 

@@ -52,6 +52,11 @@ pub struct AlertDeliveries {
 
 impl AlertDeliveries {
     pub fn new(db: PgPool, sealer: std::sync::Arc<Sealer>, retry_base: Duration) -> Self {
+        // Every outcome exported from the start at 0, so a rate or an
+        // increase over the first delivery of a process counts it.
+        for outcome in ["delivered", "retried", "failed"] {
+            metrics::counter!("usage_alert_deliveries_total", "outcome" => outcome).increment(0);
+        }
         Self {
             db,
             http: reqwest::Client::builder()

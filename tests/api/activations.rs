@@ -32,6 +32,27 @@ async fn an_activation_takes_the_schema_defaults_for_what_it_leaves_out() {
 }
 
 #[tokio::test]
+async fn an_activation_without_a_body_or_with_null_takes_every_default() {
+    let app = spawn_app().await;
+    let shop = app.create_customer(Some("professional")).await;
+
+    for (slug, body) in [("vto-001", ""), ("rec-001", "null")] {
+        let response = app
+            .http
+            .post(app.url(&format!("/api/v1/customer/apps/{slug}/activate")))
+            .bearer_auth(&shop.token)
+            .header("Content-Type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{slug} with {body:?}");
+        let activation: Value = response.json().await.unwrap();
+        assert_eq!(activation["app"]["status"], "active");
+    }
+}
+
+#[tokio::test]
 async fn a_configuration_that_does_not_fit_the_schema_is_422_per_field_and_activates_nothing() {
     let app = spawn_app().await;
     let shop = app.create_customer(Some("professional")).await;
