@@ -342,10 +342,7 @@ pub fn metrics_handle() -> PrometheusHandle {
                 )
                 .expect("bucket list is not empty")
                 .install_recorder()
-                .map(|handle| {
-                    describe_metrics();
-                    handle
-                })
+                .inspect(|_| describe_metrics())
                 .expect("the metrics recorder is installed once")
         })
         .clone()
