@@ -20,16 +20,30 @@ settle ran first, this script finds the fence and charges nothing. So a 503
 means not charged whatever the clocks say. The deadline (ARGV 8) is a
 second guard, for when the settle itself cannot reach Redis.
 
-KEYS
-  1  account hash   <prefix>:v1:{s<shard>}:c:<customer>:acct   (src/hot/keys.rs)
-  2  outcome record <prefix>:v1:{s<shard>}:c:<customer>:idem:<sha256(Idempotency-Key)>,
+Batches. Concurrent consumes of one shard are coalesced into one call
+(src/hot/coalesce.rs): while one call for a shard is in Redis, the
+consumes that arrive for it queue, and the next call takes them all. The
+script charges them one after the other, each exactly as if it came
+alone (its own idempotency, limits, balance, outcome record and event), so
+the refusal of one never touches another; a batch of one is a lone
+consume. Redis's clock is read once per call: every charge of a batch
+happens at the same instant. A charge that is invalid is answered { -9,
+message } in its place and nothing of it is written. Should the script
+fail mid-way (a Redis error), the charges before the failure stand, and
+each caller learns its own outcome with lua/settle.lua, as for a lost
+reply.
+
+KEYS (2 + 2 per charge)
+  1  usage stream   <prefix>:v1:{s<shard>}:usage
+  2  disabled apps  <prefix>:v1:{s<shard>}:apps:disabled   set of slugs an operator disabled
+  then for each charge:
+  +1 account hash   <prefix>:v1:{s<shard>}:c:<customer>:acct   (src/hot/keys.rs)
+  +2 outcome record <prefix>:v1:{s<shard>}:c:<customer>:idem:<sha256(Idempotency-Key)>,
                     or without Idempotency-Key <prefix>:v1:{s<shard>}:c:<customer>:ev:<event id>;
                     "<fingerprint>|<event id>|<tokens>|<remaining>", or a settle's
                     fence "fence|<event id>[|<event id>…]"
-  3  usage stream   <prefix>:v1:{s<shard>}:usage
-  4  disabled apps  <prefix>:v1:{s<shard>}:apps:disabled   set of slugs an operator disabled
 
-ARGV
+ARGV (12 per charge, in the order of KEYS)
   1  app slug                       5  request fingerprint, or "" without Idempotency-Key
   2  tokens to charge (>= 1)        6  TTL of the outcome record in seconds
   3  event id (UUIDv7)              7  the event's details as JSON, written as is
@@ -37,7 +51,8 @@ ARGV
   9  customer limit interval µs, 0 = unlimited     10  customer limit burst
  11  key limit interval µs, 0 = none               12  key limit burst
 
-Replies (an array, first element the outcome)
+Reply: an array with one reply per charge, in order; each an array whose
+first element is the outcome
   { 1, tokens_remaining, from_purchased, at_ms }   charged; -1 remaining = unlimited
   { 2, event_id, tokens, tokens_remaining }        idempotent replay, nothing charged
   { 3 }                                            Idempotency-Key reused with another body
@@ -53,7 +68,9 @@ Replies (an array, first element the outcome)
   {-7, wait_us, rested_us, limiter }               rate limited: allowed again in wait_us,
                                                    limiter rested in rested_us; limiter
                                                    1 = the customer's, 2 = the embed key's
-  an error reply                                   invalid arguments or state; nothing written
+  {-9, message }                                   invalid arguments or state; nothing written
+An error reply for the whole call: the layout of KEYS and ARGV is wrong
+(nothing written), or Redis failed mid-way (see Batches).
 
 Account hash fields (written by src/hot/account.rs; absent hash = not loaded)
   allowance    tokens per billing period, -1 = unlimited
@@ -89,249 +106,269 @@ Usage event (stream entry, read by src/workers/flusher/write.rs)
       "<thresholds>|<used after>|<allowance>|<period start ms>|<period end ms>"
 ]]
 
-local tokens = tonumber(ARGV[2])
-if not tokens or tokens < 1 or tokens > 2147483647 or tokens % 1 ~= 0 then
-  return redis.error_reply('ERR tokens must be an integer in 1..2^31-1')
-end
-if ARGV[1] == '' or ARGV[3] == '' or ARGV[7] == '' then
-  return redis.error_reply('ERR app, event id and event details are required')
-end
-local record_ttl = tonumber(ARGV[6])
-if not record_ttl or record_ttl < 1 or record_ttl % 1 ~= 0 then
-  return redis.error_reply('ERR the outcome record TTL must be a positive integer')
-end
-local limits = { tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12]) }
-for i = 1, 4 do
-  if not limits[i] or limits[i] < 0 or limits[i] % 1 ~= 0 then
-    return redis.error_reply('ERR rate limits must be non-negative integers')
+-- One charge: KEYS and ARGV as a lone consume's (account, outcome record,
+-- stream, disabled set; the 12 arguments), `now_us` Redis's clock.
+local function charge(KEYS, ARGV, now_us)
+  local tokens = tonumber(ARGV[2])
+  if not tokens or tokens < 1 or tokens > 2147483647 or tokens % 1 ~= 0 then
+    return redis.error_reply('ERR tokens must be an integer in 1..2^31-1')
   end
-end
-
--- 1. Idempotency: a retry of a charged request gets the first answer back.
--- A fence (see "Fences" above) naming this event means its caller has
--- answered 503: nothing may be charged. A fence naming only other events
--- is what earlier attempts under this key left; this retry may charge.
-if ARGV[5] ~= '' then
-  local prior = redis.call('GET', KEYS[2])
-  if prior then
-    if string.sub(prior, 1, 6) == 'fence|' then
-      if string.find(prior, '|' .. ARGV[3], 6, true) then
-        return { -6 }
-      end
-    else
-      local fp, event_id, charged, remaining = string.match(prior, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
-      if fp ~= ARGV[5] then
-        return { 3 }
-      end
-      return { 2, event_id, tonumber(charged), tonumber(remaining) }
+  if ARGV[1] == '' or ARGV[3] == '' or ARGV[7] == '' then
+    return redis.error_reply('ERR app, event id and event details are required')
+  end
+  local record_ttl = tonumber(ARGV[6])
+  if not record_ttl or record_ttl < 1 or record_ttl % 1 ~= 0 then
+    return redis.error_reply('ERR the outcome record TTL must be a positive integer')
+  end
+  local limits = { tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12]) }
+  for i = 1, 4 do
+    if not limits[i] or limits[i] < 0 or limits[i] % 1 ~= 0 then
+      return redis.error_reply('ERR rate limits must be non-negative integers')
     end
   end
-end
 
-local with_key = ARGV[4] ~= ''
-local acct = redis.call('HMGET', KEYS[1], 'allowance', 'used', 'purchased', 'open_until',
-  'app:' .. ARGV[1], with_key and ('key:' .. ARGV[4]) or 'allowance',
-  'rl', with_key and ('rl:' .. ARGV[4]) or 'rl', 'period_end', 'alert_next')
-if not acct[1] then
-  return { -1 }
-end
-local allowance = tonumber(acct[1])
-local used = tonumber(acct[2])
-local purchased = tonumber(acct[3])
-local open_until = tonumber(acct[4])
--- Integers, so the values written below are integers too.
-if not allowance or not used or not purchased or not open_until
-    or allowance % 1 ~= 0 or used % 1 ~= 0 or purchased % 1 ~= 0 then
-  return redis.error_reply('ERR account hash is malformed')
-end
-
-local clock = redis.call('TIME')
-local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local now_ms = math.floor(now_us / 1000)
--- A script that waited in Redis's queue past the caller's deadline would
--- charge a request the caller already answered with 503.
-local deadline = tonumber(ARGV[8]) or 0
-if deadline > 0 and now_ms > deadline then
-  return { -6 }
-end
-
--- The embed key is refused the moment its field is removed (revocation).
-if with_key then
-  local expiry = tonumber(acct[6])
-  if not expiry or (expiry > 0 and now_ms >= expiry) then
-    return { -2 }
-  end
-end
-
--- 2. Activation, and the app not disabled by an operator (a set per
--- shard, so every replica refuses it from the moment it is written).
-if acct[5] ~= '1' or redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 1 then
-  return { -3 }
-end
-
--- 3. Subscription status.
-if open_until < 0 or (open_until > 0 and now_ms >= open_until) then
-  return { -4 }
-end
-
--- 4. Rate limits: the customer's consume limit, then the embed key's own
--- (the `rl` fields). Checked here, after the refusals that do not pass
--- with time, so a caller learns those first. Only a charge moves the
--- limiters (below), so a refused request costs no rate either.
-local tats = {}
-for i = 1, 2 do
-  local interval, burst = limits[2 * i - 1], limits[2 * i]
-  if interval > 0 then
-    local allowed, tat, wait = gcra(acct[6 + i], now_us, interval, burst)
-    if not allowed then
-      return { -7, wait, tat - now_us, i }
-    end
-    tats[i] = tat
-  end
-end
-
--- 5. The billing period. A consume at or after the period's end belongs
--- to a later period (the ledger counts it there too, by its time), so the
--- script starts that period itself: the first of the coming period ends
--- (`next_ends`, counted from the billing anchor) past now, usage from
--- zero, the next periods' allowance. However many boundaries passed since
--- the last rollover (a scheduler down for a month, Stripe's events late),
--- a consume counts in the period it falls in. The scheduled rollover
--- (account_rollover.lua) finds it started and does not reset it again,
--- and a rollover that runs late never refuses what the new period allows.
--- Nothing is written here: a refused consume leaves the roll to the next
--- charge or to the rollover.
-local period_end = tonumber(acct[9]) or 0
-local rolled_to, ends_after = nil, nil
-if period_end > 0 and now_ms >= period_end then
-  local next = redis.call('HMGET', KEYS[1], 'next_ends', 'next_allowance')
-  local next_allowance = tonumber(next[2])
-  if next[1] and next_allowance and next_allowance % 1 == 0 then
-    local later = {}
-    for e in string.gmatch(next[1], '%d+') do
-      if rolled_to then
-        later[#later + 1] = e
-      elseif tonumber(e) > now_ms then
-        rolled_to = tonumber(e)
+  -- 1. Idempotency: a retry of a charged request gets the first answer back.
+  -- A fence (see "Fences" above) naming this event means its caller has
+  -- answered 503: nothing may be charged. A fence naming only other events
+  -- is what earlier attempts under this key left; this retry may charge.
+  if ARGV[5] ~= '' then
+    local prior = redis.call('GET', KEYS[2])
+    if prior then
+      if string.sub(prior, 1, 6) == 'fence|' then
+        if string.find(prior, '|' .. ARGV[3], 6, true) then
+          return { -6 }
+        end
+      else
+        local fp, event_id, charged, remaining = string.match(prior, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
+        if fp ~= ARGV[5] then
+          return { 3 }
+        end
+        return { 2, event_id, tonumber(charged), tonumber(remaining) }
       end
     end
-    if rolled_to then
-      ends_after = table.concat(later, ',')
-      allowance = next_allowance
-      used = 0
-    end
   end
-end
 
--- 6. Balance: the period's allowance first, then purchased tokens.
-local from_purchased = 0
-if allowance >= 0 then
-  local allowance_left = math.max(allowance - used, 0)
-  if allowance_left + purchased < tokens then
-    return { -5, allowance_left + purchased }
+  local with_key = ARGV[4] ~= ''
+  local acct = redis.call('HMGET', KEYS[1], 'allowance', 'used', 'purchased', 'open_until',
+    'app:' .. ARGV[1], with_key and ('key:' .. ARGV[4]) or 'allowance',
+    'rl', with_key and ('rl:' .. ARGV[4]) or 'rl', 'period_end', 'alert_next')
+  if not acct[1] then
+    return { -1 }
   end
-  from_purchased = math.max(tokens - allowance_left, 0)
-end
+  local allowance = tonumber(acct[1])
+  local used = tonumber(acct[2])
+  local purchased = tonumber(acct[3])
+  local open_until = tonumber(acct[4])
+  -- Integers, so the values written below are integers too.
+  if not allowance or not used or not purchased or not open_until
+      or allowance % 1 ~= 0 or used % 1 ~= 0 or purchased % 1 ~= 0 then
+    return redis.error_reply('ERR account hash is malformed')
+  end
 
--- 7. The outcome record: what an Idempotency-Key retry replays, and what a
--- caller whose reply was late reads to learn whether it was charged. It is
--- the first write: without Idempotency-Key the record is this request's
--- alone, so a value already there is a settle's fence and the SET NX
--- refuses, before anything else is written.
-used = used + tokens - from_purchased
-if from_purchased > 0 then
-  purchased = purchased - from_purchased
-end
-local remaining = -1
-if allowance >= 0 then
-  remaining = math.max(allowance - used, 0) + purchased
-end
--- '%d' because Lua's default number format would write a large integer in
--- exponent form.
-local record = ARGV[5] .. '|' .. ARGV[3] .. '|' .. string.format('%d', tokens) .. '|'
-  .. string.format('%d', remaining)
-if ARGV[5] == '' then
-  if not redis.call('SET', KEYS[2], record, 'EX', record_ttl, 'NX') then
+  local now_ms = math.floor(now_us / 1000)
+  -- A script that waited in Redis's queue past the caller's deadline would
+  -- charge a request the caller already answered with 503.
+  local deadline = tonumber(ARGV[8]) or 0
+  if deadline > 0 and now_ms > deadline then
     return { -6 }
   end
-else
-  redis.call('SET', KEYS[2], record, 'EX', record_ttl)
-end
 
--- 8. Usage alerts: did this charge carry the period's usage across one of
--- the merchant's thresholds? `alert_next` caches the next mark in tokens,
--- so a consume that crosses nothing pays one comparison; only a crossing,
--- or the first consume after the thresholds, the allowance or the period
--- changed (the field absent), reads and recomputes them. Atomic with the
--- charge, so however many consumes race across a mark, one crosses it.
-local used_before = used - tokens + from_purchased
-local alert_next = (not rolled_to) and tonumber(acct[10]) or nil
-local crossing, new_next = nil, nil
-if alert_next == nil or (alert_next >= 0 and used >= alert_next) then
-  local a = redis.call('HMGET', KEYS[1], 'alert_at', 'alerted', 'period_start')
-  local alerted = rolled_to and '' or (a[2] or '')
-  local crossed = {}
-  new_next = -1
-  if allowance > 0 and a[1] and a[1] ~= '' then
-    for t in string.gmatch(a[1], '%d+') do
-      local mark = math.ceil(allowance * tonumber(t) / 100)
-      if not string.find(',' .. alerted .. ',', ',' .. t .. ',', 1, true) and mark > used_before then
-        if mark <= used then
-          crossed[#crossed + 1] = t
-        elseif new_next < 0 or mark < new_next then
-          new_next = mark
+  -- The embed key is refused the moment its field is removed (revocation).
+  if with_key then
+    local expiry = tonumber(acct[6])
+    if not expiry or (expiry > 0 and now_ms >= expiry) then
+      return { -2 }
+    end
+  end
+
+  -- 2. Activation, and the app not disabled by an operator (a set per
+  -- shard, so every replica refuses it from the moment it is written).
+  if acct[5] ~= '1' or redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 1 then
+    return { -3 }
+  end
+
+  -- 3. Subscription status.
+  if open_until < 0 or (open_until > 0 and now_ms >= open_until) then
+    return { -4 }
+  end
+
+  -- 4. Rate limits: the customer's consume limit, then the embed key's own
+  -- (the `rl` fields). Checked here, after the refusals that do not pass
+  -- with time, so a caller learns those first. Only a charge moves the
+  -- limiters (below), so a refused request costs no rate either.
+  local tats = {}
+  for i = 1, 2 do
+    local interval, burst = limits[2 * i - 1], limits[2 * i]
+    if interval > 0 then
+      local allowed, tat, wait = gcra(acct[6 + i], now_us, interval, burst)
+      if not allowed then
+        return { -7, wait, tat - now_us, i }
+      end
+      tats[i] = tat
+    end
+  end
+
+  -- 5. The billing period. A consume at or after the period's end belongs
+  -- to a later period (the ledger counts it there too, by its time), so the
+  -- script starts that period itself: the first of the coming period ends
+  -- (`next_ends`, counted from the billing anchor) past now, usage from
+  -- zero, the next periods' allowance. However many boundaries passed since
+  -- the last rollover (a scheduler down for a month, Stripe's events late),
+  -- a consume counts in the period it falls in. The scheduled rollover
+  -- (account_rollover.lua) finds it started and does not reset it again,
+  -- and a rollover that runs late never refuses what the new period allows.
+  -- Nothing is written here: a refused consume leaves the roll to the next
+  -- charge or to the rollover.
+  local period_end = tonumber(acct[9]) or 0
+  local rolled_to, ends_after = nil, nil
+  if period_end > 0 and now_ms >= period_end then
+    local next = redis.call('HMGET', KEYS[1], 'next_ends', 'next_allowance')
+    local next_allowance = tonumber(next[2])
+    if next[1] and next_allowance and next_allowance % 1 == 0 then
+      local later = {}
+      for e in string.gmatch(next[1], '%d+') do
+        if rolled_to then
+          later[#later + 1] = e
+        elseif tonumber(e) > now_ms then
+          rolled_to = tonumber(e)
+        end
+      end
+      if rolled_to then
+        ends_after = table.concat(later, ',')
+        allowance = next_allowance
+        used = 0
+      end
+    end
+  end
+
+  -- 6. Balance: the period's allowance first, then purchased tokens.
+  local from_purchased = 0
+  if allowance >= 0 then
+    local allowance_left = math.max(allowance - used, 0)
+    if allowance_left + purchased < tokens then
+      return { -5, allowance_left + purchased }
+    end
+    from_purchased = math.max(tokens - allowance_left, 0)
+  end
+
+  -- 7. The outcome record: what an Idempotency-Key retry replays, and what a
+  -- caller whose reply was late reads to learn whether it was charged. It is
+  -- the first write: without Idempotency-Key the record is this request's
+  -- alone, so a value already there is a settle's fence and the SET NX
+  -- refuses, before anything else is written.
+  used = used + tokens - from_purchased
+  if from_purchased > 0 then
+    purchased = purchased - from_purchased
+  end
+  local remaining = -1
+  if allowance >= 0 then
+    remaining = math.max(allowance - used, 0) + purchased
+  end
+  -- '%d' because Lua's default number format would write a large integer in
+  -- exponent form.
+  local record = ARGV[5] .. '|' .. ARGV[3] .. '|' .. string.format('%d', tokens) .. '|'
+    .. string.format('%d', remaining)
+  if ARGV[5] == '' then
+    if not redis.call('SET', KEYS[2], record, 'EX', record_ttl, 'NX') then
+      return { -6 }
+    end
+  else
+    redis.call('SET', KEYS[2], record, 'EX', record_ttl)
+  end
+
+  -- 8. Usage alerts: did this charge carry the period's usage across one of
+  -- the merchant's thresholds? `alert_next` caches the next mark in tokens,
+  -- so a consume that crosses nothing pays one comparison; only a crossing,
+  -- or the first consume after the thresholds, the allowance or the period
+  -- changed (the field absent), reads and recomputes them. Atomic with the
+  -- charge, so however many consumes race across a mark, one crosses it.
+  local used_before = used - tokens + from_purchased
+  local alert_next = (not rolled_to) and tonumber(acct[10]) or nil
+  local crossing, new_next = nil, nil
+  if alert_next == nil or (alert_next >= 0 and used >= alert_next) then
+    local a = redis.call('HMGET', KEYS[1], 'alert_at', 'alerted', 'period_start')
+    local alerted = rolled_to and '' or (a[2] or '')
+    local crossed = {}
+    new_next = -1
+    if allowance > 0 and a[1] and a[1] ~= '' then
+      for t in string.gmatch(a[1], '%d+') do
+        local mark = math.ceil(allowance * tonumber(t) / 100)
+        if not string.find(',' .. alerted .. ',', ',' .. t .. ',', 1, true) and mark > used_before then
+          if mark <= used then
+            crossed[#crossed + 1] = t
+          elseif new_next < 0 or mark < new_next then
+            new_next = mark
+          end
         end
       end
     end
+    if #crossed > 0 then
+      local start = rolled_to and period_end or (tonumber(a[3]) or 0)
+      local now_alerted = alerted == '' and table.concat(crossed, ',')
+        or (alerted .. ',' .. table.concat(crossed, ','))
+      crossing = { table.concat(crossed, ','), now_alerted, start }
+    elseif rolled_to then
+      crossing = { nil, '', period_end }
+    end
   end
-  if #crossed > 0 then
-    local start = rolled_to and period_end or (tonumber(a[3]) or 0)
-    local now_alerted = alerted == '' and table.concat(crossed, ',')
-      or (alerted .. ',' .. table.concat(crossed, ','))
-    crossing = { table.concat(crossed, ','), now_alerted, start }
-  elseif rolled_to then
-    crossing = { nil, '', period_end }
+
+  -- 9 and 10. The usage event and the decrement (one HSET instead of
+  -- HINCRBYs: the script read these values and nothing runs between the read
+  -- and the write). A crossing travels with the event (`x`).
+  local current_end = rolled_to or period_end
+  if crossing and crossing[1] then
+    redis.call('XADD', KEYS[3], '*', 'd', ARGV[7], 't', tokens, 'p', from_purchased, 'ts', now_ms,
+      'x', crossing[1] .. '|' .. string.format('%d', used) .. '|' .. string.format('%d', allowance)
+        .. '|' .. string.format('%d', crossing[3]) .. '|' .. string.format('%d', current_end))
+  else
+    redis.call('XADD', KEYS[3], '*', 'd', ARGV[7], 't', tokens, 'p', from_purchased, 'ts', now_ms)
   end
+  local changes = { 'used', string.format('%d', used) }
+  if from_purchased > 0 then
+    changes[#changes + 1] = 'purchased'
+    changes[#changes + 1] = string.format('%d', purchased)
+  end
+  if rolled_to then
+    for _, v in ipairs({ 'period_end', string.format('%d', rolled_to), 'next_ends', ends_after,
+        'allowance', string.format('%d', allowance), 'period_start', string.format('%d', period_end) }) do
+      changes[#changes + 1] = v
+    end
+  end
+  if new_next then
+    changes[#changes + 1] = 'alert_next'
+    changes[#changes + 1] = string.format('%d', new_next)
+  end
+  if crossing then
+    changes[#changes + 1] = 'alerted'
+    changes[#changes + 1] = crossing[2]
+  end
+  if tats[1] then
+    changes[#changes + 1] = 'rl'
+    changes[#changes + 1] = string.format('%d', tats[1])
+  end
+  if tats[2] then
+    changes[#changes + 1] = 'rl:' .. ARGV[4]
+    changes[#changes + 1] = string.format('%d', tats[2])
+  end
+  redis.call('HSET', KEYS[1], unpack(changes))
+
+  return { 1, remaining, from_purchased, now_ms }
 end
 
--- 9 and 10. The usage event and the decrement (one HSET instead of
--- HINCRBYs: the script read these values and nothing runs between the read
--- and the write). A crossing travels with the event (`x`).
-local current_end = rolled_to or period_end
-if crossing and crossing[1] then
-  redis.call('XADD', KEYS[3], '*', 'd', ARGV[7], 't', tokens, 'p', from_purchased, 'ts', now_ms,
-    'x', crossing[1] .. '|' .. string.format('%d', used) .. '|' .. string.format('%d', allowance)
-      .. '|' .. string.format('%d', crossing[3]) .. '|' .. string.format('%d', current_end))
-else
-  redis.call('XADD', KEYS[3], '*', 'd', ARGV[7], 't', tokens, 'p', from_purchased, 'ts', now_ms)
+local charges = (#KEYS - 2) / 2
+if charges < 1 or charges % 1 ~= 0 or #ARGV ~= 12 * charges then
+  return redis.error_reply('ERR expected 2 + 2n keys and 12n arguments')
 end
-local changes = { 'used', string.format('%d', used) }
-if from_purchased > 0 then
-  changes[#changes + 1] = 'purchased'
-  changes[#changes + 1] = string.format('%d', purchased)
-end
-if rolled_to then
-  for _, v in ipairs({ 'period_end', string.format('%d', rolled_to), 'next_ends', ends_after,
-      'allowance', string.format('%d', allowance), 'period_start', string.format('%d', period_end) }) do
-    changes[#changes + 1] = v
+local clock = redis.call('TIME')
+local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local stream, disabled = KEYS[1], KEYS[2]
+local replies = {}
+for i = 1, charges do
+  local reply = charge({ KEYS[2 * i + 1], KEYS[2 * i + 2], stream, disabled },
+    { unpack(ARGV, 12 * i - 11, 12 * i) }, now_us)
+  if reply.err then
+    reply = { -9, reply.err }
   end
+  replies[i] = reply
 end
-if new_next then
-  changes[#changes + 1] = 'alert_next'
-  changes[#changes + 1] = string.format('%d', new_next)
-end
-if crossing then
-  changes[#changes + 1] = 'alerted'
-  changes[#changes + 1] = crossing[2]
-end
-if tats[1] then
-  changes[#changes + 1] = 'rl'
-  changes[#changes + 1] = string.format('%d', tats[1])
-end
-if tats[2] then
-  changes[#changes + 1] = 'rl:' .. ARGV[4]
-  changes[#changes + 1] = string.format('%d', tats[2])
-end
-redis.call('HSET', KEYS[1], unpack(changes))
-
-return { 1, remaining, from_purchased, now_ms }
+return replies

@@ -341,6 +341,12 @@ pub fn metrics_handle() -> PrometheusHandle {
                     ],
                 )
                 .expect("bucket list is not empty")
+                // Charges per consume script call, up to coalesce::MAX_BATCH.
+                .set_buckets_for_metric(
+                    Matcher::Full("consume_batch_charges".into()),
+                    &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
+                )
+                .expect("bucket list is not empty")
                 .install_recorder()
                 .inspect(|_| describe_metrics())
                 .expect("the metrics recorder is installed once")
@@ -367,6 +373,10 @@ fn describe_metrics() {
     describe_counter!(
         "consume_settled_after_timeout_total",
         "Consumes whose Redis reply was late and whose outcome was read back"
+    );
+    describe_histogram!(
+        "consume_batch_charges",
+        "Charges per consume script call: the consumes of one shard that arrived while its previous call was in Redis share the next"
     );
     describe_histogram!(
         "redis_script_duration_seconds",

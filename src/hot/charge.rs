@@ -13,18 +13,27 @@
 //! too (Redis down) is a 503 given without proof, and counted in
 //! `consume_outcome_unknown_total`.
 //!
+//! Consumes reach Redis coalesced per shard (hot/coalesce.rs): a batch's
+//! call failing, or its reply late, leaves each of its charges in doubt
+//! and each caller settles its own, as above.
+//!
 //! The script is also given a deadline on Redis's clock and refuses to
 //! charge past it: a second guard, for when the settle cannot reach Redis.
 //! Exactness does not rest on it, nor on any clock.
 
 use std::time::Duration;
 
-use fred::{interfaces::LuaInterface, types::Value};
+use fred::types::Value;
 use serde::Serialize;
 use serde_json::value::RawValue;
+use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::{rate_limit::Throttle, HotError, HotStore};
+use super::{
+    coalesce::{self, ChargeArgs, Pending},
+    rate_limit::Throttle,
+    HotError, HotStore,
+};
 use crate::config::Limit;
 
 /// What to charge, as the script needs it. Built by [`crate::domain::metering`]
@@ -149,35 +158,85 @@ impl HotStore {
     }
 
     async fn run_consume(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, HotError> {
-        let script = &self.scripts.consume;
         let deadline = self.redis_now_ms() + (self.timeout.as_millis() as i64) * 2 / 5;
-        let (keys, args) = self.charge_command(charge, deadline);
-        // EVALSHA, and on NOSCRIPT (a restarted or flushed Redis) load the
-        // script and send it once more. Written out rather than fred's
-        // `evalsha_with_reload`, which clones every argument up front for
-        // the rare retry.
-        let reply: Result<Vec<Value>, fred::error::Error> = match self
-            .client()
-            .evalsha(script.sha1().clone(), keys, args)
-            .await
-        {
-            Err(e) if e.details().starts_with("NOSCRIPT") => {
-                script.load(self.client()).await?;
-                let (keys, args) = self.charge_command(charge, deadline);
-                self.client()
-                    .evalsha(script.sha1().clone(), keys, args)
-                    .await
-            }
-            reply => reply,
+        let (reply_to, reply) = oneshot::channel();
+        let pending = Pending {
+            charge: self.charge_args(charge, deadline),
+            reply: reply_to,
         };
-        match reply {
-            Ok(reply) => parse_reply(&reply, charge),
-            Err(e) if in_doubt(&e) => self.settle(charge).await.map_err(|settle| {
-                tracing::warn!(error = %crate::telemetry::chain(&settle), first = %crate::telemetry::chain(&e), "consume outcome unknown: redis did not answer");
-                metrics::counter!("consume_outcome_unknown_total").increment(1);
-                HotError::Unavailable(e.into())
-            }),
-            Err(e) => Err(e.into()),
+        if !self
+            .coalescer
+            .submit(self.keys.shard_of(charge.customer), pending)
+        {
+            return Err(HotError::Unavailable(anyhow::anyhow!(
+                "the consume queue is closed: shutting down"
+            )));
+        }
+        // Any failure of the call leaves this charge's outcome in doubt:
+        // the batch may have charged it before failing, or its reply may
+        // still be on the way.
+        let wait = self.timeout * 3 / 5;
+        let failure = match tokio::time::timeout(wait, reply).await {
+            Ok(Ok(Ok(Value::Array(reply)))) => return parse_reply(&reply, charge),
+            Ok(Ok(Ok(other))) => return Err(malformed(&[other])),
+            Ok(Ok(Err(e))) => anyhow::Error::from(e),
+            Ok(Err(_)) => anyhow::anyhow!("the consume batch was dropped"),
+            Err(_) => anyhow::anyhow!("no reply from redis within {wait:?}"),
+        };
+        self.settle(charge).await.map_err(|settle| {
+            tracing::warn!(error = %crate::telemetry::chain(&settle), first = %crate::telemetry::chain(&*failure), "consume outcome unknown: redis did not answer");
+            metrics::counter!("consume_outcome_unknown_total").increment(1);
+            HotError::Unavailable(failure)
+        })
+    }
+
+    /// Charges `charges`, all of one shard, in one script call and in their
+    /// order, as the coalescer sends a batch (hot/coalesce.rs), and answers
+    /// each as its caller would: its own reply, or, when the call failed,
+    /// what settling it finds. Requests go through [`Self::charge`]; this
+    /// is for tests of batches.
+    pub async fn charge_all(
+        &self,
+        charges: &[Charge<'_>],
+    ) -> Result<Vec<Result<ChargeOutcome, HotError>>, HotError> {
+        let Some(first) = charges.first() else {
+            return Ok(Vec::new());
+        };
+        let shard = self.keys.shard_of(first.customer);
+        if charges
+            .iter()
+            .any(|c| self.keys.shard_of(c.customer) != shard)
+        {
+            return Err(HotError::Internal(anyhow::anyhow!(
+                "a batch holds the charges of one shard"
+            )));
+        }
+        let deadline = self.redis_now_ms() + (self.timeout.as_millis() as i64) * 2 / 5;
+        let mut args: Vec<_> = charges
+            .iter()
+            .map(|c| self.charge_args(c, deadline))
+            .collect();
+        let (keys, args) = coalesce::command(
+            &self.keys.usage_stream(shard).into(),
+            &self.keys.disabled_apps(shard).into(),
+            args.iter_mut(),
+        );
+        match coalesce::call(&self.pool, &self.scripts.consume, keys, args).await {
+            Ok(Value::Array(replies)) if replies.len() == charges.len() => Ok(replies
+                .iter()
+                .zip(charges)
+                .map(|(reply, charge)| match reply {
+                    Value::Array(reply) => parse_reply(reply, charge),
+                    other => Err(malformed(std::slice::from_ref(other))),
+                })
+                .collect()),
+            _ => {
+                let mut settled = Vec::with_capacity(charges.len());
+                for charge in charges {
+                    settled.push(self.settle(charge).await);
+                }
+                Ok(settled)
+            }
         }
     }
 
@@ -222,17 +281,10 @@ impl HotStore {
         }
     }
 
-    fn charge_command(&self, charge: &Charge<'_>, deadline: i64) -> (Vec<String>, Vec<Value>) {
-        let shard = self.keys.shard_of(charge.customer);
-        let account = self.keys.account(charge.customer);
+    /// The charge's keys and arguments, as `lua/consume.lua` takes them.
+    fn charge_args(&self, charge: &Charge<'_>, deadline: i64) -> ChargeArgs {
         let (record, record_ttl) = self.outcome_record(charge);
         let key_limit = charge.embed_key.map_or(Limit::NONE, |k| k.limit);
-        let keys = vec![
-            account,
-            record,
-            self.keys.usage_stream(shard).to_owned(),
-            self.keys.disabled_apps(shard).to_owned(),
-        ];
         let args: Vec<Value> = vec![
             charge.app_slug.into(),
             charge.tokens.into(),
@@ -255,14 +307,12 @@ impl HotStore {
             key_limit.interval_us().into(),
             key_limit.burst.into(),
         ];
-        (keys, args)
+        ChargeArgs {
+            account: self.keys.account(charge.customer),
+            record,
+            args,
+        }
     }
-}
-
-/// Errors after which the script may or may not have run.
-fn in_doubt(e: &fred::error::Error) -> bool {
-    use fred::error::ErrorKind::*;
-    matches!(e.kind(), Timeout | IO | Canceled)
 }
 
 /// What the outcome record `fingerprint|event|tokens|remaining`, found
@@ -328,6 +378,12 @@ fn parse_reply(reply: &[Value], charge: &Charge<'_>) -> Result<ChargeOutcome, Ho
             tokens_remaining: int(1)?,
         },
         -6 => ChargeOutcome::DeadlinePassed,
+        -9 => {
+            return Err(HotError::Internal(anyhow::anyhow!(
+                "the consume script refused the charge: {:?}",
+                reply.get(1)
+            )))
+        }
         -7 => {
             let micros = |i| int(i).map(|v| Duration::from_micros(v.max(0) as u64));
             ChargeOutcome::RateLimited(Throttle {

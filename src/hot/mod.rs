@@ -6,7 +6,8 @@
 //! each is atomic and takes one round trip.
 //!
 //! - [`keys`]: the key layout and why it is hash-tagged.
-//! - [`charge`]: the consume script and its outcomes.
+//! - [`charge`]: the consume script and its outcomes; `coalesce`: how
+//!   concurrent consumes of a shard share one script call.
 //! - [`account`]: loading a customer's hot state, and changing it in place.
 //! - [`rate_limit`]: the route groups' rate limits (the consume limits are
 //!   inside the consume script).
@@ -14,6 +15,7 @@
 pub mod account;
 pub mod backlog;
 pub mod charge;
+mod coalesce;
 pub mod keys;
 pub mod rate_limit;
 pub mod streams;
@@ -86,6 +88,8 @@ pub struct HotStore {
     /// `redis_script_duration_seconds{script="consume"}`: the consume
     /// script's round trip as the request path sees it.
     script_time: metrics::Histogram,
+    /// Each shard's queue of consumes for its next script call.
+    coalescer: Arc<coalesce::Coalescer>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,11 +157,15 @@ impl HotStore {
         {
             tracing::warn!("redis is not answering yet; retrying in the background");
         }
+        let keys = Keys::new(&settings.key_prefix, settings.stream_shards);
+        let scripts = Arc::new(Scripts::new());
+        let coalescer = Arc::new(coalesce::Coalescer::start(&pool, &scripts.consume, &keys));
         let store = Self {
             pool,
             side,
-            keys: Keys::new(&settings.key_prefix, settings.stream_shards),
-            scripts: Arc::new(Scripts::new()),
+            keys,
+            scripts,
+            coalescer,
             timeout: settings.timeout,
             clock_offset_ms: Arc::new(AtomicI64::new(0)),
             script_time: metrics::histogram!("redis_script_duration_seconds", "script" => "consume"),

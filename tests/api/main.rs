@@ -6,6 +6,7 @@ mod admin;
 mod alerts;
 mod auth;
 mod bad_input;
+mod batches;
 mod billing;
 mod billing_api;
 mod catalog;

@@ -16,14 +16,23 @@ use uuid::Uuid;
 
 const APPS: [&str; 3] = ["a0-001", "a1-001", "a2-001"];
 
+/// One use of an app: which app, how many tokens, with which embed key
+/// (else a JWT), under which Idempotency-Key and body.
+#[derive(Debug, Clone)]
+struct Use {
+    app: usize,
+    tokens: i64,
+    key: Option<usize>,
+    idem: Option<(usize, usize)>,
+}
+
 #[derive(Debug, Clone)]
 enum Op {
-    Consume {
-        app: usize,
-        tokens: i64,
-        key: Option<usize>,
-        idem: Option<(usize, usize)>,
-    },
+    Consume(Use),
+    /// Uses charged in one script call, as concurrent consumes of a shard
+    /// are (hot/coalesce.rs): each must be answered as if it came alone,
+    /// in order.
+    Batch(Vec<Use>),
     AddPurchased(i64),
     /// A refund taking back up to this many purchased tokens.
     Refund(i64),
@@ -32,10 +41,25 @@ enum Op {
     RevokeKey(usize),
 }
 
+fn a_use() -> impl Strategy<Value = Use> {
+    (
+        0..3usize,
+        1..400i64,
+        proptest::option::of(0..3usize),
+        proptest::option::of((0..3usize, 0..2usize)),
+    )
+        .prop_map(|(app, tokens, key, idem)| Use {
+            app,
+            tokens,
+            key,
+            idem,
+        })
+}
+
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        6 => (0..3usize, 1..400i64, proptest::option::of(0..3usize), proptest::option::of((0..3usize, 0..2usize)))
-            .prop_map(|(app, tokens, key, idem)| Op::Consume { app, tokens, key, idem }),
+        6 => a_use().prop_map(Op::Consume),
+        2 => proptest::collection::vec(a_use(), 2..12).prop_map(Op::Batch),
         1 => (1..500i64).prop_map(Op::AddPurchased),
         1 => (1..500i64).prop_map(Op::Refund),
         1 => (0..3usize).prop_map(Op::Activate),
@@ -78,10 +102,12 @@ impl Model {
 
     fn consume(
         &mut self,
-        app: usize,
-        tokens: i64,
-        key: Option<usize>,
-        idem: Option<(usize, usize)>,
+        &Use {
+            app,
+            tokens,
+            key,
+            idem,
+        }: &Use,
     ) -> ChargeOutcome {
         if let Some((k, fp)) = idem {
             if let Some(&(first_fp, t, r)) = self.idem.get(&k) {
@@ -166,6 +192,47 @@ async fn hot_store(prefix: &str) -> HotStore {
         .unwrap()
 }
 
+/// A use's Idempotency-Key and body fingerprint, as strings.
+fn idempotency(one: &Use) -> (Option<String>, Option<String>) {
+    (
+        one.idem.map(|(k, _)| format!("idem-{k}")),
+        one.idem.map(|(_, fp)| format!("fp{fp}")),
+    )
+}
+
+/// The charge the consume endpoint would build for `one`.
+fn charge_of<'a>(
+    one: &Use,
+    customer: Uuid,
+    app_id: Uuid,
+    key_ids: &[Uuid],
+    idem_key: &'a Option<String>,
+    fingerprint: &'a Option<String>,
+) -> Charge<'a> {
+    Charge {
+        customer,
+        app_slug: APPS[one.app],
+        app_id,
+        tokens: one.tokens,
+        event_id: Uuid::now_v7(),
+        embed_key: one.key.map(|k| KeyCharge {
+            id: key_ids[k],
+            limit: Limit::NONE,
+        }),
+        idempotency: idem_key
+            .as_deref()
+            .zip(fingerprint.as_deref())
+            .map(|(key, fingerprint)| Idempotency {
+                key,
+                fingerprint,
+                ttl_secs: 60,
+            }),
+        session_id: Some("s"),
+        metadata: None,
+        customer_limit: Limit::NONE,
+    }
+}
+
 async fn run_case(
     hot: &HotStore,
     allowance: i64,
@@ -208,37 +275,27 @@ async fn run_case(
 
     for op in ops {
         match op {
-            Op::Consume {
-                app,
-                tokens,
-                key,
-                idem,
-            } => {
-                let idem_key = idem.map(|(k, _)| format!("idem-{k}"));
-                let fingerprint = idem.map(|(_, fp)| format!("fp{fp}"));
-                let charge = Charge {
-                    customer,
-                    app_slug: APPS[app],
-                    app_id,
-                    tokens,
-                    event_id: Uuid::now_v7(),
-                    embed_key: key.map(|k| KeyCharge {
-                        id: key_ids[k],
-                        limit: Limit::NONE,
-                    }),
-                    idempotency: idem_key.as_deref().zip(fingerprint.as_deref()).map(
-                        |(key, fingerprint)| Idempotency {
-                            key,
-                            fingerprint,
-                            ttl_secs: 60,
-                        },
-                    ),
-                    session_id: Some("s"),
-                    metadata: None,
-                    customer_limit: Limit::NONE,
-                };
+            Op::Consume(one) => {
+                let (idem_key, fingerprint) = idempotency(&one);
+                let charge = charge_of(&one, customer, app_id, &key_ids, &idem_key, &fingerprint);
                 let got = comparable(hot.charge(&charge).await.unwrap());
-                let expected = model.consume(app, tokens, key, idem);
+                prop_assert_eq!(got, model.consume(&one));
+            }
+            Op::Batch(uses) => {
+                let idempotency: Vec<_> = uses.iter().map(idempotency).collect();
+                let charges: Vec<_> = uses
+                    .iter()
+                    .zip(&idempotency)
+                    .map(|(one, (key, fp))| charge_of(one, customer, app_id, &key_ids, key, fp))
+                    .collect();
+                let got: Vec<_> = hot
+                    .charge_all(&charges)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|outcome| comparable(outcome.unwrap()))
+                    .collect();
+                let expected: Vec<_> = uses.iter().map(|one| model.consume(one)).collect();
                 prop_assert_eq!(got, expected);
             }
             Op::AddPurchased(n) => {

@@ -1,0 +1,186 @@
+//! Concurrent consumes of one shard, coalesced into one script call.
+//!
+//! Redis pays a fixed cost for every script call (the call, the argument
+//! conversion, the reply) that is larger than the charge itself. So while
+//! one call for a shard is in Redis, the consumes that arrive for that
+//! shard wait in its queue, and when the call returns the next takes
+//! every one waiting, up to [`MAX_BATCH`]; `lua/consume.lua` charges them
+//! one after the other, each as if it came alone. There is no timer: a
+//! consume that finds its shard idle goes at once, so at low load nothing
+//! waits for company, and under load a batch is whatever gathered during
+//! one round trip. Shards run side by side on the pool's connections.
+//!
+//! What a caller is promised does not change (hot/charge.rs): it waits for
+//! its own reply for 60 % of the timeout, and when that does not come, or
+//! the call failed, it settles its own charge with `lua/settle.lua`, which
+//! finds the charge's outcome record or fences it. A call that fails
+//! mid-way leaves the charges before the failure made and the rest not;
+//! each caller learns which from its own record.
+
+use fred::{
+    clients::Pool,
+    interfaces::LuaInterface,
+    prelude::{Error, ErrorKind},
+    types::{scripts::Script, Key, MultipleKeys, MultipleValues, Value},
+};
+use tokio::sync::{mpsc, oneshot};
+
+use super::Keys;
+
+/// The most charges in one call: enough that the fixed cost is spread
+/// thin, few enough that one call keeps Redis from other clients for well
+/// under a millisecond.
+pub const MAX_BATCH: usize = 64;
+
+/// One charge as the script takes it: its two keys and twelve arguments
+/// (see `lua/consume.lua`).
+pub(super) struct ChargeArgs {
+    pub account: String,
+    pub record: String,
+    pub args: Vec<Value>,
+}
+
+/// A charge waiting for its shard's next call, and where its reply goes.
+pub(super) struct Pending {
+    pub charge: ChargeArgs,
+    pub reply: oneshot::Sender<Result<Value, Error>>,
+}
+
+/// A queue per shard, each drained by a task of its own. The tasks end when
+/// the last handle is dropped.
+pub(super) struct Coalescer {
+    queues: Vec<mpsc::UnboundedSender<Pending>>,
+}
+
+impl Coalescer {
+    /// Starts one task per shard. Must be called inside the runtime.
+    pub fn start(pool: &Pool, script: &Script, keys: &Keys) -> Self {
+        let batch_sizes = metrics::histogram!("consume_batch_charges");
+        let queues = (0..keys.shards())
+            .map(|shard| {
+                let (queue, waiting) = mpsc::unbounded_channel();
+                let shard = ShardCalls {
+                    pool: pool.clone(),
+                    script: script.clone(),
+                    stream: keys.usage_stream(shard).into(),
+                    disabled: keys.disabled_apps(shard).into(),
+                    batch_sizes: batch_sizes.clone(),
+                };
+                tokio::spawn(shard.drain(waiting));
+                queue
+            })
+            .collect();
+        Self { queues }
+    }
+
+    /// Queues a charge for its shard's next call. `false` when the shard's
+    /// task is gone (the runtime is shutting down): nothing was sent.
+    pub fn submit(&self, shard: u16, pending: Pending) -> bool {
+        self.queues[usize::from(shard)].send(pending).is_ok()
+    }
+}
+
+/// What one shard's calls need.
+struct ShardCalls {
+    pool: Pool,
+    script: Script,
+    stream: Key,
+    disabled: Key,
+    batch_sizes: metrics::Histogram,
+}
+
+impl ShardCalls {
+    async fn drain(self, mut waiting: mpsc::UnboundedReceiver<Pending>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = waiting.recv().await {
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match waiting.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            // A caller that stopped waiting has settled its charge (a fence
+            // already refuses it) or its request is gone: it is not sent.
+            batch.retain(|pending| !pending.reply.is_closed());
+            if batch.is_empty() {
+                continue;
+            }
+            self.batch_sizes.record(batch.len() as f64);
+            let charges = batch.iter_mut().map(|pending| &mut pending.charge);
+            let (keys, args) = command(&self.stream, &self.disabled, charges);
+            let reply = call(&self.pool, &self.script, keys, args).await;
+            answer(reply, &mut batch);
+        }
+    }
+}
+
+/// The call's keys and arguments for `charges`, in their order (taken out
+/// of them).
+pub(super) fn command<'a>(
+    stream: &Key,
+    disabled: &Key,
+    charges: impl ExactSizeIterator<Item = &'a mut ChargeArgs>,
+) -> (MultipleKeys, MultipleValues) {
+    let mut keys = Vec::with_capacity(2 + 2 * charges.len());
+    keys.push(stream.clone());
+    keys.push(disabled.clone());
+    let mut args = Vec::with_capacity(12 * charges.len());
+    for charge in charges {
+        keys.push(Key::from(std::mem::take(&mut charge.account)));
+        keys.push(Key::from(std::mem::take(&mut charge.record)));
+        args.append(&mut charge.args);
+    }
+    (keys.into(), Value::Array(args))
+}
+
+/// EVALSHA, and on NOSCRIPT (a restarted or flushed Redis) the script
+/// loaded and the call sent once more. The keys and arguments are
+/// reference-counted, so keeping a copy for that retry costs no copying
+/// of their bytes.
+pub(super) async fn call(
+    pool: &Pool,
+    script: &Script,
+    keys: MultipleKeys,
+    args: MultipleValues,
+) -> Result<Value, Error> {
+    let client = pool.next();
+    match client
+        .evalsha(script.sha1().clone(), keys.clone(), args.clone())
+        .await
+    {
+        Err(e) if e.details().starts_with("NOSCRIPT") => {
+            script.load(client).await?;
+            client.evalsha(script.sha1().clone(), keys, args).await
+        }
+        reply => reply,
+    }
+}
+
+/// Gives each charge of `batch` its own reply, or every one the call's
+/// error (each then settles its own charge).
+fn answer(reply: Result<Value, Error>, batch: &mut Vec<Pending>) {
+    let replies = match reply {
+        Ok(Value::Array(replies)) if replies.len() == batch.len() => replies,
+        Ok(other) => {
+            let e = Error::new(
+                ErrorKind::Parse,
+                format!("a consume batch of {} got {other:?}", batch.len()),
+            );
+            for pending in batch.drain(..) {
+                let _ = pending.reply.send(Err(e.clone()));
+            }
+            return;
+        }
+        Err(e) => {
+            for pending in batch.drain(..) {
+                let _ = pending.reply.send(Err(e.clone()));
+            }
+            return;
+        }
+    };
+    for (pending, reply) in batch.drain(..).zip(replies) {
+        // A caller gone since the call was sent settles on its own.
+        let _ = pending.reply.send(Ok(reply));
+    }
+}

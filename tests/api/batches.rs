@@ -1,0 +1,254 @@
+//! Consumes coalesced into one script call (hot/coalesce.rs): each charge
+//! of a batch is answered as if it came alone, and a batch that fails
+//! mid-way leaves each charge settled on its own.
+
+use std::collections::HashSet;
+
+use connected_apps::{
+    config::Limit,
+    hot::charge::{Charge, ChargeOutcome, Idempotency},
+};
+use fred::interfaces::{HashesInterface, KeysInterface};
+use futures::future::join_all;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::helpers::{Customer, TestApp};
+
+/// A professional shop (10,000 tokens a period) with `rec-001` active and
+/// its hot state loaded (one consume of 2 tokens charged).
+async fn loaded_shop(app: &TestApp) -> Customer {
+    let shop = app.customer_with_apps("professional", &["rec-001"]).await;
+    let (status, body) = app.consume(&shop.token, json!({"app_id": "rec-001"})).await;
+    assert_eq!(status, 200, "{body}");
+    shop
+}
+
+/// One use of `app_slug` by `customer`, as the consume endpoint builds it.
+fn use_of<'a>(app: &'a TestApp, customer: Uuid, app_slug: &'a str, tokens: i64) -> Charge<'a> {
+    Charge {
+        customer,
+        app_slug,
+        app_id: app.state.catalog.get(app_slug).unwrap().row.id,
+        tokens,
+        event_id: Uuid::now_v7(),
+        embed_key: None,
+        idempotency: None,
+        session_id: None,
+        metadata: None,
+        customer_limit: Limit::NONE,
+    }
+}
+
+fn outcomes(results: Vec<Result<ChargeOutcome, connected_apps::hot::HotError>>) -> Vec<String> {
+    results
+        .into_iter()
+        .map(|r| match r {
+            Ok(ChargeOutcome::Charged {
+                tokens_remaining, ..
+            }) => format!("charged, {tokens_remaining} left"),
+            Ok(ChargeOutcome::Replayed { tokens, .. }) => format!("replayed {tokens}"),
+            Ok(ChargeOutcome::InsufficientTokens { tokens_remaining }) => {
+                format!("insufficient, {tokens_remaining} left")
+            }
+            Ok(ChargeOutcome::RateLimited(_)) => "rate limited".into(),
+            Ok(other) => format!("{other:?}"),
+            Err(_) => "error".into(),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn one_batch_answers_each_charge_as_if_it_came_alone() {
+    let app = crate::helpers::spawn_app().await;
+    let shop = loaded_shop(&app).await;
+    let order = |fingerprint| Idempotency {
+        key: "order-9",
+        fingerprint,
+        ttl_secs: 600,
+    };
+    // One request an hour, no burst (the tests' own consume limit is far
+    // above their rates, so the shop's limiter is rested): the first consume
+    // of the batch under it passes, the second, at the same instant, is
+    // limited.
+    fn limited(mut charge: Charge<'_>) -> Charge<'_> {
+        charge.customer_limit = Limit {
+            per_hour: 1,
+            burst: 1,
+        };
+        charge
+    }
+    let app = &app;
+    let mut first_of_order = use_of(app, shop.id, "rec-001", 2);
+    first_of_order.idempotency = Some(order("body-a"));
+    let mut retry_of_order = use_of(app, shop.id, "rec-001", 2);
+    retry_of_order.idempotency = Some(order("body-a"));
+    let mut order_with_another_body = use_of(app, shop.id, "rec-001", 2);
+    order_with_another_body.idempotency = Some(order("body-b"));
+
+    let batch = [
+        use_of(app, shop.id, "rec-001", 2),
+        use_of(app, shop.id, "rec-001", 1_000_000),
+        use_of(app, shop.id, "vto-001", 5),
+        limited(use_of(app, shop.id, "rec-001", 2)),
+        limited(use_of(app, shop.id, "rec-001", 2)),
+        first_of_order,
+        retry_of_order,
+        order_with_another_body,
+        use_of(app, shop.id, "rec-001", 0),
+        use_of(app, shop.id, "rec-001", 2),
+    ];
+    let results = app.state.hot.charge_all(&batch).await.unwrap();
+
+    assert_eq!(
+        outcomes(results),
+        [
+            "charged, 9996 left",
+            "insufficient, 9996 left",
+            "AppNotActive",
+            "charged, 9994 left",
+            "rate limited",
+            "charged, 9992 left",
+            "replayed 2",
+            "IdempotencyConflict",
+            "error",
+            "charged, 9990 left",
+        ],
+        "each refusal touched no other charge"
+    );
+    assert_eq!(
+        app.hot_balance(shop.id).await,
+        Some((10, 0)),
+        "five charges of 2"
+    );
+    app.drain_usage().await;
+    assert_eq!(
+        app.usage_rows(shop.id).await,
+        (5, 10),
+        "one event per charge"
+    );
+}
+
+#[tokio::test]
+async fn a_batch_across_the_period_boundary_charges_every_use_in_the_new_period() {
+    let app = crate::helpers::spawn_app().await;
+    let shop = loaded_shop(&app).await;
+    // The period ended a second ago with all but 3 tokens used; the next
+    // ends in 30 days, with the same allowance.
+    let now = chrono::Utc::now().timestamp_millis();
+    let account = app.state.hot.keys().account(shop.id);
+    let next_end = now + 30 * 86_400_000;
+    let _: i64 = app
+        .redis
+        .hset(
+            &account,
+            vec![
+                ("used", "9997".to_owned()),
+                ("period_end", (now - 1_000).to_string()),
+                ("next_ends", next_end.to_string()),
+                ("next_allowance", "10000".to_owned()),
+            ],
+        )
+        .await
+        .unwrap();
+
+    let batch: Vec<_> = (0..3)
+        .map(|_| use_of(&app, shop.id, "rec-001", 2))
+        .collect();
+    let results = app.state.hot.charge_all(&batch).await.unwrap();
+
+    assert_eq!(
+        outcomes(results),
+        [
+            "charged, 9998 left",
+            "charged, 9996 left",
+            "charged, 9994 left"
+        ],
+        "the first rolled the period; the others charged in it"
+    );
+    let period: Vec<Option<i64>> = app
+        .redis
+        .hmget(&account, vec!["used", "period_end"])
+        .await
+        .unwrap();
+    assert_eq!(period, [Some(6), Some(next_end)]);
+}
+
+#[tokio::test]
+async fn a_batch_that_fails_mid_way_settles_each_charge_on_its_own() {
+    let app = crate::helpers::spawn_app().await;
+    let shop = loaded_shop(&app).await;
+    // A customer of the same shard whose account key holds a string: the
+    // script fails on it with a Redis error after the charge before it was
+    // made, and the reply of the whole call is lost.
+    let hot = &app.state.hot;
+    let shard = hot.keys().shard_of(shop.id);
+    let broken = std::iter::repeat_with(Uuid::new_v4)
+        .find(|id| hot.keys().shard_of(*id) == shard)
+        .unwrap();
+    let _: () = app
+        .redis
+        .set(hot.keys().account(broken), "not a hash", None, None, false)
+        .await
+        .unwrap();
+
+    let before = use_of(&app, shop.id, "rec-001", 2);
+    let after = use_of(&app, shop.id, "rec-001", 2);
+    let batch = [before, use_of(&app, broken, "rec-001", 2), after];
+    let results = hot.charge_all(&batch).await.unwrap();
+
+    assert_eq!(
+        outcomes(results),
+        ["charged, 9996 left", "DeadlinePassed", "DeadlinePassed"],
+        "the charge made before the failure is found; the others are fenced"
+    );
+    // The fenced charge never happens, even if its call reaches Redis again.
+    let again = hot.charge(&batch[2]).await.unwrap();
+    assert_eq!(again, ChargeOutcome::DeadlinePassed);
+    assert_eq!(app.hot_balance(shop.id).await, Some((4, 0)));
+    app.drain_usage().await;
+    assert_eq!(app.usage_rows(shop.id).await, (2, 4));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_consumes_share_calls_and_stay_exact() {
+    let app = crate::helpers::spawn_app().await;
+    let shop = app.customer_with_apps("starter", &["rec-001"]).await;
+    app.grant(shop.id, 100).await;
+    let (status, _) = app.consume(&shop.token, json!({"app_id": "rec-001"})).await;
+    assert_eq!(status, 200);
+
+    let before = app.metrics_text().await;
+    let results =
+        join_all((0..600).map(|_| app.consume(&shop.token, json!({"app_id": "rec-001"})))).await;
+    let after = app.metrics_text().await;
+
+    let remaining: HashSet<i64> = results
+        .iter()
+        .filter(|(s, _)| *s == 200)
+        .map(|(_, b)| b["tokens_remaining"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        remaining.len(),
+        549,
+        "549 more charges of 2, each its own balance"
+    );
+    assert_eq!(app.hot_balance(shop.id).await, Some((1000, 0)));
+    // The recorder is the process's: other tests' consumes count too, and
+    // they could only hide calls of one charge, not make them.
+    let delta = |name| metric(&after, name) - metric(&before, name);
+    let (calls, charges) = (
+        delta("consume_batch_charges_count"),
+        delta("consume_batch_charges_sum"),
+    );
+    assert!(charges >= 600.0, "every consume went through a call");
+    assert!(calls < charges, "some calls carried more than one charge");
+    app.drain_usage().await;
+    assert_eq!(app.usage_rows(shop.id).await, (550, 1100));
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics"))
+}
