@@ -34,6 +34,8 @@ pub async fn active_customers_by_plan(conn: &mut PgConnection) -> sqlx::Result<V
 }
 
 /// Activations per app and status (every app and status, zero included).
+/// Counted in one pass over `customer_apps` and then joined to the app
+/// list: a third of the time of joining first (benches/RESULTS.md).
 #[tracing::instrument(
     name = "postgres reports.activations_by_app",
     level = "debug",
@@ -43,10 +45,11 @@ pub async fn activations_by_app(
     conn: &mut PgConnection,
 ) -> sqlx::Result<Vec<(String, String, i64)>> {
     sqlx::query_as(
-        "SELECT a.slug, s.status, COUNT(ca.id) \
+        "SELECT a.slug, s.status, COALESCE(c.n, 0)::int8 \
          FROM apps a CROSS JOIN (VALUES ('active'), ('paused'), ('disabled')) AS s(status) \
-         LEFT JOIN customer_apps ca ON ca.app_id = a.id AND ca.status = s.status \
-         WHERE a.status <> 'disabled' GROUP BY a.slug, s.status ORDER BY a.slug, s.status",
+         LEFT JOIN (SELECT app_id, status, COUNT(*) AS n FROM customer_apps \
+                    GROUP BY app_id, status) c ON c.app_id = a.id AND c.status = s.status \
+         WHERE a.status <> 'disabled' ORDER BY a.slug, s.status",
     )
     .fetch_all(conn)
     .await
