@@ -158,7 +158,7 @@ impl HotStore {
     }
 
     async fn run_consume(&self, charge: &Charge<'_>) -> Result<ChargeOutcome, HotError> {
-        let deadline = self.redis_now_ms() + (self.timeout.as_millis() as i64) * 2 / 5;
+        let deadline = self.charge_deadline();
         let (reply_to, reply) = oneshot::channel();
         let pending = Pending {
             charge: self.charge_args(charge, deadline),
@@ -211,7 +211,7 @@ impl HotStore {
                 "a batch holds the charges of one shard"
             )));
         }
-        let deadline = self.redis_now_ms() + (self.timeout.as_millis() as i64) * 2 / 5;
+        let deadline = self.charge_deadline();
         let mut args: Vec<_> = charges
             .iter()
             .map(|c| self.charge_args(c, deadline))
@@ -279,6 +279,12 @@ impl HotStore {
                 CHARGE_RECORD_TTL_SECS,
             ),
         }
+    }
+
+    /// The instant on Redis's clock past which a charge sent now must not
+    /// be made (see the module docs).
+    fn charge_deadline(&self) -> i64 {
+        self.redis_now_ms() + (self.timeout.as_millis() as i64) * 2 / 5
     }
 
     /// The charge's keys and arguments, as `lua/consume.lua` takes them.
