@@ -177,8 +177,7 @@ impl HotStore {
         // still be on the way.
         let wait = self.timeout * 3 / 5;
         let failure = match tokio::time::timeout(wait, reply).await {
-            Ok(Ok(Ok(Value::Array(reply)))) => return parse_reply(&reply, charge),
-            Ok(Ok(Ok(other))) => return Err(malformed(&[other])),
+            Ok(Ok(Ok(reply))) => return parse_charge_reply(&reply, charge),
             Ok(Ok(Err(e))) => anyhow::Error::from(e),
             Ok(Err(_)) => anyhow::anyhow!("the consume batch was dropped"),
             Err(_) => anyhow::anyhow!("no reply from redis within {wait:?}"),
@@ -225,10 +224,7 @@ impl HotStore {
             Ok(Value::Array(replies)) if replies.len() == charges.len() => Ok(replies
                 .iter()
                 .zip(charges)
-                .map(|(reply, charge)| match reply {
-                    Value::Array(reply) => parse_reply(reply, charge),
-                    other => Err(malformed(std::slice::from_ref(other))),
-                })
+                .map(|(reply, charge)| parse_charge_reply(reply, charge))
                 .collect()),
             _ => {
                 let mut settled = Vec::with_capacity(charges.len());
@@ -351,6 +347,14 @@ fn settled_outcome(found: &str, charge: &Charge<'_>) -> Result<ChargeOutcome, Ho
         tokens: tokens.parse::<i64>().map_err(|_| malformed())?,
         tokens_remaining,
     })
+}
+
+/// One charge's reply within a call's (see `lua/consume.lua`).
+fn parse_charge_reply(reply: &Value, charge: &Charge<'_>) -> Result<ChargeOutcome, HotError> {
+    match reply {
+        Value::Array(reply) => parse_reply(reply, charge),
+        other => Err(malformed(std::slice::from_ref(other))),
+    }
 }
 
 fn parse_reply(reply: &[Value], charge: &Charge<'_>) -> Result<ChargeOutcome, HotError> {

@@ -161,26 +161,25 @@ pub(super) async fn call(
 /// error (each then settles its own charge).
 fn answer(reply: Result<Value, Error>, batch: &mut Vec<Pending>) {
     let replies = match reply {
-        Ok(Value::Array(replies)) if replies.len() == batch.len() => replies,
-        Ok(other) => {
-            let e = Error::new(
-                ErrorKind::Parse,
-                format!("a consume batch of {} got {other:?}", batch.len()),
-            );
-            for pending in batch.drain(..) {
-                let _ = pending.reply.send(Err(e.clone()));
+        Ok(Value::Array(replies)) if replies.len() == batch.len() => Ok(replies),
+        Ok(other) => Err(Error::new(
+            ErrorKind::Parse,
+            format!("a consume batch of {} got {other:?}", batch.len()),
+        )),
+        Err(e) => Err(e),
+    };
+    // A caller gone since the call was sent settles on its own: a failed
+    // send is nobody's to handle.
+    match replies {
+        Ok(replies) => {
+            for (pending, reply) in batch.drain(..).zip(replies) {
+                let _ = pending.reply.send(Ok(reply));
             }
-            return;
         }
         Err(e) => {
             for pending in batch.drain(..) {
                 let _ = pending.reply.send(Err(e.clone()));
             }
-            return;
         }
-    };
-    for (pending, reply) in batch.drain(..).zip(replies) {
-        // A caller gone since the call was sent settles on its own.
-        let _ = pending.reply.send(Ok(reply));
     }
 }
