@@ -3,6 +3,9 @@
 //! - `script/consume_round_trip`: one EVALSHA of `lua/consume.lua` against
 //!   the real Redis at `TEST_REDIS_URL` (default 127.0.0.1:6379/0), on an
 //!   unlimited account, so every call charges and appends an event;
+//! - `script/consume_batch/64`: one call charging 64 consumes, as the
+//!   coalescer sends them under load; its throughput is charges per second,
+//!   so the script's own cost per charge shows without the call's;
 //! - `auth/*`: authenticating a request: a JWT seen before (cached verdict),
 //!   a JWT seen for the first time (HMAC and claims), and an embed key's
 //!   SHA-256;
@@ -22,7 +25,7 @@ use connected_apps::{
         HotStore,
     },
 };
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use fred::prelude::*;
 use uuid::Uuid;
 
@@ -91,6 +94,31 @@ fn script_round_trip(c: &mut Criterion) {
             hot.charge(&charge).await.unwrap()
         })
     });
+
+    let mut batch = c.benchmark_group("script/consume_batch");
+    batch.throughput(Throughput::Elements(64));
+    batch.bench_function("64", |b| {
+        b.to_async(&rt).iter(|| async {
+            let charges: Vec<_> = (0..64)
+                .map(|_| Charge {
+                    customer,
+                    app_slug: "vto-001",
+                    app_id,
+                    tokens: 5,
+                    event_id: Uuid::now_v7(),
+                    embed_key: None,
+                    idempotency: None,
+                    session_id: request.session_id.as_deref(),
+                    metadata: request.metadata.as_deref(),
+                    customer_limit: UNREACHED,
+                })
+                .collect();
+            for outcome in hot.charge_all(&charges).await.unwrap() {
+                outcome.unwrap();
+            }
+        })
+    });
+    batch.finish();
 
     rt.block_on(async {
         let redis = Builder::from_config(Config::from_url(settings.redis.url.expose()).unwrap())

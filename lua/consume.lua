@@ -6,13 +6,14 @@ The hot path of the service. Redis runs the whole script without
 interleaving another command, so the check and the decrement cannot race.
 There is no rollback, so every argument and every value read is validated
 before the first write, and the writes are ordered so none can fail once
-another has happened: the outcome record first (a SET, which may refuse
-only as a fence, before anything is written), then the XADD (it fails only
-on a key of another type), then one HSET of the account (a hash, as the
-HMGET proved). To the outside the decrement and the event are one step.
+another has happened: the outcome record first (a SET, or an HSETNX
+that may refuse only as a fence, before anything is written), then the
+XADD (it fails only on a key of another type), then one HSET of the
+account (a hash, as the HMGET proved). To the outside the decrement and the
+event are one step.
 
 Fences. A caller whose reply is late gives up and answers 503; before it
-does, lua/settle.lua writes a fence into the outcome record's key
+does, lua/settle.lua writes a fence where the outcome record goes
 (`fence|<event id>|…`), atomically with reading whether the charge
 happened. Redis runs the two scripts one after the other: if this one ran
 first, the settle finds its record and the caller answers 200; if the
@@ -39,13 +40,16 @@ KEYS (2 + 2 per charge)
   then for each charge:
   +1 account hash   <prefix>:v1:{s<shard>}:c:<customer>:acct   (src/hot/keys.rs)
   +2 outcome record <prefix>:v1:{s<shard>}:c:<customer>:idem:<sha256(Idempotency-Key)>,
-                    or without Idempotency-Key <prefix>:v1:{s<shard>}:c:<customer>:ev:<event id>;
                     "<fingerprint>|<event id>|<tokens>|<remaining>", or a settle's
-                    fence "fence|<event id>[|<event id>…]"
+                    fence "fence|<event id>[|<event id>…]"; without Idempotency-Key
+                    the hash <prefix>:v1:{s<shard>}:charges:<second of the event id>,
+                    whose field <event id> holds "|<event id>|<tokens>|<remaining>"
+                    or the fence "fence|<event id>"
 
 ARGV (12 per charge, in the order of KEYS)
   1  app slug                       5  request fingerprint, or "" without Idempotency-Key
   2  tokens to charge (>= 1)        6  TTL of the outcome record in seconds
+                                       (a charge record hash's: past its last write)
   3  event id (UUIDv7)              7  the event's details as JSON, written as is
   4  embed key id, or "" (JWT)      8  deadline in epoch ms on Redis's clock, 0 = none
   9  customer limit interval µs, 0 = unlimited     10  customer limit burst
@@ -106,21 +110,55 @@ Usage event (stream entry, read by src/workers/flusher/write.rs)
       "<thresholds>|<used after>|<allowance>|<period start ms>|<period end ms>"
 ]]
 
--- One charge: KEYS and ARGV as a lone consume's (account, outcome record,
--- stream, disabled set; the 12 arguments), `now_us` Redis's clock.
-local function charge(KEYS, ARGV, now_us)
-  local tokens = tonumber(ARGV[2])
+-- What every charge of the call shares: the shard's stream, Redis's clock
+-- (read once, below), and what cannot change while the script runs, asked
+-- of Redis once per call rather than once per charge.
+local stream = KEYS[1]
+local now_us, now_ms, now_ms_text
+
+local disabled = {}
+local function is_disabled(slug)
+  local known = disabled[slug]
+  if known == nil then
+    known = redis.call('SISMEMBER', KEYS[2], slug) == 1
+    disabled[slug] = known
+  end
+  return known
+end
+
+-- A charge record hash (without Idempotency-Key) lives `ttl` seconds past
+-- its last write: set once per hash and call, never shortening the hour a
+-- settle's fence gave it (EXPIRE NX for a new hash, else GT).
+local kept = {}
+local function keep_records(key, ttl)
+  if not kept[key] then
+    if redis.call('EXPIRE', key, ttl, 'NX') == 0 then
+      redis.call('EXPIRE', key, ttl, 'GT')
+    end
+    kept[key] = true
+  end
+end
+
+-- One charge: its account and outcome record; its 12 arguments are
+-- ARGV[at + 1 .. at + 12], read in place rather than copied into a table
+-- of their own.
+local function charge(account, record_key, at)
+  local slug, tokens_arg, event_id, key_id, fingerprint, ttl_arg, details, deadline_arg =
+    ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5], ARGV[at + 6],
+    ARGV[at + 7], ARGV[at + 8]
+  local tokens = tonumber(tokens_arg)
   if not tokens or tokens < 1 or tokens > 2147483647 or tokens % 1 ~= 0 then
     return redis.error_reply('ERR tokens must be an integer in 1..2^31-1')
   end
-  if ARGV[1] == '' or ARGV[3] == '' or ARGV[7] == '' then
+  if slug == '' or event_id == '' or details == '' then
     return redis.error_reply('ERR app, event id and event details are required')
   end
-  local record_ttl = tonumber(ARGV[6])
+  local record_ttl = tonumber(ttl_arg)
   if not record_ttl or record_ttl < 1 or record_ttl % 1 ~= 0 then
     return redis.error_reply('ERR the outcome record TTL must be a positive integer')
   end
-  local limits = { tonumber(ARGV[9]), tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12]) }
+  local limits = { tonumber(ARGV[at + 9]), tonumber(ARGV[at + 10]), tonumber(ARGV[at + 11]),
+    tonumber(ARGV[at + 12]) }
   for i = 1, 4 do
     if not limits[i] or limits[i] < 0 or limits[i] % 1 ~= 0 then
       return redis.error_reply('ERR rate limits must be non-negative integers')
@@ -131,27 +169,27 @@ local function charge(KEYS, ARGV, now_us)
   -- A fence (see "Fences" above) naming this event means its caller has
   -- answered 503: nothing may be charged. A fence naming only other events
   -- is what earlier attempts under this key left; this retry may charge.
-  if ARGV[5] ~= '' then
-    local prior = redis.call('GET', KEYS[2])
+  if fingerprint ~= '' then
+    local prior = redis.call('GET', record_key)
     if prior then
       if string.sub(prior, 1, 6) == 'fence|' then
-        if string.find(prior, '|' .. ARGV[3], 6, true) then
+        if string.find(prior, '|' .. event_id, 6, true) then
           return { -6 }
         end
       else
-        local fp, event_id, charged, remaining = string.match(prior, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
-        if fp ~= ARGV[5] then
+        local fp, first_event, charged, remaining = string.match(prior, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
+        if fp ~= fingerprint then
           return { 3 }
         end
-        return { 2, event_id, tonumber(charged), tonumber(remaining) }
+        return { 2, first_event, tonumber(charged), tonumber(remaining) }
       end
     end
   end
 
-  local with_key = ARGV[4] ~= ''
-  local acct = redis.call('HMGET', KEYS[1], 'allowance', 'used', 'purchased', 'open_until',
-    'app:' .. ARGV[1], with_key and ('key:' .. ARGV[4]) or 'allowance',
-    'rl', with_key and ('rl:' .. ARGV[4]) or 'rl', 'period_end', 'alert_next')
+  local with_key = key_id ~= ''
+  local acct = redis.call('HMGET', account, 'allowance', 'used', 'purchased', 'open_until',
+    'app:' .. slug, with_key and ('key:' .. key_id) or 'allowance',
+    'rl', with_key and ('rl:' .. key_id) or 'rl', 'period_end', 'alert_next')
   if not acct[1] then
     return { -1 }
   end
@@ -165,10 +203,9 @@ local function charge(KEYS, ARGV, now_us)
     return redis.error_reply('ERR account hash is malformed')
   end
 
-  local now_ms = math.floor(now_us / 1000)
   -- A script that waited in Redis's queue past the caller's deadline would
   -- charge a request the caller already answered with 503.
-  local deadline = tonumber(ARGV[8]) or 0
+  local deadline = tonumber(deadline_arg) or 0
   if deadline > 0 and now_ms > deadline then
     return { -6 }
   end
@@ -183,7 +220,7 @@ local function charge(KEYS, ARGV, now_us)
 
   -- 2. Activation, and the app not disabled by an operator (a set per
   -- shard, so every replica refuses it from the moment it is written).
-  if acct[5] ~= '1' or redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 1 then
+  if acct[5] ~= '1' or is_disabled(slug) then
     return { -3 }
   end
 
@@ -222,7 +259,7 @@ local function charge(KEYS, ARGV, now_us)
   local period_end = tonumber(acct[9]) or 0
   local rolled_to, ends_after = nil, nil
   if period_end > 0 and now_ms >= period_end then
-    local next = redis.call('HMGET', KEYS[1], 'next_ends', 'next_allowance')
+    local next = redis.call('HMGET', account, 'next_ends', 'next_allowance')
     local next_allowance = tonumber(next[2])
     if next[1] and next_allowance and next_allowance % 1 == 0 then
       local later = {}
@@ -254,8 +291,8 @@ local function charge(KEYS, ARGV, now_us)
   -- 7. The outcome record: what an Idempotency-Key retry replays, and what a
   -- caller whose reply was late reads to learn whether it was charged. It is
   -- the first write: without Idempotency-Key the record is this request's
-  -- alone, so a value already there is a settle's fence and the SET NX
-  -- refuses, before anything else is written.
+  -- alone (the field named by its event id), so a value already there is a
+  -- settle's fence and the HSETNX refuses, before anything else is written.
   used = used + tokens - from_purchased
   if from_purchased > 0 then
     purchased = purchased - from_purchased
@@ -265,15 +302,17 @@ local function charge(KEYS, ARGV, now_us)
     remaining = math.max(allowance - used, 0) + purchased
   end
   -- '%d' because Lua's default number format would write a large integer in
-  -- exponent form.
-  local record = ARGV[5] .. '|' .. ARGV[3] .. '|' .. string.format('%d', tokens) .. '|'
+  -- exponent form; each number is formatted once.
+  local tokens_text = string.format('%d', tokens)
+  local record = fingerprint .. '|' .. event_id .. '|' .. tokens_text .. '|'
     .. string.format('%d', remaining)
-  if ARGV[5] == '' then
-    if not redis.call('SET', KEYS[2], record, 'EX', record_ttl, 'NX') then
+  if fingerprint == '' then
+    if redis.call('HSETNX', record_key, event_id, record) == 0 then
       return { -6 }
     end
+    keep_records(record_key, record_ttl)
   else
-    redis.call('SET', KEYS[2], record, 'EX', record_ttl)
+    redis.call('SET', record_key, record, 'EX', record_ttl)
   end
 
   -- 8. Usage alerts: did this charge carry the period's usage across one of
@@ -286,7 +325,7 @@ local function charge(KEYS, ARGV, now_us)
   local alert_next = (not rolled_to) and tonumber(acct[10]) or nil
   local crossing, new_next = nil, nil
   if alert_next == nil or (alert_next >= 0 and used >= alert_next) then
-    local a = redis.call('HMGET', KEYS[1], 'alert_at', 'alerted', 'period_start')
+    local a = redis.call('HMGET', account, 'alert_at', 'alerted', 'period_start')
     local alerted = rolled_to and '' or (a[2] or '')
     local crossed = {}
     new_next = -1
@@ -316,12 +355,13 @@ local function charge(KEYS, ARGV, now_us)
   -- HINCRBYs: the script read these values and nothing runs between the read
   -- and the write). A crossing travels with the event (`x`).
   local current_end = rolled_to or period_end
+  local purchased_text = from_purchased == 0 and '0' or string.format('%d', from_purchased)
   if crossing and crossing[1] then
-    redis.call('XADD', KEYS[3], '*', 'd', ARGV[7], 't', tokens, 'p', from_purchased, 'ts', now_ms,
+    redis.call('XADD', stream, '*', 'd', details, 't', tokens_text, 'p', purchased_text, 'ts', now_ms_text,
       'x', crossing[1] .. '|' .. string.format('%d', used) .. '|' .. string.format('%d', allowance)
         .. '|' .. string.format('%d', crossing[3]) .. '|' .. string.format('%d', current_end))
   else
-    redis.call('XADD', KEYS[3], '*', 'd', ARGV[7], 't', tokens, 'p', from_purchased, 'ts', now_ms)
+    redis.call('XADD', stream, '*', 'd', details, 't', tokens_text, 'p', purchased_text, 'ts', now_ms_text)
   end
   local changes = { 'used', string.format('%d', used) }
   if from_purchased > 0 then
@@ -347,10 +387,10 @@ local function charge(KEYS, ARGV, now_us)
     changes[#changes + 1] = string.format('%d', tats[1])
   end
   if tats[2] then
-    changes[#changes + 1] = 'rl:' .. ARGV[4]
+    changes[#changes + 1] = 'rl:' .. key_id
     changes[#changes + 1] = string.format('%d', tats[2])
   end
-  redis.call('HSET', KEYS[1], unpack(changes))
+  redis.call('HSET', account, unpack(changes))
 
   return { 1, remaining, from_purchased, now_ms }
 end
@@ -360,12 +400,12 @@ if charges < 1 or charges % 1 ~= 0 or #ARGV ~= 12 * charges then
   return redis.error_reply('ERR expected 2 + 2n keys and 12n arguments')
 end
 local clock = redis.call('TIME')
-local now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local stream, disabled = KEYS[1], KEYS[2]
+now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+now_ms = math.floor(now_us / 1000)
+now_ms_text = string.format('%d', now_ms)
 local replies = {}
 for i = 1, charges do
-  local reply = charge({ KEYS[2 * i + 1], KEYS[2 * i + 2], stream, disabled },
-    { unpack(ARGV, 12 * i - 11, 12 * i) }, now_us)
+  local reply = charge(KEYS[2 * i + 1], KEYS[2 * i + 2], 12 * (i - 1))
   if reply.err then
     reply = { -9, reply.err }
   end

@@ -11,12 +11,15 @@ nothing (lua/consume.lua, "Fences"), and return false. Fences of other
 events under the same key are kept: each fenced request stays fenced.
 
 KEYS
-  1  outcome record (the consume's KEYS[2])
+  1  outcome record (the consume's own key for it)
 
 ARGV
   1  the request's event id
   2  TTL of the fence in seconds: longer than any consume can wait in
      Redis's queue
+  3  "field" when the record is the field named by the event id in a charge
+     record hash (a consume without Idempotency-Key), "" when it is the
+     key's value (an Idempotency-Key record)
 
 Replies
   the record "<fingerprint>|<event id>|<tokens>|<remaining>"   a charge is recorded
@@ -27,9 +30,24 @@ local ttl = tonumber(ARGV[2])
 if ARGV[1] == '' or not ttl or ttl < 1 or ttl % 1 ~= 0 then
   return redis.error_reply('ERR an event id and a positive TTL are required')
 end
-local found = redis.call('GET', KEYS[1])
+local as_field = ARGV[3] == 'field'
+local found
+if as_field then
+  found = redis.call('HGET', KEYS[1], ARGV[1])
+else
+  found = redis.call('GET', KEYS[1])
+end
 if found and string.sub(found, 1, 6) ~= 'fence|' then
   return found
+end
+if as_field then
+  -- The fence's TTL goes to the whole hash, which a consume keeps only
+  -- seconds past its last write but never shortens (lua/consume.lua).
+  redis.call('HSET', KEYS[1], ARGV[1], 'fence|' .. ARGV[1])
+  if redis.call('TTL', KEYS[1]) < ttl then
+    redis.call('EXPIRE', KEYS[1], ttl)
+  end
+  return false
 end
 local fence = 'fence|' .. ARGV[1]
 if found then

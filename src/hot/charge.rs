@@ -139,8 +139,9 @@ pub enum ChargeOutcome {
 }
 
 /// How long the outcome record of a consume without `Idempotency-Key`
-/// lives: longer than any caller waits for it, short enough that at tens
-/// of thousands of consumes a second the records stay a few megabytes.
+/// lives past the last write to its hash: longer than any caller waits for
+/// it, short enough that at tens of thousands of consumes a second the
+/// records stay a few megabytes.
 const CHARGE_RECORD_TTL_SECS: i64 = 10;
 
 /// How long a fence without `Idempotency-Key` lives: far longer than any
@@ -247,10 +248,19 @@ impl HotStore {
             .idempotency
             .map_or(FENCE_TTL_SECS, |idem| idem.ttl_secs as i64);
         let event = charge.event_id.to_string();
+        let in_hash = if charge.idempotency.is_some() {
+            ""
+        } else {
+            "field"
+        };
         let found: Option<String> = self
             .scripts
             .settle
-            .evalsha_with_reload(&self.side, vec![record], vec![event, fence_ttl.to_string()])
+            .evalsha_with_reload(
+                &self.side,
+                vec![record],
+                vec![event, fence_ttl.to_string(), in_hash.to_owned()],
+            )
             .await?;
         let Some(found) = found else {
             return Ok(ChargeOutcome::DeadlinePassed);
@@ -263,7 +273,8 @@ impl HotStore {
     }
 
     /// The key and TTL of the record the script leaves of a charge: the
-    /// idempotency record, or one keyed by the event id.
+    /// idempotency record, or the charge record hash holding it under the
+    /// event id.
     fn outcome_record(&self, charge: &Charge<'_>) -> (String, i64) {
         match charge.idempotency {
             Some(idem) => (
@@ -271,7 +282,7 @@ impl HotStore {
                 idem.ttl_secs as i64,
             ),
             None => (
-                self.keys.charge_record(charge.customer, charge.event_id),
+                self.keys.charge_records(charge.customer, charge.event_id),
                 CHARGE_RECORD_TTL_SECS,
             ),
         }

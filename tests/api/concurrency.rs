@@ -7,6 +7,7 @@ use connected_apps::{
     hot::charge::{Charge, ChargeOutcome, Idempotency},
 };
 
+use fred::interfaces::KeysInterface;
 use futures::future::join_all;
 use serde_json::json;
 
@@ -216,6 +217,47 @@ async fn a_settle_after_the_charge_finds_it_and_answers_charged() {
             ..
         }
     ));
+}
+
+#[tokio::test]
+async fn a_fence_keeps_its_charge_records_for_the_hour_however_many_consumes_follow_it() {
+    let (app, shop) = loaded_shop().await;
+    let hot = &app.state.hot;
+    // Three consumes whose ids were minted in one second share one record
+    // hash (hot/keys.rs).
+    let second = uuid::Uuid::now_v7().get_timestamp().unwrap().to_unix().0;
+    let minted = |nanos| {
+        let mut charge = rec_charge(&app, &shop, None);
+        charge.event_id =
+            uuid::Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, second, nanos));
+        charge
+    };
+    let (before, given_up, after) = (minted(1_000), minted(2_000), minted(3_000));
+    let records = hot.keys().charge_records(shop.id, before.event_id);
+    let ttl = || async { app.redis.ttl::<i64, _>(&records).await.unwrap() };
+
+    hot.charge(&before).await.unwrap();
+    let kept_for_a_charge = ttl().await;
+    hot.settle(&given_up).await.unwrap();
+    let after_charged = hot.charge(&after).await.unwrap();
+    let late = hot.charge(&given_up).await.unwrap();
+
+    assert!((1..=10).contains(&kept_for_a_charge), "{kept_for_a_charge}");
+    assert!(matches!(after_charged, ChargeOutcome::Charged { .. }));
+    assert!(
+        ttl().await > 3500,
+        "a consume never shortens a fence's hour"
+    );
+    assert_eq!(late, ChargeOutcome::DeadlinePassed, "the fence holds");
+    assert_eq!(
+        hot.settle(&before).await.unwrap(),
+        ChargeOutcome::Charged {
+            tokens_remaining: 9996,
+            from_purchased: 0,
+            at_ms: 0
+        },
+        "the records around the fence are still found"
+    );
 }
 
 #[tokio::test]
