@@ -50,7 +50,7 @@ use tracing_subscriber::{
     layer::{Context, Filter},
     prelude::*,
     registry::LookupSpan,
-    Layer,
+    Layer, Registry,
 };
 
 use crate::config::Settings;
@@ -127,6 +127,7 @@ pub fn init(settings: &Settings) -> Telemetry {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer(SERVICE_NAME))
             .with_filter(EnvFilter::new("connected_apps=debug"))
+            .boxed()
     });
     // Errors become reports; warnings and info their breadcrumbs. Each
     // place reports at most LOG_BURST times per LOG_WINDOW, as it logs.
@@ -134,18 +135,30 @@ pub fn init(settings: &Settings) -> Telemetry {
         ErrorLayer::new()
             .with_filter(LevelFilter::ERROR.and(Throttle::quiet()))
             .and_then(BreadcrumbLayer::new().with_filter(LevelFilter::INFO))
+            .boxed()
     });
-    let _ = tracing_subscriber::registry()
-        .with(layer(
-            &settings.log_level,
-            settings.log_json,
-            std::io::stdout,
-            std::io::stdout().is_terminal(),
-        ))
-        .with(traces)
-        .with(reports)
-        .try_init();
+    let logs = layer(
+        &settings.log_level,
+        settings.log_json,
+        std::io::stdout,
+        std::io::stdout().is_terminal(),
+    );
+    let _ = subscriber([Some(logs), traces, reports]).try_init();
     Telemetry { sentry, tracer }
+}
+
+/// A layer of the subscriber, on the registry that keeps its spans.
+pub type BoxedLayer = Box<dyn Layer<Registry> + Send + Sync>;
+
+/// The registry with the layers that are configured, and only those: a
+/// layer left out as `None` in the stack would count as interested in
+/// every callsite, so every debug span (the request's, the handlers')
+/// would be built and torn down on the consume path for nothing to read.
+fn subscriber(
+    layers: impl IntoIterator<Item = Option<BoxedLayer>>,
+) -> impl tracing::Subscriber + Send + Sync {
+    let layers: Vec<BoxedLayer> = layers.into_iter().flatten().collect();
+    tracing_subscriber::registry().with(layers)
 }
 
 /// The name our spans and reports carry.
@@ -540,6 +553,33 @@ mod tests {
         fn make_writer(&'w self) -> Self::Writer {
             self.clone()
         }
+    }
+
+    #[test]
+    fn spans_below_the_log_level_cost_nothing_when_nothing_exports_them() {
+        let quiet = subscriber([
+            Some(layer("warn", true, Buffer::default(), false)),
+            None,
+            None,
+        ]);
+        tracing::subscriber::with_default(quiet, || {
+            assert!(tracing::debug_span!("request").is_disabled());
+            assert!(!tracing::warn_span!("shown").is_disabled());
+        });
+
+        let traced = subscriber([
+            Some(layer("warn", true, Buffer::default(), false)),
+            Some(
+                Layer::with_filter(
+                    fmt::layer().with_writer(Buffer::default()),
+                    EnvFilter::new("debug"),
+                )
+                .boxed(),
+            ),
+        ]);
+        tracing::subscriber::with_default(traced, || {
+            assert!(!tracing::debug_span!("request").is_disabled());
+        });
     }
 
     #[test]
