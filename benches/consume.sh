@@ -12,6 +12,7 @@
 #    server (`thin-consume`), from /proc/<pid>/stat over one wrk run
 #    (1 thread, 64 connections, CPU_SECONDS, 8 by default) each, with the
 #    script calls and charges per call (`consume_batch_charges`);
+#    then the service's resident memory, now and at its peak;
 # 3. with PROFILE=1, `perf record` of the service during another wrk run,
 #    folded into a flamegraph (inferno, installed on first use) at
 #    PROFILE_SVG (default target/consume-flamegraph.svg).
@@ -97,15 +98,18 @@ for _ in $(seq 50); do curl -fs http://127.0.0.1:8099/health >/dev/null && break
 printf 'ceiling:        '; cpu_per_consume "$thin" http://127.0.0.1:8099/api/v1/customer/tokens/consume
 kill $thin
 
+echo "resident memory of the service after the runs: $(awk '/^VmRSS/ { printf "%.0f MB", $2 / 1024 }' "/proc/$service/status") (peak $(awk '/^VmHWM/ { printf "%.0f MB", $2 / 1024 }' "/proc/$service/status"))"
+
 if [ "${PROFILE:-0}" = 1 ]; then
   svg=${PROFILE_SVG:-$here/target/consume-flamegraph.svg}
   command -v inferno-flamegraph >/dev/null || cargo install --locked inferno >/dev/null
   echo "== perf record of the service ($secs s under wrk)"
   wrk -t1 -c64 -d"$((secs + 2))s" -s "$wrk_script" "$url" >/dev/null &
+  load=$!
   sleep 1
   perf record -F 499 -g --call-graph dwarf -p "$service" -o "$here/target/consume.perf" -- sleep "$secs" 2>/dev/null
-  wait
-  perf script -i "$here/target/consume.perf" 2>/dev/null | inferno-collapse-perf | inferno-flamegraph \
+  wait "$load"
+  perf script -i "$here/target/consume.perf" 2>/dev/null | inferno-collapse-perf | inferno-flamegraph --minwidth 0.5 \
     --title "POST /api/v1/customer/tokens/consume, serve --roles $roles" > "$svg"
   echo "flamegraph: $svg"
 fi
