@@ -75,44 +75,31 @@ fn script_round_trip(c: &mut Criterion) {
     let request = ConsumeRequest::parse(BODY.as_bytes()).unwrap();
     let app_id = Uuid::new_v4();
 
+    let charge = || Charge {
+        customer,
+        app_slug: "vto-001",
+        app_id,
+        tokens: 5,
+        event_id: Uuid::now_v7(),
+        embed_key: None,
+        idempotency: None,
+        session_id: request.session_id.as_deref(),
+        metadata: request.metadata.as_deref(),
+        // A limit the benchmark never reaches: the limiter's arithmetic
+        // and its write run on every charge.
+        customer_limit: UNREACHED,
+    };
+
     c.bench_function("script/consume_round_trip", |b| {
-        b.to_async(&rt).iter(|| async {
-            let charge = Charge {
-                customer,
-                app_slug: "vto-001",
-                app_id,
-                tokens: 5,
-                event_id: Uuid::now_v7(),
-                embed_key: None,
-                idempotency: None,
-                session_id: request.session_id.as_deref(),
-                metadata: request.metadata.as_deref(),
-                // A limit the benchmark never reaches: the limiter's
-                // arithmetic and its write run on every charge.
-                customer_limit: UNREACHED,
-            };
-            hot.charge(&charge).await.unwrap()
-        })
+        b.to_async(&rt)
+            .iter(|| async { hot.charge(&charge()).await.unwrap() })
     });
 
     let mut batch = c.benchmark_group("script/consume_batch");
     batch.throughput(Throughput::Elements(64));
     batch.bench_function("64", |b| {
         b.to_async(&rt).iter(|| async {
-            let charges: Vec<_> = (0..64)
-                .map(|_| Charge {
-                    customer,
-                    app_slug: "vto-001",
-                    app_id,
-                    tokens: 5,
-                    event_id: Uuid::now_v7(),
-                    embed_key: None,
-                    idempotency: None,
-                    session_id: request.session_id.as_deref(),
-                    metadata: request.metadata.as_deref(),
-                    customer_limit: UNREACHED,
-                })
-                .collect();
+            let charges: Vec<_> = (0..64).map(|_| charge()).collect();
             for outcome in hot.charge_all(&charges).await.unwrap() {
                 outcome.unwrap();
             }
