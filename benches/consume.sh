@@ -73,14 +73,22 @@ trap 'kill $service 2>/dev/null || true; rm -f "$wrk_script"' EXIT
 redis_pid=$(pgrep -x redis-server | head -n 1)
 # CPU per 1,000 answered consumes of `pid` and of Redis, under wrk at `url`.
 cpu_per_consume() {
-  local pid=$1 target=$2 before redis_before out requests
-  before=$(cpu_ms "$pid"); redis_before=$(cpu_ms "$redis_pid")
-  out=$(wrk -t1 -c64 -d"${secs}s" -s "$wrk_script" "$target")
+  local pid=$1 target=$2 before redis_before idle_before out requests wrk_cpu TIMEFORMAT=%U+%S
+  before=$(cpu_ms "$pid"); redis_before=$(cpu_ms "$redis_pid"); idle_before=$(idle)
+  out=$( { time wrk -t1 -c64 -d"${secs}s" -s "$wrk_script" "$target"; } 2>&1)
   requests=$(echo "$out" | awk '/requests in/ { print $1 }')
+  wrk_cpu=$(echo "$out" | tail -n 1)
   awk -v r="$requests" -v s="$secs" -v a="$before" -v b="$(cpu_ms "$pid")" \
-      -v c="$redis_before" -v d="$(cpu_ms "$redis_pid")" \
-    'BEGIN { printf "%d requests/s, server %.1f ms, redis %.1f ms per 1,000\n", r / s, (b - a) * 1000 / r, (d - c) * 1000 / r }'
+      -v c="$redis_before" -v d="$(cpu_ms "$redis_pid")" -v i="$idle_before" -v j="$(idle)" \
+      -v w="$wrk_cpu" \
+    'BEGIN { split(i, x); split(j, y); split(w, z, "+")
+             printf "%d requests/s, server %.1f ms, redis %.1f ms, wrk %.1f ms per 1,000; machine idle %.0f %%\n",
+               r / s, (b - a) * 1000 / r, (d - c) * 1000 / r, (z[1] + z[2]) * 1e6 / r,
+               100 * (y[1] - x[1]) / (y[2] - x[2]) }'
 }
+# Idle and total ticks of the whole machine so far (/proc/stat): a run
+# that leaves the cores idle is bound by waiting, not by CPU.
+idle() { awk '/^cpu / { t = 0; for (f = 2; f <= NF; f++) t += $f; print $5 + $6, t }' /proc/stat; }
 batches() {
   curl -fs "$base/metrics" | awk '/^consume_batch_charges_(sum|count)/ { v[$1] = $2 }
     END { c = v["consume_batch_charges_count"]; if (c > 0) printf "%d calls, %.1f charges a call\n", c, v["consume_batch_charges_sum"] / c }'
