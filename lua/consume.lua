@@ -6,9 +6,8 @@ The hot path of the service. Redis runs the whole script without
 interleaving another command, so the check and the decrement cannot race.
 There is no rollback, so every argument and every value read is validated
 before the first write, and the writes are ordered so none can fail once
-another has happened: the outcome record first (a SET, or an HSETNX
-that may refuse only as a fence, before anything is written), then the
-XADD (it fails only on a key of another type), then one HSET of the
+another has happened: the outcome record first (a SET, or an HSET of
+its field), then the XADD (it fails only on a key of another type), then one HSET of the
 account (a hash, as the HMGET proved). To the outside the decrement and the
 event are one step.
 
@@ -20,6 +19,12 @@ first, the settle finds its record and the caller answers 200; if the
 settle ran first, this script finds the fence and charges nothing. So a 503
 means not charged whatever the clocks say. The deadline (ARGV 8) is a
 second guard, for when the settle itself cannot reach Redis.
+
+Sent twice. A client may send one call again: in a Redis Cluster, a slot
+moving to another master answers MOVED or ASK and the client sends the
+call where the slot now is (src/hot/mod.rs). A charge that finds its own
+outcome record (its event id, with or without Idempotency-Key) is
+answered from it ({ 2, its own event id, … }) and charged nothing again.
 
 Batches. Concurrent consumes of one shard are coalesced into one call
 (src/hot/coalesce.rs): while one call for a shard is in Redis, the
@@ -169,20 +174,25 @@ local function charge(account, record_key, at)
   -- A fence (see "Fences" above) naming this event means its caller has
   -- answered 503: nothing may be charged. A fence naming only other events
   -- is what earlier attempts under this key left; this retry may charge.
+  -- Without Idempotency-Key the record is this event's alone: a fence, or
+  -- the record of this very call sent twice (see "Sent twice" above).
+  local prior
   if fingerprint ~= '' then
-    local prior = redis.call('GET', record_key)
-    if prior then
-      if string.sub(prior, 1, 6) == 'fence|' then
-        if string.find(prior, '|' .. event_id, 6, true) then
-          return { -6 }
-        end
-      else
-        local fp, first_event, charged, remaining = string.match(prior, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
-        if fp ~= fingerprint then
-          return { 3 }
-        end
-        return { 2, first_event, tonumber(charged), tonumber(remaining) }
+    prior = redis.call('GET', record_key)
+  else
+    prior = redis.call('HGET', record_key, event_id)
+  end
+  if prior then
+    if string.sub(prior, 1, 6) == 'fence|' then
+      if string.find(prior, '|' .. event_id, 6, true) then
+        return { -6 }
       end
+    else
+      local fp, first_event, charged, remaining = string.match(prior, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
+      if fp ~= fingerprint then
+        return { 3 }
+      end
+      return { 2, first_event, tonumber(charged), tonumber(remaining) }
     end
   end
 
@@ -289,10 +299,9 @@ local function charge(account, record_key, at)
   end
 
   -- 7. The outcome record: what an Idempotency-Key retry replays, and what a
-  -- caller whose reply was late reads to learn whether it was charged. It is
-  -- the first write: without Idempotency-Key the record is this request's
-  -- alone (the field named by its event id), so a value already there is a
-  -- settle's fence and the HSETNX refuses, before anything else is written.
+  -- caller whose reply was late reads to learn whether it was charged.
+  -- Without Idempotency-Key it is the field named by the event id, which
+  -- step 1 found empty.
   used = used + tokens - from_purchased
   if from_purchased > 0 then
     purchased = purchased - from_purchased
@@ -307,9 +316,7 @@ local function charge(account, record_key, at)
   local record = fingerprint .. '|' .. event_id .. '|' .. tokens_text .. '|'
     .. string.format('%d', remaining)
   if fingerprint == '' then
-    if redis.call('HSETNX', record_key, event_id, record) == 0 then
-      return { -6 }
-    end
+    redis.call('HSET', record_key, event_id, record)
     keep_records(record_key, record_ttl)
   else
     redis.call('SET', record_key, record, 'EX', record_ttl)

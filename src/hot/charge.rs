@@ -381,15 +381,28 @@ fn parse_reply(reply: &[Value], charge: &Charge<'_>) -> Result<ChargeOutcome, Ho
             from_purchased: int(2)?,
             at_ms: int(3)?,
         },
-        2 => ChargeOutcome::Replayed {
-            event_id: reply
+        2 => {
+            let event_id = reply
                 .get(1)
                 .and_then(Value::as_str)
                 .and_then(|s| Uuid::parse_str(&s).ok())
-                .ok_or_else(|| malformed(reply))?,
-            tokens: int(2)?,
-            tokens_remaining: int(3)?,
-        },
+                .ok_or_else(|| malformed(reply))?;
+            // Its own record: the call was sent twice (a cluster redirect)
+            // and this is the first sending's charge, not a retry's replay.
+            if event_id == charge.event_id {
+                ChargeOutcome::Charged {
+                    tokens_remaining: int(3)?,
+                    from_purchased: 0,
+                    at_ms: 0,
+                }
+            } else {
+                ChargeOutcome::Replayed {
+                    event_id,
+                    tokens: int(2)?,
+                    tokens_remaining: int(3)?,
+                }
+            }
+        }
         3 => ChargeOutcome::IdempotencyConflict,
         -1 => ChargeOutcome::NotLoaded,
         -2 => ChargeOutcome::EmbedKeyRevoked,

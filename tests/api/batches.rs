@@ -210,6 +210,40 @@ async fn a_batch_that_fails_mid_way_settles_each_charge_on_its_own() {
     assert_eq!(app.usage_rows(shop.id).await, (2, 4));
 }
 
+#[tokio::test]
+async fn a_call_sent_twice_charges_each_use_once_and_answers_both_sendings_alike() {
+    // In a Redis Cluster a slot moving to another master makes the client
+    // send a call again (MOVED, ASK); a call that did run must not charge
+    // twice, and its second answer must say "charged" as the first did.
+    let app = crate::helpers::spawn_app().await;
+    let shop = loaded_shop(&app).await;
+    let mut keyed = use_of(&app, shop.id, "rec-001", 2);
+    keyed.idempotency = Some(Idempotency {
+        key: "order-10",
+        fingerprint: "body-a",
+        ttl_secs: 600,
+    });
+    let batch = [
+        use_of(&app, shop.id, "rec-001", 2),
+        keyed,
+        use_of(&app, shop.id, "rec-001", 2),
+    ];
+
+    let first = app.state.hot.charge_all(&batch).await.unwrap();
+    let second = app.state.hot.charge_all(&batch).await.unwrap();
+
+    let charged = [
+        "charged, 9996 left",
+        "charged, 9994 left",
+        "charged, 9992 left",
+    ];
+    assert_eq!(outcomes(first), charged);
+    assert_eq!(outcomes(second), charged, "answered from each own record");
+    assert_eq!(app.hot_balance(shop.id).await, Some((8, 0)), "charged once");
+    app.drain_usage().await;
+    assert_eq!(app.usage_rows(shop.id).await, (4, 8), "one event per use");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_consumes_share_calls_and_stay_exact() {
     let app = crate::helpers::spawn_app().await;
