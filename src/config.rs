@@ -301,6 +301,28 @@ pub struct RateLimitSettings {
 const DEV_JWT_SECRET: &str = "development-only-jwt-secret-change-me-0123456789";
 const DEV_DATABASE_URL: &str = "postgres://postgres:postgres@127.0.0.1:5432/connected_apps";
 const DEV_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+
+/// A Redis URL the client can use: one server (`redis://`, `rediss://` for
+/// TLS) or a Redis Cluster named by some of its nodes
+/// (`redis-cluster://host:port?node=host:port&…`, `rediss-cluster://`),
+/// checked by the client's own parser so a typo fails at start.
+fn check_redis_url(name: &str, url: &str) -> Result<(), ConfigError> {
+    const SCHEMES: [&str; 4] = [
+        "redis://",
+        "rediss://",
+        "redis-cluster://",
+        "rediss-cluster://",
+    ];
+    if !SCHEMES.iter().any(|scheme| url.starts_with(scheme)) {
+        return Err(ConfigError::new(
+            name,
+            "must be a redis://, rediss://, redis-cluster:// or rediss-cluster:// URL",
+        ));
+    }
+    fred::types::config::Config::from_url(url)
+        .map(|_| ())
+        .map_err(|e| ConfigError::new(name, &format!("is not a usable Redis URL: {}", e.details())))
+}
 const DEV_DATA_KEYS: &str = "dev:ZGV2ZWxvcG1lbnQtb25seS1rZXktMzItYnl0ZXMhISE=";
 
 impl Settings {
@@ -348,12 +370,7 @@ impl Settings {
                 "must be a postgres:// URL",
             ));
         }
-        if !(redis_url.starts_with("redis://") || redis_url.starts_with("rediss://")) {
-            return Err(ConfigError::new(
-                "REDIS_URL",
-                "must be a redis:// or rediss:// URL",
-            ));
-        }
+        check_redis_url("REDIS_URL", &redis_url)?;
 
         // The development secrets are in this repository: anyone who can
         // reach the port could mint an admin token or open sealed data.
@@ -408,14 +425,7 @@ impl Settings {
             .filter(|v| !v.is_empty())
             .unwrap_or(&redis_url)
             .to_owned();
-        if !(rate_limit_redis_url.starts_with("redis://")
-            || rate_limit_redis_url.starts_with("rediss://"))
-        {
-            return Err(ConfigError::new(
-                "API_RATE_LIMIT_REDIS_URL",
-                "must be a redis:// or rediss:// URL",
-            ));
-        }
+        check_redis_url("API_RATE_LIMIT_REDIS_URL", &rate_limit_redis_url)?;
         let consume_limit = Limit {
             per_hour: env.parse("RATE_LIMIT_CONSUME_PER_HOUR", 10_000)?,
             burst: env.parse("RATE_LIMIT_CONSUME_BURST", 100)?,
@@ -707,6 +717,27 @@ mod tests {
         assert_eq!(s.bind.port(), 8000);
         assert_eq!(s.auth.jwt_issuer, "varai.com");
         assert_eq!(s.redis.timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn redis_may_be_one_server_or_a_cluster_and_anything_else_stops_the_start() {
+        for url in [
+            "redis://127.0.0.1:6379/0",
+            "rediss://cache.internal:6380",
+            "redis-cluster://127.0.0.1:7001?node=127.0.0.1:7002&node=127.0.0.1:7003",
+            "rediss-cluster://cache-0.internal:6379",
+        ] {
+            let s = Settings::from_map(&vars(&[("REDIS_URL", url)]));
+            assert!(s.is_ok(), "{url}: {:?}", s.err());
+        }
+        for url in [
+            "http://127.0.0.1:6379",
+            "redis-sentinel://127.0.0.1:26379",
+            "redis://127.0.0.1:notaport",
+        ] {
+            let err = Settings::from_map(&vars(&[("REDIS_URL", url)])).unwrap_err();
+            assert!(err.to_string().contains("REDIS_URL"), "{url}: {err}");
+        }
     }
 
     #[test]

@@ -23,6 +23,8 @@ use fred::{
     prelude::{Error, ErrorKind},
     types::{scripts::Script, Key, MultipleKeys, MultipleValues, Value},
 };
+use std::time::Duration;
+
 use tokio::sync::{mpsc, oneshot};
 
 use super::Keys;
@@ -134,26 +136,46 @@ pub(super) fn command<'a>(
     (keys.into(), Value::Array(args))
 }
 
-/// EVALSHA, and on NOSCRIPT (a restarted or flushed Redis) the script
-/// loaded and the call sent once more. The keys and arguments are
-/// reference-counted, so keeping a copy for that retry costs no copying
-/// of their bytes.
+/// EVALSHA, and on NOSCRIPT (a restarted or flushed Redis, or a master
+/// that joined a cluster) the script loaded and the call sent once more.
+/// On TRYAGAIN (a cluster's slot half moved: some of the call's keys on
+/// the old master, some on the new) the call did not run, and is sent
+/// again shortly, a few times; the callers' own deadlines still bound the
+/// wait (hot/charge.rs). The keys and arguments are reference-counted, so
+/// keeping a copy for a retry costs no copying of their bytes.
 pub(super) async fn call(
     pool: &Pool,
     script: &Script,
     keys: MultipleKeys,
     args: MultipleValues,
 ) -> Result<Value, Error> {
+    const TRY_AGAIN: [Duration; 4] = [
+        Duration::from_millis(5),
+        Duration::from_millis(10),
+        Duration::from_millis(20),
+        Duration::from_millis(40),
+    ];
     let client = pool.next();
-    match client
-        .evalsha(script.sha1().clone(), keys.clone(), args.clone())
-        .await
-    {
-        Err(e) if e.details().starts_with("NOSCRIPT") => {
-            script.load(client).await?;
-            client.evalsha(script.sha1().clone(), keys, args).await
+    let mut pauses = TRY_AGAIN.iter();
+    loop {
+        let reply = match client
+            .evalsha(script.sha1().clone(), keys.clone(), args.clone())
+            .await
+        {
+            Err(e) if e.details().starts_with("NOSCRIPT") => {
+                script.load(client).await?;
+                client
+                    .evalsha(script.sha1().clone(), keys.clone(), args.clone())
+                    .await
+            }
+            reply => reply,
+        };
+        match (reply, pauses.next()) {
+            (Err(e), Some(pause)) if e.details().starts_with("TRYAGAIN") => {
+                tokio::time::sleep(*pause).await;
+            }
+            (reply, _) => return reply,
         }
-        reply => reply,
     }
 }
 

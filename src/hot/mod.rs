@@ -117,18 +117,29 @@ impl From<fred::error::Error> for HotError {
 }
 
 /// Builds a fred client configuration from `REDIS_URL` (`rediss://` turns
-/// TLS on), with the reconnect policy every client of the service shares.
+/// TLS on; `redis-cluster://` and `rediss-cluster://` name a Redis Cluster
+/// by some of its nodes), with the reconnect policy every client of the
+/// service shares.
 pub fn builder(url: &str, command_timeout: Duration) -> anyhow::Result<Builder> {
     let config = Config::from_url(url)?;
+    // In a cluster a slot moving to another master (a resharding, a
+    // failover) answers MOVED or ASK: the command did not run, and the
+    // client sends it on to the slot's master, which counts as another
+    // attempt. What the service sends is safe to run twice (a consume
+    // finds its own outcome record, lua/consume.lua "Sent twice"; a settle
+    // its fence; account changes their done-once marker; the flusher's
+    // reads and writes are idempotent; a route limiter at worst counts one
+    // request twice), so two redirections are followed. One server never
+    // redirects, and a command is not sent again after a broken
+    // connection: the caller settles instead (hot/charge.rs).
+    let attempts = if config.server.is_clustered() { 6 } else { 1 };
     let mut builder = Builder::from_config(config);
     builder
         .with_connection_config(|c| {
             c.connection_timeout = Duration::from_secs(2);
             // Commands are small and latency-bound: no Nagle delay.
             c.tcp.nodelay = Some(true);
-            // A command is never sent twice: a consume that reached Redis
-            // before the connection dropped must not be charged again.
-            c.max_command_attempts = 1;
+            c.max_command_attempts = attempts;
             c.unresponsive = UnresponsiveConfig {
                 max_timeout: Some(Duration::from_secs(2)),
                 interval: Duration::from_millis(500),

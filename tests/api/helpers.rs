@@ -29,8 +29,22 @@ pub fn redis_url() -> String {
 }
 
 /// Deletes every key matching `pattern` (test keyspaces are small, so
-/// KEYS is fine here). Errors are ignored: this is clean-up.
+/// KEYS is fine here). Errors are ignored: this is clean-up. In a cluster
+/// each primary holds its own slots: every one is scanned, and keys are
+/// deleted one by one (one DEL of keys in several slots is refused).
 pub async fn delete_keys(redis: &Client, pattern: &str) {
+    if redis.is_clustered() {
+        use futures::StreamExt;
+        let keys: Vec<Key> = redis
+            .scan_cluster_buffered(pattern, Some(1000), None)
+            .filter_map(|key| async move { key.ok() })
+            .collect()
+            .await;
+        for key in keys {
+            let _: Result<i64, _> = redis.del(key).await;
+        }
+        return;
+    }
     let keys: Vec<String> = redis
         .custom(fred::cmd!("KEYS"), vec![pattern.to_owned()])
         .await

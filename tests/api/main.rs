@@ -10,6 +10,7 @@ mod batches;
 mod billing;
 mod billing_api;
 mod catalog;
+mod cluster;
 mod concurrency;
 mod consume;
 mod edges;

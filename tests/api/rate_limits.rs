@@ -228,11 +228,12 @@ async fn each_route_group_has_its_own_limit_per_customer_with_headers_on_every_a
 
 #[tokio::test]
 async fn the_route_group_limiters_live_in_api_rate_limit_redis_url() {
-    let (base, _) = redis_url()
-        .rsplit_once('/')
-        .map(|(b, d)| (b.to_owned(), d.to_owned()))
-        .unwrap();
-    let limiter_url = format!("{base}/2");
+    // Another database of the test server; a cluster has only one, so
+    // then a server of its own (TEST_LIMITER_REDIS_URL).
+    let limiter_url = match std::env::var("TEST_LIMITER_REDIS_URL") {
+        Ok(url) => url,
+        Err(_) => format!("{}/2", redis_url().rsplit_once('/').unwrap().0),
+    };
     let app = spawn_app_with(&[
         ("API_RATE_LIMIT_REDIS_URL", &limiter_url),
         ("RATE_LIMIT_APPS_PER_HOUR", "1"),
