@@ -6,6 +6,7 @@
 //! - [`accounts`]: keeping the hot state and the ledger in step.
 //! - [`embed`]: the `embed_code` merchants paste into their shops.
 //! - [`usage`]: daily aggregates of usage, and the dashboards' report.
+//! - [`usage_drift`]: the hot balances checked against the ledger.
 
 pub mod accounts;
 pub mod alerts;
@@ -18,3 +19,4 @@ pub mod reconcile;
 pub mod stripe_events;
 pub mod subscriptions;
 pub mod usage;
+pub mod usage_drift;

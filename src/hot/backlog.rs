@@ -33,7 +33,7 @@ pub struct UnflushedEvent {
     pub at_ms: i64,
 }
 
-/// The part of the `d` field a rebuild needs.
+/// The part of the `d` field that names the event and its customer.
 #[derive(serde::Deserialize)]
 struct Owner {
     e: Uuid,
@@ -49,8 +49,40 @@ impl HotStore {
         customer: Uuid,
         limit: usize,
     ) -> Result<Option<Vec<UnflushedEvent>>, HotError> {
+        let needle = customer.hyphenated().to_string();
+        self.unflushed(self.keys.shard_of(customer), limit, |fields| {
+            // Most entries are other customers': a substring test spares
+            // parsing them.
+            if !field(fields, "d")?.contains(&needle) {
+                return None;
+            }
+            charge_in(fields)
+                .filter(|(owner, _)| *owner == customer)
+                .map(|(_, event)| event)
+        })
+        .await
+    }
+
+    /// Every customer's events in the unflushed part of `shard`'s stream,
+    /// with their customer, or `None` past `limit` entries.
+    pub async fn unflushed_usage_of_shard(
+        &self,
+        shard: u16,
+        limit: usize,
+    ) -> Result<Option<Vec<(Uuid, UnflushedEvent)>>, HotError> {
+        self.unflushed(shard, limit, charge_in).await
+    }
+
+    /// What `pick` makes of each entry in the unflushed part of `shard`'s
+    /// stream, in order.
+    async fn unflushed<T>(
+        &self,
+        shard: u16,
+        limit: usize,
+        mut pick: impl FnMut(&[(String, String)]) -> Option<T>,
+    ) -> Result<Option<Vec<T>>, HotError> {
         let redis = self.client();
-        let stream = self.keys.usage_stream(self.keys.shard_of(customer));
+        let stream = self.keys.usage_stream(shard);
         let unavailable = |e: anyhow::Error| HotError::Unavailable(e);
         // The last delivered id first: entries delivered after it lie
         // above it, and entries below it not yet acknowledged show in the
@@ -62,7 +94,6 @@ impl HotStore {
                 None => format!("({}", group.last_delivered),
             },
         };
-        let needle = customer.hyphenated().to_string();
         let mut found = Vec::new();
         let mut scanned = 0;
         loop {
@@ -77,10 +108,7 @@ impl HotStore {
                 return Ok(None);
             }
             let full = page.len() as u64 == PAGE;
-            found.extend(
-                page.iter()
-                    .filter_map(|(_, fields)| event_of(fields, customer, &needle)),
-            );
+            found.extend(page.iter().filter_map(|(_, fields)| pick(fields)));
             if !full {
                 break;
             }
@@ -89,27 +117,22 @@ impl HotStore {
     }
 }
 
-/// The entry as a charge of `customer`, if it is one.
-fn event_of(fields: &[(String, String)], customer: Uuid, needle: &str) -> Option<UnflushedEvent> {
-    let field = |name: &str| {
-        fields
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    };
-    let details = field("d")?;
-    // Most entries are other customers': a substring test spares parsing them.
-    if !details.contains(needle) {
-        return None;
-    }
-    let owner: Owner = serde_json::from_str(details).ok()?;
-    if owner.c != customer {
-        return None;
-    }
-    Some(UnflushedEvent {
+/// The entry's field `name`.
+fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    fields
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// The entry as a charge: its customer and the event.
+fn charge_in(fields: &[(String, String)]) -> Option<(Uuid, UnflushedEvent)> {
+    let owner: Owner = serde_json::from_str(field(fields, "d")?).ok()?;
+    let event = UnflushedEvent {
         id: owner.e,
-        tokens: field("t")?.parse().ok()?,
-        purchased: field("p")?.parse().ok()?,
-        at_ms: field("ts")?.parse().ok()?,
-    })
+        tokens: field(fields, "t")?.parse().ok()?,
+        purchased: field(fields, "p")?.parse().ok()?,
+        at_ms: field(fields, "ts")?.parse().ok()?,
+    };
+    Some((owner.c, event))
 }

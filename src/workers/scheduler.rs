@@ -21,6 +21,11 @@
 //! their allowance, read from Postgres (one query each) into gauges by one
 //! replica at a time (a Postgres advisory lock): aggregate with `max`.
 //!
+//! Every 5 minutes, `usage-drift`: each loaded customer's usage this
+//! period in Redis compared with the ledger plus the unflushed stream,
+//! reported as gauges and warnings, repaired never (one replica at a
+//! time, see `domain::usage_drift`).
+//!
 //! Daily at 04:00 UTC, `billing-reconcile`: every Stripe-billed customer
 //! compared with Stripe and set right where it differs (one replica at a
 //! time, see `domain::reconcile`).
@@ -33,7 +38,7 @@ use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    domain::{billing::Periods, subscriptions::Subscriptions},
+    domain::{billing::Periods, subscriptions::Subscriptions, usage_drift::UsageDrift},
     hot::HotStore,
     ledger::{partitions, reports},
 };
@@ -47,6 +52,7 @@ pub const USAGE_RATIO_BUCKETS: [f64; 8] = [0.1, 0.25, 0.5, 0.75, 0.8, 0.9, 0.95,
 pub struct Scheduler {
     db: PgPool,
     periods: Periods,
+    drift: UsageDrift,
     subscriptions: Arc<Subscriptions>,
     months_ahead: u32,
     retention_days: u32,
@@ -61,7 +67,8 @@ impl Scheduler {
         retention_days: u32,
     ) -> Self {
         Self {
-            periods: Periods::new(db.clone(), hot),
+            periods: Periods::new(db.clone(), hot.clone()),
+            drift: UsageDrift::new(db.clone(), hot),
             db,
             subscriptions,
             months_ahead,
@@ -112,6 +119,22 @@ impl Scheduler {
             .execute(&mut *conn)
             .await?;
         refreshed.map(|()| true)
+    }
+
+    #[tracing::instrument(name = "scheduler usage drift", level = "debug", skip_all)]
+    async fn usage_drift(&self) {
+        match self.drift.check().await {
+            Ok(report) if report.ran => tracing::info!(
+                checked = report.checked,
+                skipped = report.skipped,
+                drifted = report.drifted.len(),
+                "hot usage checked against the ledger"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %crate::telemetry::chain(&*e), "usage drift check failed")
+            }
+        }
     }
 
     #[tracing::instrument(name = "scheduler reconcile", level = "debug", skip_all)]
@@ -197,6 +220,13 @@ impl Scheduler {
             .add(Job::new_async("*/30 * * * * *", move |_id, _lock| {
                 let job_state = job_state.clone();
                 Box::pin(async move { job_state.business_gauges().await })
+            })?)
+            .await?;
+        let job_state = this.clone();
+        scheduler
+            .add(Job::new_async("30 */5 * * * *", move |_id, _lock| {
+                let job_state = job_state.clone();
+                Box::pin(async move { job_state.usage_drift().await })
             })?)
             .await?;
         let job_state = this.clone();

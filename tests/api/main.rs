@@ -27,4 +27,5 @@ mod stripe_semantics;
 mod stripe_standin;
 mod telemetry;
 mod usage;
+mod usage_drift;
 mod webhooks;
