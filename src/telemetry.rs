@@ -457,6 +457,18 @@ fn describe_metrics() {
         Unit::Seconds,
         "Age of the oldest event not yet in the ledger, per shard (the flusher's lag)"
     );
+    describe_counter!(
+        "usage_stream_groups_lost_total",
+        "Usage streams found without their consumer group (Redis lost its data) and given a new one"
+    );
+    describe_gauge!(
+        "ledger_drift_customers",
+        "Customers whose usage this period in Redis differs from the ledger plus the unflushed stream, at the last check"
+    );
+    describe_gauge!(
+        "ledger_drift_tokens",
+        "Tokens by which those customers' usage differs, summed, at the last check"
+    );
     // Billing.
     describe_counter!("billing_sync_total", "Stripe API calls by operation and outcome (ok; refused: Stripe answered 4xx, a declined card among them; error: unreachable, 5xx or 429)");
     describe_counter!(

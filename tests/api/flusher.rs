@@ -466,3 +466,26 @@ async fn an_unlimited_plan_persists_usage_past_two_to_the_thirty_one_tokens_in_a
     );
     app.assert_ledger_exact(&charged).await;
 }
+
+#[tokio::test]
+async fn after_redis_lost_its_data_the_running_flusher_makes_its_group_again_and_flushes_on() {
+    let app = spawn_app().await;
+    let shop = app.customer_with_apps("professional", &["vto-001"]).await;
+    let mut charged = app.consume_many(&shop, "vto-001", 10, 4).await;
+    let mut flusher = app.flusher().await;
+    while flusher.step().await.unwrap() > 0 {}
+
+    // Redis restarts empty: the next consumes rebuild the balance from the
+    // ledger and write a new stream, which has no consumer group.
+    app.wipe_redis().await;
+    charged.extend(app.consume_many(&shop, "vto-001", 5, 4).await);
+    assert_eq!(charged.len(), 15);
+
+    // The same flusher, running all along, reads them.
+    assert_eq!(flusher.step().await.unwrap(), 5);
+    app.assert_ledger_exact(&charged).await;
+    assert!(app
+        .metrics_text()
+        .await
+        .contains("usage_stream_groups_lost_total"));
+}

@@ -46,20 +46,57 @@ impl Flusher {
         count: usize,
         batch: &mut Batch,
     ) -> anyhow::Result<()> {
-        let reply: Value = self
-            .redis
-            .xreadgroup(
+        let stream = self.keys.usage_stream(shard);
+        let read = || {
+            self.redis.xreadgroup::<Value, _, _, _, _>(
                 GROUP,
                 &self.settings.consumer_name,
                 Some(count as u64),
                 None,
                 false,
-                self.keys.usage_stream(shard),
+                stream,
                 from,
             )
-            .await?;
+        };
+        let reply = match read().await {
+            Err(e) if e.details().starts_with("NOGROUP") => {
+                self.group_lost(shard).await?;
+                read().await?
+            }
+            reply => reply?,
+        };
         parse_xread(reply, shard, batch);
         Ok(())
+    }
+
+    /// A shard's stream without its consumer group: Redis lost its data (a
+    /// restart without persistence, a failover to a replica that had not
+    /// received it, a flush) and the consumes since made a new stream. The
+    /// group is made again from the stream's start, so those are flushed;
+    /// what Redis lost is said loudly, since it cannot be counted here:
+    /// the charges made before the loss and not yet flushed are gone, and
+    /// the balances are rebuilt from the ledger (README, "Redis
+    /// durability").
+    async fn group_lost(&self, shard: u16) -> anyhow::Result<()> {
+        let stream = self.keys.usage_stream(shard);
+        match self
+            .redis
+            .xgroup_create::<Value, _, _, _>(stream, GROUP, "0", true)
+            .await
+        {
+            Ok(_) => {
+                tracing::error!(
+                    shard,
+                    "the usage stream had lost its consumer group: Redis lost its data, \
+                     and the charges not flushed before it are lost; the group is made again"
+                );
+                metrics::counter!("usage_stream_groups_lost_total").increment(1);
+                Ok(())
+            }
+            // Another flusher made it again first.
+            Err(e) if e.details().starts_with("BUSYGROUP") => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Takes over entries pending for at least `FLUSH_CLAIM_IDLE_MS` with
