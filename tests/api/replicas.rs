@@ -1,5 +1,6 @@
 //! Two API processes of one deployment: what one changes, the other's very
-//! next consume obeys, whatever it holds in memory.
+//! next consume obeys, whatever it holds in memory; and a rolling restart
+//! of both under load loses nothing a client retries.
 
 use std::collections::HashSet;
 
@@ -156,4 +157,88 @@ async fn configuration_values_cannot_break_out_of_the_embed_code() {
             "the value itself is kept as given"
         );
     }
+}
+
+/// A well-behaved client: each consume under its own Idempotency-Key,
+/// sent to whichever process is listed, and sent again (same key, same
+/// body) on a refused connection or a 503 until it is answered.
+async fn consume_until_answered(
+    http: &reqwest::Client,
+    processes: &std::sync::RwLock<Vec<String>>,
+    token: &str,
+    key: &str,
+) -> (u16, Value) {
+    for attempt in 0.. {
+        let address = {
+            let listed = processes.read().unwrap();
+            listed[attempt % listed.len()].clone()
+        };
+        let sent = http
+            .post(format!("{address}/api/v1/customer/tokens/consume"))
+            .bearer_auth(token)
+            .header("Idempotency-Key", key)
+            .json(&json!({"app_id": "vto-001", "session_id": key}))
+            .send()
+            .await;
+        if let Ok(response) = sent {
+            let status = response.status().as_u16();
+            if status != 503 {
+                return (status, response.json().await.unwrap_or(Value::Null));
+            }
+        }
+        assert!(attempt < 500, "{key} was never answered");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    unreachable!()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolling_restart_under_load_loses_no_consume_a_client_retries() {
+    let app = spawn_app().await;
+    let shop = app.customer_with_apps("professional", &["vto-001"]).await;
+    let mut first = Some(app.replica().await);
+    let mut second = Some(app.replica().await);
+    let processes = std::sync::RwLock::new(vec![
+        first.as_ref().unwrap().address.clone(),
+        second.as_ref().unwrap().address.clone(),
+    ]);
+
+    let clients = (0..6).map(|client| {
+        let (http, processes, token) = (&app.http, &processes, &shop.token);
+        async move {
+            let mut answers = Vec::new();
+            for i in 0..60 {
+                let key = format!("order-{client}-{i}");
+                answers.push(consume_until_answered(http, processes, token, &key).await);
+            }
+            answers
+        }
+    });
+    // Each process in turn is stopped (its requests in flight finish),
+    // started again on a new port, and listed in its place.
+    let restarts = async {
+        for (place, process) in [(0, &mut first), (1, &mut second)] {
+            tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+            drop(process.take());
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let restarted = app.replica().await;
+            processes.write().unwrap()[place] = restarted.address.clone();
+            *process = Some(restarted);
+        }
+    };
+    let (answers, ()) = tokio::join!(futures::future::join_all(clients), restarts);
+
+    let answers: Vec<(u16, Value)> = answers.into_iter().flatten().collect();
+    assert!(
+        answers.iter().all(|(status, _)| *status == 200),
+        "every consume answered 200"
+    );
+    let charged: HashSet<uuid::Uuid> = answers
+        .iter()
+        .map(|(_, body)| body["event_id"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(charged.len(), 360, "one charge per key");
+    app.drain_usage().await;
+    app.assert_ledger_exact(&charged).await;
+    assert_eq!(app.usage_rows(shop.id).await.0, 360);
 }
