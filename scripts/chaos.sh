@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# The worst day, on loopback: consumes for many customers while the
+# processes and stores under them are killed, stopped and paused; then
+# the books. Bounded (CHAOS_SECONDS of load, 60 by default) and
+# self-contained: its own Redis (AOF, `appendfsync everysec`) on port
+# 6395 and its own PostgreSQL cluster (initdb) on 5495, in a directory of
+# its own, never the machine's shared servers; the release binary as an
+# API process (8095) and a flusher process (8096).
+#
+# Clients (tests/chaos/client.py, THREADS threads): each consume under its
+# own Idempotency-Key, sent again on a refused connection or a 503 until
+# answered, as a well-behaved client does. Faults, spread over the run:
+#   kill -9 of the API process (started again);
+#   kill -9 of the flusher, three times, with batches of 20 so kills fall
+#     between a commit and its acknowledgement (the replacement's
+#     flusher_events_duplicate_total shows how many were written twice and
+#     stored once);
+#   kill -9 of Redis (started again from its AOF);
+#   PostgreSQL stopped for PG_DOWN_SECONDS (10 by default; 60 in the long
+#     run);
+#   Redis paused (SIGSTOP) for 1.5 s, past the consume's 250 ms deadline.
+# Afterwards the flusher drains, and per customer: the charges answered
+# 200 = the rows in token_usage = the hot balance's usage; no event twice;
+# no usage past the allowance. Prints the faults, requests, charges, lost
+# and duplicated (both must be 0) and the availability during each fault;
+# exits non-zero when anything is lost or doubled.
+#
+#   cargo build --release && scripts/chaos.sh
+#   CHAOS_SECONDS=300 PG_DOWN_SECONDS=60 scripts/chaos.sh    # the long run
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+bin=${BINARY:-$here/target/release/connected-apps}
+secs=${CHAOS_SECONDS:-60}
+pg_down=${PG_DOWN_SECONDS:-10}
+threads=${THREADS:-16}
+customers=${CUSTOMERS:-50}
+redis_port=6395 pg_port=5495 api_port=8095 flusher_port=8096
+[ -x "$bin" ] || { echo "chaos.sh: $bin is missing (cargo build --release)" >&2; exit 2; }
+pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+[ -x "$pg_bin/initdb" ] || { echo "chaos.sh: PostgreSQL's initdb is missing (apt-get install postgresql)" >&2; exit 2; }
+as_postgres() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+
+dir=$(mktemp -d /tmp/connected-apps-chaos.XXXXXX)
+chmod 755 "$dir"
+log() { echo "chaos $(date -u +%H:%M:%S): $*"; }
+api= flusher=
+# kill -9, and reaped quietly (the shell would report each as "Killed").
+slay() { kill -9 "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+cleanup() {
+  for pid in $api $flusher; do slay "$pid"; done
+  redis-cli -p $redis_port shutdown nosave >/dev/null 2>&1 || true
+  as_postgres "$pg_bin/pg_ctl" -D "$dir/pg" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+
+# --- its own Redis and PostgreSQL -------------------------------------
+mkdir -p "$dir/redis"
+start_redis() {
+  redis-server --port $redis_port --bind 127.0.0.1 --dir "$dir/redis" --daemonize yes \
+    --appendonly yes --appendfsync everysec --save '' --maxmemory-policy noeviction \
+    --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" >/dev/null
+  for _ in $(seq 50); do redis-cli -p $redis_port ping >/dev/null 2>&1 && return; sleep 0.1; done
+  log "redis did not start"; exit 1
+}
+mkdir -p "$dir/pg" "$dir/pgsock"
+chown postgres "$dir/pg" "$dir/pgsock" 2>/dev/null || true
+as_postgres "$pg_bin/initdb" -D "$dir/pg" -A trust -U postgres >/dev/null
+start_pg() {
+  as_postgres "$pg_bin/pg_ctl" -D "$dir/pg" -l "$dir/pg/server.log" -w \
+    -o "-p $pg_port -k $dir/pgsock -c listen_addresses=127.0.0.1" start >/dev/null
+}
+stop_pg() { as_postgres "$pg_bin/pg_ctl" -D "$dir/pg" -m fast -w stop >/dev/null; }
+start_redis
+start_pg
+
+export DATABASE_URL=postgres://postgres@127.0.0.1:$pg_port/chaos
+export REDIS_URL=redis://127.0.0.1:$redis_port/0 REDIS_KEY_PREFIX=chaos LOG_LEVEL=error
+export RATE_LIMIT_CONSUME_PER_HOUR=0 FLUSH_BATCH_SIZE=20 FLUSH_CLAIM_IDLE_MS=2000
+"$bin" migrate >/dev/null
+
+start_api() {
+  PORT=$api_port "$bin" serve --roles api >>"$dir/api.log" 2>&1 &
+  api=$!
+  for _ in $(seq 100); do curl -fs "http://127.0.0.1:$api_port/health/live" >/dev/null && return; sleep 0.1; done
+}
+start_flusher() {
+  PORT=$flusher_port "$bin" serve --roles flusher >>"$dir/flusher.log" 2>&1 &
+  flusher=$!
+}
+start_api
+start_flusher
+base=http://127.0.0.1:$api_port
+
+# --- customers: professional (10,000 tokens a period), vto-001 active --
+admin=$("$bin" token --admin)
+for i in $(seq "$customers"); do
+  id=$(curl -fs "$base/api/v1/admin/customers" -H "Authorization: Bearer $admin" \
+    -H 'Content-Type: application/json' \
+    -d '{"name":"Chaos Optics '"$i"'","email":"chaos-'"$i"'@example.com","plan_id":"professional"}' |
+    grep -o '"id":"[^"]*"' | head -n 1 | cut -d'"' -f4)
+  token=$("$bin" token --sub "$id")
+  curl -fs "$base/api/v1/customer/apps/vto-001/activate" -H "Authorization: Bearer $token" \
+    -H 'Content-Type: application/json' -d '{"configuration":{"widget_placement":"product_page"}}' >/dev/null
+  echo "$id $token" >> "$dir/tokens"
+done
+
+# --- load, and the faults ---------------------------------------------
+log "load: $threads clients, $customers customers, ${secs}s"
+python3 "$here/tests/chaos/client.py" "$base" "$dir/tokens" "$dir/answers" "$dir/stop" "$threads" &
+clients=$!
+start=$(date +%s)
+at() { local t=$(($1 * secs / 100)); while [ $(($(date +%s) - start)) -lt $t ]; do sleep 0.2; done; }
+faults=()
+fault() { faults+=("$1 $2 $3"); log "$3"; }
+
+at 8;  t=$(date +%s); slay $api; sleep 1; start_api; fault "$t" "$(date +%s)" "kill -9 of the API process, started again"
+at 16; t=$(date +%s); slay $flusher; start_flusher; fault "$t" "$(date +%s)" "kill -9 of the flusher, started again"
+at 24; t=$(date +%s); kill -9 "$(cat "$dir/redis.pid")"; sleep 1; start_redis; fault "$t" "$(date +%s)" "kill -9 of Redis, started again from its AOF"
+at 34; t=$(date +%s); slay $flusher; start_flusher; fault "$t" "$(date +%s)" "kill -9 of the flusher, started again"
+at 42; t=$(date +%s); stop_pg; sleep "$pg_down"; start_pg; fault "$t" "$(date +%s)" "PostgreSQL stopped for ${pg_down}s"
+at 70; t=$(date +%s); kill -STOP "$(cat "$dir/redis.pid")"; sleep 1.5; kill -CONT "$(cat "$dir/redis.pid")"; fault "$t" "$(date +%s)" "Redis paused for 1.5 s"
+at 82; t=$(date +%s); slay $flusher; start_flusher; fault "$t" "$(date +%s)" "kill -9 of the flusher, started again"
+at 100
+touch "$dir/stop"
+wait $clients
+
+# --- the books ----------------------------------------------------------
+log "load stopped; waiting for the flusher to drain"
+charged=$(awk '$3 == 200' "$dir/answers" | wc -l)
+for _ in $(seq 120); do
+  rows=$(psql -qtA "$DATABASE_URL" -c 'SELECT count(*) FROM token_usage' 2>/dev/null || echo 0)
+  [ "$rows" -ge "$charged" ] && break
+  sleep 1
+done
+sleep 2
+duplicates_written=$(curl -fs "http://127.0.0.1:$flusher_port/metrics" | awk '/^flusher_events_duplicate_total/ { s += $2 } END { print s + 0 }')
+
+psql -qtA "$DATABASE_URL" -c "COPY (SELECT id, customer_id, tokens_consumed - purchased_tokens_consumed FROM token_usage) TO STDOUT" > "$dir/rows"
+: > "$dir/hot"
+while read -r id _; do
+  used=$(redis-cli -p $redis_port --scan --pattern "chaos:v1:*:c:$id:acct" | head -n 1 |
+    xargs -r -I{} redis-cli -p $redis_port hget {} used)
+  echo "$id ${used:-0}"
+done < <(sed 's/ .*//' "$dir/tokens") > "$dir/hot"
+
+python3 - "$dir" "$charged" <<'PY'
+import collections, sys
+d = sys.argv[1]
+answers = [l.split() for l in open(f"{d}/answers") if l.strip()]
+rows = [l.split("\t") for l in open(f"{d}/rows") if l.strip()]
+hot = dict(l.split() for l in open(f"{d}/hot") if l.strip())
+acked = {a[3]: a[0] for a in answers if a[2] == "200"}
+stored = collections.Counter(r[0] for r in rows)
+lost = [e for e in acked if e not in stored]
+doubled = [e for e, n in stored.items() if n > 1 or e not in acked]
+unanswered = sum(1 for a in answers if a[2] == "0")
+tokens = collections.Counter()
+for r in rows:
+    tokens[r[1]] += int(r[2])
+mismatched = [c for c in hot if int(hot[c]) != tokens[c]]
+over = [c for c in hot if int(hot[c]) > 10000]
+by_status = collections.Counter(a[2] for a in answers)
+print(f"requests {len(answers)}: " + ", ".join(f"{s} x{n}" for s, n in sorted(by_status.items())))
+print(f"charges answered 200: {len(acked)}; rows in token_usage: {len(rows)}")
+print(f"lost: {len(lost)}; duplicated: {len(doubled)}; never answered: {unanswered}")
+print(f"customers whose hot usage differs from their rows: {len(mismatched)}; past the allowance: {len(over)}")
+open(f"{d}/verdict", "w").write("ok" if not (lost or doubled or mismatched or over or unanswered) else "failed")
+PY
+echo "flusher_events_duplicate_total of the last flusher (written twice, stored once): $duplicates_written"
+echo "availability during each fault (answered / attempts, from its start to 2 s after its end):"
+for f in "${faults[@]}"; do
+  read -r from to what <<<"$f"
+  awk -v a="$from" -v b="$((to + 2))" -v what="$what" '$1 >= a && $1 <= b { ok += $2; bad += $3 }
+    END { printf "  %-52s %5.1f %% (%d of %d)\n", what, (ok + bad) ? 100 * ok / (ok + bad) : 100, ok, ok + bad }' \
+    "$dir/answers.attempts"
+done
+[ "$(cat "$dir/verdict")" = ok ] || { log "FAILED: see above"; exit 1; }
+log "ok: nothing lost, nothing doubled"
