@@ -36,8 +36,14 @@ threads=${THREADS:-16}
 customers=${CUSTOMERS:-50}
 redis_port=6395 pg_port=5495 api_port=8095 flusher_port=8096
 [ -x "$bin" ] || { echo "chaos.sh: $bin is missing (cargo build --release)" >&2; exit 2; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+# PostgreSQL's server binaries and Redis, from the OS packages when missing.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v redis-server >/dev/null; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    postgresql redis-server >/dev/null
+fi
 pg_bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
-[ -x "$pg_bin/initdb" ] || { echo "chaos.sh: PostgreSQL's initdb is missing (apt-get install postgresql)" >&2; exit 2; }
 as_postgres() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 
 dir=$(mktemp -d /tmp/connected-apps-chaos.XXXXXX)
