@@ -32,14 +32,8 @@ service=$!
 trap 'kill $service 2>/dev/null || true' EXIT
 base=http://127.0.0.1:$port
 for _ in $(seq 100); do curl -fs "$base/health/ready" >/dev/null && break; sleep 0.1; done
-admin=$("$bin" token --admin)
-customer=$(curl -fs "$base/api/v1/admin/customers" -H "Authorization: Bearer $admin" \
-  -H 'Content-Type: application/json' \
-  -d '{"name":"Capacity Optics","email":"capacity-'"$RANDOM$RANDOM"'@example.com","plan_id":"enterprise"}' |
-  grep -o '"id":"[^"]*"' | head -n 1 | cut -d'"' -f4)
-token=$("$bin" token --sub "$customer")
-curl -fs "$base/api/v1/customer/apps/vto-001/activate" -H "Authorization: Bearer $token" \
-  -H 'Content-Type: application/json' -d '{"configuration":{"widget_placement":"product_page"}}' >/dev/null
+. "$here/scripts/customer.sh"
+read -r customer token < <(new_customer "$bin" "$base" enterprise)
 body='{"app_id":"vto-001","session_id":"sess-1","metadata":{"visitor_id":"visitor-1","processing_time_ms":120.5}}'
 
 # Sum of MEMORY USAGE over the keys matching a pattern, and their count.

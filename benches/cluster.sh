@@ -18,6 +18,7 @@ secs=${SECONDS_EACH:-8}
 command -v wrk >/dev/null || { echo "cluster.sh: wrk is missing (apt-get install wrk)" >&2; exit 2; }
 [ -x "$bin" ] || { echo "cluster.sh: $bin is missing (cargo build --release)" >&2; exit 2; }
 cluster_url=$("$here/scripts/redis-cluster.sh")
+. "$here/scripts/customer.sh"
 export DATABASE_URL=${BENCH_DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/bench_cluster}
 export LOG_LEVEL=warn PORT=$port RATE_LIMIT_CONSUME_PER_HOUR=0
 "$bin" migrate >/dev/null
@@ -44,21 +45,15 @@ run() {
   REDIS_URL=$url REDIS_KEY_PREFIX="bench-cluster-$RANDOM" "$bin" serve --roles api &
   service=$!
   for _ in $(seq 100); do curl -fs "$base/health/ready" >/dev/null && break; sleep 0.1; done
-  local admin tokens=() masters=() customer shard owner
-  admin=$("$bin" token --admin)
+  local tokens=() masters=() customer token shard owner
   while [ "${#tokens[@]}" -lt 3 ]; do
-    customer=$(curl -fs "$base/api/v1/admin/customers" -H "Authorization: Bearer $admin" \
-      -H 'Content-Type: application/json' \
-      -d '{"name":"Cluster Optics","email":"cluster-'"$RANDOM$RANDOM"'@example.com","plan_id":"enterprise"}' |
-      grep -o '"id":"[^"]*"' | head -n 1 | cut -d'"' -f4)
+    read -r customer token < <(new_customer "$bin" "$base" enterprise)
     # UUIDs end in random bits: the shard is the last hex digit (16 shards).
     shard=$((16#${customer: -1}))
     owner=$(owner_of_shard "$shard")
     [[ " ${masters[*]} " == *" $owner "* ]] && continue
     masters+=("$owner")
-    tokens+=("$("$bin" token --sub "$customer")")
-    curl -fs "$base/api/v1/customer/apps/vto-001/activate" -H "Authorization: Bearer ${tokens[-1]}" \
-      -H 'Content-Type: application/json' -d '{"configuration":{"widget_placement":"product_page"}}' >/dev/null
+    tokens+=("$token")
   done
   {
     printf 'local tokens = { "%s", "%s", "%s" }\nlocal i = 0\n' "${tokens[@]}"

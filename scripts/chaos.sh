@@ -99,17 +99,8 @@ start_flusher
 base=http://127.0.0.1:$api_port
 
 # --- customers: professional (10,000 tokens a period), vto-001 active --
-admin=$("$bin" token --admin)
-for i in $(seq "$customers"); do
-  id=$(curl -fs "$base/api/v1/admin/customers" -H "Authorization: Bearer $admin" \
-    -H 'Content-Type: application/json' \
-    -d '{"name":"Chaos Optics '"$i"'","email":"chaos-'"$i"'@example.com","plan_id":"professional"}' |
-    grep -o '"id":"[^"]*"' | head -n 1 | cut -d'"' -f4)
-  token=$("$bin" token --sub "$id")
-  curl -fs "$base/api/v1/customer/apps/vto-001/activate" -H "Authorization: Bearer $token" \
-    -H 'Content-Type: application/json' -d '{"configuration":{"widget_placement":"product_page"}}' >/dev/null
-  echo "$id $token" >> "$dir/tokens"
-done
+. "$here/scripts/customer.sh"
+for _ in $(seq "$customers"); do new_customer "$bin" "$base" professional >> "$dir/tokens"; done
 
 # --- load, and the faults ---------------------------------------------
 log "load: $threads clients, $customers customers, ${secs}s"
