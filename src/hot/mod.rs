@@ -129,9 +129,12 @@ pub fn builder(url: &str, command_timeout: Duration) -> anyhow::Result<Builder> 
     // finds its own outcome record, lua/consume.lua "Sent twice"; a settle
     // its fence; account changes their done-once marker; the flusher's
     // reads and writes are idempotent; a route limiter at worst counts one
-    // request twice), so two redirections are followed. One server never
-    // redirects, and a command is not sent again after a broken
-    // connection: the caller settles instead (hot/charge.rs).
+    // request twice), so a command may go out six times: while a slot
+    // moves, one call can meet MOVED, then ASK, then MOVED again (fewer
+    // attempts failed calls in tests/api/cluster.rs). In a cluster a
+    // command is also sent again after a broken connection. One server
+    // never redirects, and there a command is not sent again: the caller
+    // settles instead (hot/charge.rs).
     let attempts = if config.server.is_clustered() { 6 } else { 1 };
     let mut builder = Builder::from_config(config);
     builder
