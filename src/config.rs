@@ -301,6 +301,7 @@ pub struct RateLimitSettings {
 const DEV_JWT_SECRET: &str = "development-only-jwt-secret-change-me-0123456789";
 const DEV_DATABASE_URL: &str = "postgres://postgres:postgres@127.0.0.1:5432/connected_apps";
 const DEV_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+const DEV_DATA_KEYS: &str = "dev:ZGV2ZWxvcG1lbnQtb25seS1rZXktMzItYnl0ZXMhISE=";
 
 /// A Redis URL the client can use: one server (`redis://`, `rediss://` for
 /// TLS) or a Redis Cluster named by some of its nodes
@@ -323,7 +324,6 @@ fn check_redis_url(name: &str, url: &str) -> Result<(), ConfigError> {
         .map(|_| ())
         .map_err(|e| ConfigError::new(name, &format!("is not a usable Redis URL: {}", e.details())))
 }
-const DEV_DATA_KEYS: &str = "dev:ZGV2ZWxvcG1lbnQtb25seS1rZXktMzItYnl0ZXMhISE=";
 
 impl Settings {
     /// Reads the process environment.

@@ -17,7 +17,7 @@
 //! afterwards in one snapshot, which tells which of the stream's events
 //! it already holds, so none is counted twice.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use fred::interfaces::HashesInterface;
@@ -160,15 +160,15 @@ impl UsageDrift {
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             .execute(&mut *tx)
             .await?;
-        let (ids, starts, ends) = steady.iter().fold(
-            (Vec::new(), Vec::new(), Vec::new()),
-            |(mut ids, mut starts, mut ends), (customer, hot)| {
-                ids.push(*customer);
-                starts.push(at(hot.period_start_ms));
-                ends.push(at(hot.period_end_ms));
-                (ids, starts, ends)
-            },
-        );
+        let ids: Vec<Uuid> = steady.iter().map(|(customer, _)| *customer).collect();
+        let starts: Vec<_> = steady
+            .iter()
+            .map(|(_, hot)| at(hot.period_start_ms))
+            .collect();
+        let ends: Vec<_> = steady
+            .iter()
+            .map(|(_, hot)| at(hot.period_end_ms))
+            .collect();
         let ledger: HashMap<Uuid, i64> = sqlx::query_as::<_, (Uuid, i64)>(
             "SELECT p.customer_id, COALESCE(SUM(u.tokens_consumed - u.purchased_tokens_consumed), 0)::int8
              FROM UNNEST($1::uuid[], $2::timestamptz[], $3::timestamptz[]) AS p(customer_id, starts, ends)
@@ -184,7 +184,7 @@ impl UsageDrift {
         .into_iter()
         .collect();
         let event_ids: Vec<Uuid> = backlog.iter().map(|(_, event)| event.id).collect();
-        let persisted: std::collections::HashSet<Uuid> =
+        let persisted: HashSet<Uuid> =
             sqlx::query_scalar("SELECT id FROM token_usage WHERE id = ANY($1)")
                 .bind(&event_ids)
                 .fetch_all(&mut *tx)

@@ -17,14 +17,14 @@
 //! mid-way leaves the charges before the failure made and the rest not;
 //! each caller learns which from its own record.
 
+use std::time::Duration;
+
 use fred::{
     clients::Pool,
     interfaces::LuaInterface,
     prelude::{Error, ErrorKind},
     types::{scripts::Script, Key, MultipleKeys, MultipleValues, Value},
 };
-use std::time::Duration;
-
 use tokio::sync::{mpsc, oneshot};
 
 use super::Keys;
@@ -157,24 +157,21 @@ pub(super) async fn call(
     ];
     let client = pool.next();
     let mut pauses = TRY_AGAIN.iter();
+    let mut loaded = false;
     loop {
-        let reply = match client
+        match client
             .evalsha(script.sha1().clone(), keys.clone(), args.clone())
             .await
         {
-            Err(e) if e.details().starts_with("NOSCRIPT") => {
+            Err(e) if e.details().starts_with("NOSCRIPT") && !loaded => {
                 script.load(client).await?;
-                client
-                    .evalsha(script.sha1().clone(), keys.clone(), args.clone())
-                    .await
+                loaded = true;
             }
-            reply => reply,
-        };
-        match (reply, pauses.next()) {
-            (Err(e), Some(pause)) if e.details().starts_with("TRYAGAIN") => {
-                tokio::time::sleep(*pause).await;
-            }
-            (reply, _) => return reply,
+            Err(e) if e.details().starts_with("TRYAGAIN") => match pauses.next() {
+                Some(pause) => tokio::time::sleep(*pause).await,
+                None => return Err(e),
+            },
+            reply => return reply,
         }
     }
 }

@@ -30,7 +30,7 @@
 //! compared with Stripe and set right where it differs (one replica at a
 //! time, see `domain::reconcile`).
 
-use std::sync::Arc;
+use std::{future::Future, pin::Pin, sync::Arc};
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -48,6 +48,9 @@ const GAUGES_LOCK: i64 = 0x0ca0_0004;
 
 /// `period_usage_ratio`'s buckets (as in `telemetry`).
 pub const USAGE_RATIO_BUCKETS: [f64; 8] = [0.1, 0.25, 0.5, 0.75, 0.8, 0.9, 0.95, 1.0];
+
+/// A job's run, on the scheduler's state.
+type Task = fn(Arc<Scheduler>) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 
 pub struct Scheduler {
     db: PgPool,
@@ -201,41 +204,27 @@ impl Scheduler {
         self.business_gauges().await;
         let this = Arc::new(self);
         let mut scheduler = JobScheduler::new().await?;
-        let job_state = this.clone();
-        scheduler
-            .add(Job::new_async("0 * * * * *", move |_id, _lock| {
-                let job_state = job_state.clone();
-                Box::pin(async move { job_state.rollover().await })
-            })?)
-            .await?;
-        let job_state = this.clone();
-        scheduler
-            .add(Job::new_async("0 0 3 * * *", move |_id, _lock| {
-                let job_state = job_state.clone();
-                Box::pin(async move { job_state.daily().await })
-            })?)
-            .await?;
-        let job_state = this.clone();
-        scheduler
-            .add(Job::new_async("*/30 * * * * *", move |_id, _lock| {
-                let job_state = job_state.clone();
-                Box::pin(async move { job_state.business_gauges().await })
-            })?)
-            .await?;
-        let job_state = this.clone();
-        scheduler
-            .add(Job::new_async("30 */5 * * * *", move |_id, _lock| {
-                let job_state = job_state.clone();
-                Box::pin(async move { job_state.usage_drift().await })
-            })?)
-            .await?;
-        let job_state = this.clone();
-        scheduler
-            .add(Job::new_async("0 0 4 * * *", move |_id, _lock| {
-                let job_state = job_state.clone();
-                Box::pin(async move { job_state.reconcile().await })
-            })?)
-            .await?;
+        let jobs: [(&str, Task); 5] = [
+            ("0 * * * * *", |s| {
+                Box::pin(async move { s.rollover().await })
+            }),
+            ("0 0 3 * * *", |s| Box::pin(async move { s.daily().await })),
+            ("*/30 * * * * *", |s| {
+                Box::pin(async move { s.business_gauges().await })
+            }),
+            ("30 */5 * * * *", |s| {
+                Box::pin(async move { s.usage_drift().await })
+            }),
+            ("0 0 4 * * *", |s| {
+                Box::pin(async move { s.reconcile().await })
+            }),
+        ];
+        for (cron, task) in jobs {
+            let state = this.clone();
+            scheduler
+                .add(Job::new_async(cron, move |_id, _lock| task(state.clone()))?)
+                .await?;
+        }
         scheduler.start().await?;
         shutdown.cancelled().await;
         scheduler.shutdown().await?;

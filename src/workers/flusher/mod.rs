@@ -172,15 +172,21 @@ impl Flusher {
     /// the stream, so events written before the group existed are read).
     pub async fn ensure_groups(&self) -> anyhow::Result<()> {
         for stream in self.keys.usage_streams() {
-            let created: Result<Value, _> =
-                self.redis.xgroup_create(stream, GROUP, "0", true).await;
-            match created {
-                Ok(_) => {}
-                Err(e) if e.details().starts_with("BUSYGROUP") => {}
-                Err(e) => return Err(e.into()),
-            }
+            self.create_group(stream).await?;
         }
         Ok(())
+    }
+
+    /// Creates the consumer group on `stream` from its start (and the
+    /// stream if missing). `false` when it already existed (made by
+    /// another flusher, or never lost).
+    async fn create_group(&self, stream: &str) -> anyhow::Result<bool> {
+        let created: Result<Value, _> = self.redis.xgroup_create(stream, GROUP, "0", true).await;
+        match created {
+            Ok(_) => Ok(true),
+            Err(e) if e.details().starts_with("BUSYGROUP") => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// One pass: take a batch, write it, acknowledge it. Returns how many

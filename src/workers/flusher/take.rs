@@ -78,25 +78,16 @@ impl Flusher {
     /// the balances are rebuilt from the ledger (README, "Redis
     /// durability").
     async fn group_lost(&self, shard: u16) -> anyhow::Result<()> {
-        let stream = self.keys.usage_stream(shard);
-        match self
-            .redis
-            .xgroup_create::<Value, _, _, _>(stream, GROUP, "0", true)
-            .await
-        {
-            Ok(_) => {
-                tracing::error!(
-                    shard,
-                    "the usage stream had lost its consumer group: Redis lost its data, \
-                     and the charges not flushed before it are lost; the group is made again"
-                );
-                metrics::counter!("usage_stream_groups_lost_total").increment(1);
-                Ok(())
-            }
-            // Another flusher made it again first.
-            Err(e) if e.details().starts_with("BUSYGROUP") => Ok(()),
-            Err(e) => Err(e.into()),
+        // Not made here when another flusher made it again first.
+        if self.create_group(self.keys.usage_stream(shard)).await? {
+            tracing::error!(
+                shard,
+                "the usage stream had lost its consumer group: Redis lost its data, \
+                 and the charges not flushed before it are lost; the group is made again"
+            );
+            metrics::counter!("usage_stream_groups_lost_total").increment(1);
         }
+        Ok(())
     }
 
     /// Takes over entries pending for at least `FLUSH_CLAIM_IDLE_MS` with
