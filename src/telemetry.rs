@@ -461,6 +461,10 @@ fn describe_metrics() {
         "usage_stream_groups_lost_total",
         "Usage streams found without their consumer group (Redis lost its data) and given a new one"
     );
+    describe_counter!(
+        "usage_events_possibly_lost_total",
+        "Charges not yet flushed when Redis lost their stream: the shard's backlog as last measured, less what was flushed since"
+    );
     describe_gauge!(
         "ledger_drift_customers",
         "Customers whose usage this period in Redis differs from the ledger plus the unflushed stream, at the last check"

@@ -468,24 +468,42 @@ async fn an_unlimited_plan_persists_usage_past_two_to_the_thirty_one_tokens_in_a
 }
 
 #[tokio::test]
-async fn after_redis_lost_its_data_the_running_flusher_makes_its_group_again_and_flushes_on() {
+async fn after_redis_lost_its_data_the_running_flusher_makes_its_group_again_counts_what_was_lost_and_flushes_on(
+) {
     let app = spawn_app().await;
     let shop = app.customer_with_apps("professional", &["vto-001"]).await;
     let mut charged = app.consume_many(&shop, "vto-001", 10, 4).await;
     let mut flusher = app.flusher().await;
     while flusher.step().await.unwrap() > 0 {}
 
-    // Redis restarts empty: the next consumes rebuild the balance from the
-    // ledger and write a new stream, which has no consumer group.
+    // Three charges the flusher measures as waiting, then Redis restarts
+    // empty before they are flushed: they are gone with the stream.
+    app.consume_many(&shop, "vto-001", 3, 3).await;
+    flusher.observe().await.unwrap();
+    let lost_before = counter(
+        &app.metrics_text().await,
+        "usage_events_possibly_lost_total",
+    );
     app.wipe_redis().await;
+
+    // The next consumes rebuild the balance from the ledger and write a
+    // new stream, which has no consumer group.
     charged.extend(app.consume_many(&shop, "vto-001", 5, 4).await);
     assert_eq!(charged.len(), 15);
 
-    // The same flusher, running all along, reads them.
+    // The same flusher, running all along, reads them, and says how many
+    // charges the loss took (other tests may add to the same counter).
     assert_eq!(flusher.step().await.unwrap(), 5);
     app.assert_ledger_exact(&charged).await;
-    assert!(app
-        .metrics_text()
-        .await
-        .contains("usage_stream_groups_lost_total"));
+    let metrics = app.metrics_text().await;
+    assert!(metrics.contains("usage_stream_groups_lost_total"));
+    assert!(counter(&metrics, "usage_events_possibly_lost_total") >= lost_before + 3.0);
+}
+
+/// A counter's value in Prometheus's text format; 0 when absent.
+fn counter(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .map_or(0.0, |value| value.trim().parse().unwrap())
 }

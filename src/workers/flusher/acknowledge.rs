@@ -30,6 +30,9 @@ impl Flusher {
             }
         }
         for (shard, ids) in by_shard {
+            // In the ledger now, whether or not the acknowledgement lands.
+            let seen = &mut self.unflushed_seen[usize::from(shard)];
+            *seen = seen.saturating_sub(ids.len() as u64);
             let _: i64 = self
                 .redis
                 .xack(self.keys.usage_stream(shard), GROUP, ids)

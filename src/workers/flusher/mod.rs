@@ -91,6 +91,10 @@ pub struct Flusher {
     /// failed batch, a previous run under the same name, or claimed), which
     /// the next pass reads before new ones.
     own_pending: Vec<bool>,
+    /// Per shard, the events not yet flushed as last measured by
+    /// [`Flusher::observe`], less those this process has flushed since: the
+    /// charges that may be gone should Redis lose the stream now.
+    unflushed_seen: Vec<u64>,
 }
 
 /// Entries taken from the streams, not yet acknowledged.
@@ -159,6 +163,7 @@ impl Flusher {
             redis: client,
             db,
             own_pending: vec![true; usize::from(keys.shards())],
+            unflushed_seen: vec![0; usize::from(keys.shards())],
             keys,
             settings,
             partitions: HashSet::new(),

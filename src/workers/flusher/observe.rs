@@ -10,8 +10,9 @@ use crate::hot::streams::{entry_ids, group_info, id_millis, oldest_pending};
 impl Flusher {
     /// Measures every shard's backlog and exports it: `usage_stream_entries`,
     /// `usage_stream_pending`, `usage_stream_undelivered` and
-    /// `usage_stream_oldest_unflushed_seconds`, per shard.
-    pub async fn observe(&self) -> anyhow::Result<Vec<StreamBacklog>> {
+    /// `usage_stream_oldest_unflushed_seconds`, per shard. Remembers each
+    /// shard's unflushed count, to say how many charges a loss took.
+    pub async fn observe(&mut self) -> anyhow::Result<Vec<StreamBacklog>> {
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
@@ -47,6 +48,7 @@ impl Flusher {
                     backlog.oldest_unflushed_ms = now_ms.saturating_sub(ms);
                 }
             }
+            self.unflushed_seen[usize::from(shard)] = backlog.pending + backlog.undelivered;
             let label = shard.to_string();
             metrics::gauge!("usage_stream_entries", "shard" => label.clone())
                 .set(backlog.entries as f64);

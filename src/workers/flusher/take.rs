@@ -40,28 +40,16 @@ impl Flusher {
     }
 
     async fn read(
-        &self,
+        &mut self,
         shard: u16,
         from: &str,
         count: usize,
         batch: &mut Batch,
     ) -> anyhow::Result<()> {
-        let stream = self.keys.usage_stream(shard);
-        let read = || {
-            self.redis.xreadgroup::<Value, _, _, _, _>(
-                GROUP,
-                &self.settings.consumer_name,
-                Some(count as u64),
-                None,
-                false,
-                stream,
-                from,
-            )
-        };
-        let reply = match read().await {
+        let reply = match self.read_once(shard, from, count).await {
             Err(e) if e.details().starts_with("NOGROUP") => {
                 self.group_lost(shard).await?;
-                read().await?
+                self.read_once(shard, from, count).await?
             }
             reply => reply?,
         };
@@ -69,23 +57,47 @@ impl Flusher {
         Ok(())
     }
 
+    async fn read_once(&self, shard: u16, from: &str, count: usize) -> Result<Value, Error> {
+        self.redis
+            .xreadgroup(
+                GROUP,
+                &self.settings.consumer_name,
+                Some(count as u64),
+                None,
+                false,
+                self.keys.usage_stream(shard),
+                from,
+            )
+            .await
+    }
+
     /// A shard's stream without its consumer group: Redis lost its data (a
     /// restart without persistence, a failover to a replica that had not
     /// received it, a flush) and the consumes since made a new stream. The
-    /// group is made again from the stream's start, so those are flushed;
-    /// what Redis lost is said loudly, since it cannot be counted here:
-    /// the charges made before the loss and not yet flushed are gone, and
-    /// the balances are rebuilt from the ledger (README, "Redis
+    /// group is made again from the stream's start, so those are flushed,
+    /// and the balances are rebuilt from the ledger (README, "Redis
     /// durability").
-    async fn group_lost(&self, shard: u16) -> anyhow::Result<()> {
-        // Not made here when another flusher made it again first.
+    ///
+    /// The charges made before the loss and not yet flushed are gone with
+    /// the stream, and nothing left in Redis or Postgres counts them: the
+    /// count reported is the shard's unflushed backlog as this flusher last
+    /// measured it (at most `OBSERVE_EVERY` before), less what it flushed
+    /// since. Charges made after that measurement are not in it, and
+    /// events another flusher wrote meanwhile are, so it is the size of
+    /// the loss, not a list of it.
+    async fn group_lost(&mut self, shard: u16) -> anyhow::Result<()> {
+        // Not made here when another flusher made it again first (and
+        // reported it).
         if self.create_group(self.keys.usage_stream(shard)).await? {
+            let lost = std::mem::take(&mut self.unflushed_seen[usize::from(shard)]);
             tracing::error!(
                 shard,
+                possibly_lost = lost,
                 "the usage stream had lost its consumer group: Redis lost its data, \
                  and the charges not flushed before it are lost; the group is made again"
             );
             metrics::counter!("usage_stream_groups_lost_total").increment(1);
+            metrics::counter!("usage_events_possibly_lost_total").increment(lost);
         }
         Ok(())
     }
