@@ -12,13 +12,21 @@
 # answered, as a well-behaved client does. Faults, spread over the run:
 #   kill -9 of the API process (started again);
 #   kill -9 of the flusher, three times, with batches of 20 so kills fall
-#     between a commit and its acknowledgement (the replacement's
-#     flusher_events_duplicate_total shows how many were written twice and
-#     stored once);
+#     between a commit and its acknowledgement; the second while Redis is
+#     paused for 0.3 s, so a flusher that was writing has committed and
+#     waits on its acknowledgement when it dies. Each flusher's
+#     flusher_events_duplicate_total, read before it is killed and summed,
+#     shows how many events were written twice and stored once: a kill
+#     that fell between a commit and its acknowledgement;
 #   kill -9 of Redis (started again from its AOF);
 #   PostgreSQL stopped for PG_DOWN_SECONDS (10 by default; 60 in the long
 #     run);
 #   Redis paused (SIGSTOP) for 1.5 s, past the consume's 250 ms deadline.
+# With CHAOS_REDIS=cluster, Redis is a cluster of three masters with a
+# replica each (ports 7395-7400, AOF everysec on every node): the kill and
+# the pause hit one master each (both shorter than the cluster's node
+# timeout, so no failover), and a further fault fails a third master over
+# to its replica (CLUSTER FAILOVER, the planned kind, under load).
 # Afterwards the flusher drains, and per customer: the charges answered
 # 200 = the rows in token_usage = the hot balance's usage; no event twice;
 # no usage past the allowance. Prints the faults, requests, charges, lost
@@ -26,15 +34,24 @@
 # exits non-zero when anything is lost or doubled.
 #
 #   cargo build --release && scripts/chaos.sh
-#   CHAOS_SECONDS=300 PG_DOWN_SECONDS=60 scripts/chaos.sh    # the long run
+#   CHAOS_REDIS=cluster scripts/chaos.sh                     # on Redis Cluster
+#   CHAOS_SECONDS=300 PG_DOWN_SECONDS=60 CUSTOMERS=600 scripts/chaos.sh  # the long run
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 bin=${BINARY:-$here/target/release/connected-apps}
 secs=${CHAOS_SECONDS:-60}
 pg_down=${PG_DOWN_SECONDS:-10}
 threads=${THREADS:-16}
-customers=${CUSTOMERS:-50}
-redis_port=6395 pg_port=5495 api_port=8095 flusher_port=8096
+# Enough customers that their allowances (10,000 tokens each) last the
+# run, so every fault meets charges rather than refusals.
+customers=${CUSTOMERS:-150}
+mode=${CHAOS_REDIS:-single}
+pg_port=5495 api_port=8095 flusher_port=8096
+case $mode in
+  single) redis_ports=(6395) ;;
+  cluster) redis_ports=(7395 7396 7397 7398 7399 7400) ;;
+  *) echo "chaos.sh: CHAOS_REDIS is single or cluster" >&2; exit 2 ;;
+esac
 [ -x "$bin" ] || { echo "chaos.sh: $bin is missing (cargo build --release)" >&2; exit 2; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 # PostgreSQL's server binaries and Redis, from the OS packages when missing.
@@ -54,20 +71,38 @@ api= flusher=
 slay() { kill -9 "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 cleanup() {
   for pid in $api $flusher; do slay "$pid"; done
-  redis-cli -p $redis_port shutdown nosave >/dev/null 2>&1 || true
+  for p in "${redis_ports[@]}"; do redis-cli -p "$p" shutdown nosave >/dev/null 2>&1 || true; done
   as_postgres "$pg_bin/pg_ctl" -D "$dir/pg" -m immediate stop >/dev/null 2>&1 || true
   rm -rf "$dir"
 }
 trap cleanup EXIT
 
 # --- its own Redis and PostgreSQL -------------------------------------
-mkdir -p "$dir/redis"
+# start_redis PORT: one node, from its AOF when it has one.
 start_redis() {
-  redis-server --port $redis_port --bind 127.0.0.1 --dir "$dir/redis" --daemonize yes \
+  local p=$1 cluster=()
+  [ "$mode" = cluster ] && cluster=(--cluster-enabled yes --cluster-config-file nodes.conf
+    --cluster-node-timeout 5000)
+  mkdir -p "$dir/redis/$p"
+  redis-server --port "$p" --bind 127.0.0.1 --dir "$dir/redis/$p" --daemonize yes \
     --appendonly yes --appendfsync everysec --save '' --maxmemory-policy noeviction \
-    --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" >/dev/null
-  for _ in $(seq 50); do redis-cli -p $redis_port ping >/dev/null 2>&1 && return; sleep 0.1; done
-  log "redis did not start"; exit 1
+    "${cluster[@]}" --pidfile "$dir/redis/$p.pid" --logfile "$dir/redis/$p.log" >/dev/null
+  for _ in $(seq 50); do redis-cli -p "$p" ping >/dev/null 2>&1 && return; sleep 0.1; done
+  log "redis on $p did not start"; exit 1
+}
+redis_pid() { cat "$dir/redis/$1.pid"; }
+# The cluster's view, from one node: "<port> <role> <master's port>" a line.
+cluster_nodes() {
+  redis-cli -p "${redis_ports[0]}" cluster nodes | awk '
+    { split($2, a, "[:@]"); port[$1] = a[2]; role[$1] = ($3 ~ /master/) ? "master" : "replica"; of[$1] = $4 }
+    END { for (id in port) print port[id], role[id], (of[id] in port) ? port[of[id]] : "-" }'
+}
+masters() { cluster_nodes | awk '$2 == "master" { print $1 }' | sort; }
+replica_of() { cluster_nodes | awk -v m="$1" '$2 == "replica" && $3 == m { print $1; exit }'; }
+cluster_ok() {
+  for p in "${redis_ports[@]}"; do
+    redis-cli -p "$p" cluster info | tr -d '\r' | grep -q '^cluster_state:ok' || return 1
+  done
 }
 mkdir -p "$dir/pg" "$dir/pgsock"
 chown postgres "$dir/pg" "$dir/pgsock" 2>/dev/null || true
@@ -77,11 +112,19 @@ start_pg() {
     -o "-p $pg_port -k $dir/pgsock -c listen_addresses=127.0.0.1" start >/dev/null
 }
 stop_pg() { as_postgres "$pg_bin/pg_ctl" -D "$dir/pg" -m fast -w stop >/dev/null; }
-start_redis
+for p in "${redis_ports[@]}"; do start_redis "$p"; done
+if [ "$mode" = cluster ]; then
+  redis-cli --cluster create "${redis_ports[@]/#/127.0.0.1:}" --cluster-replicas 1 --cluster-yes >/dev/null
+  for _ in $(seq 100); do cluster_ok && [ "$(masters | wc -l)" = 3 ] && break; sleep 0.2; done
+  cluster_ok || { log "the cluster did not come up"; exit 1; }
+  REDIS_URL="redis-cluster://127.0.0.1:${redis_ports[0]}?node=127.0.0.1:${redis_ports[1]}&node=127.0.0.1:${redis_ports[2]}"
+else
+  REDIS_URL=redis://127.0.0.1:${redis_ports[0]}/0
+fi
 start_pg
 
 export DATABASE_URL=postgres://postgres@127.0.0.1:$pg_port/chaos
-export REDIS_URL=redis://127.0.0.1:$redis_port/0 REDIS_KEY_PREFIX=chaos LOG_LEVEL=error
+export REDIS_URL REDIS_KEY_PREFIX=chaos LOG_LEVEL=error
 export RATE_LIMIT_CONSUME_PER_HOUR=0 FLUSH_BATCH_SIZE=20 FLUSH_CLAIM_IDLE_MS=2000
 "$bin" migrate >/dev/null
 
@@ -94,6 +137,16 @@ start_flusher() {
   PORT=$flusher_port "$bin" serve --roles flusher >>"$dir/flusher.log" 2>&1 &
   flusher=$!
 }
+# Events a flusher found already in the ledger (redelivered after another
+# flusher's commit), summed over every flusher of the run.
+duplicates_written=0
+count_duplicates() {
+  local n
+  n=$(curl -fs "http://127.0.0.1:$flusher_port/metrics" 2>/dev/null |
+    awk '/^flusher_events_duplicate_total/ { s += $2 } END { printf "%d", s }')
+  duplicates_written=$((duplicates_written + ${n:-0}))
+}
+kill_flusher() { count_duplicates; slay "$flusher"; start_flusher; }
 start_api
 start_flusher
 base=http://127.0.0.1:$api_port
@@ -103,7 +156,7 @@ base=http://127.0.0.1:$api_port
 for _ in $(seq "$customers"); do new_customer "$bin" "$base" professional >> "$dir/tokens"; done
 
 # --- load, and the faults ---------------------------------------------
-log "load: $threads clients, $customers customers, ${secs}s"
+log "load: $threads clients, $customers customers, ${secs}s, Redis: $mode"
 python3 "$here/tests/chaos/client.py" "$base" "$dir/tokens" "$dir/answers" "$dir/stop" "$threads" &
 clients=$!
 start=$(date +%s)
@@ -112,12 +165,25 @@ faults=()
 fault() { faults+=("$1 $2 $3"); log "$3"; }
 
 at 8;  t=$(date +%s); slay $api; sleep 1; start_api; fault "$t" "$(date +%s)" "kill -9 of the API process, started again"
-at 16; t=$(date +%s); slay $flusher; start_flusher; fault "$t" "$(date +%s)" "kill -9 of the flusher, started again"
-at 24; t=$(date +%s); kill -9 "$(cat "$dir/redis.pid")"; sleep 1; start_redis; fault "$t" "$(date +%s)" "kill -9 of Redis, started again from its AOF"
-at 34; t=$(date +%s); slay $flusher; start_flusher; fault "$t" "$(date +%s)" "kill -9 of the flusher, started again"
+at 16; t=$(date +%s); kill_flusher; fault "$t" "$(date +%s)" "kill -9 of the flusher, started again"
+# Single: the one Redis. Cluster: the masters in turn (the kill, the
+# failover and the pause each on another one).
+if [ "$mode" = cluster ]; then mapfile -t master < <(masters); else master=("${redis_ports[0]}" "${redis_ports[0]}" "${redis_ports[0]}"); fi
+at 24; t=$(date +%s); kill -9 "$(redis_pid "${master[0]}")"; sleep 1; start_redis "${master[0]}"; fault "$t" "$(date +%s)" "kill -9 of Redis (${master[0]}), started again from its AOF"
+at 34; t=$(date +%s); count_duplicates
+for p in "${master[@]}"; do kill -STOP "$(redis_pid "$p")"; done
+sleep 0.3; slay "$flusher"
+for p in "${master[@]}"; do kill -CONT "$(redis_pid "$p")"; done
+start_flusher; fault "$t" "$(date +%s)" "kill -9 of the flusher while Redis is paused, started again"
 at 42; t=$(date +%s); stop_pg; sleep "$pg_down"; start_pg; fault "$t" "$(date +%s)" "PostgreSQL stopped for ${pg_down}s"
-at 70; t=$(date +%s); kill -STOP "$(cat "$dir/redis.pid")"; sleep 1.5; kill -CONT "$(cat "$dir/redis.pid")"; fault "$t" "$(date +%s)" "Redis paused for 1.5 s"
-at 82; t=$(date +%s); slay $flusher; start_flusher; fault "$t" "$(date +%s)" "kill -9 of the flusher, started again"
+if [ "$mode" = cluster ]; then
+  at 60; t=$(date +%s); replica=$(replica_of "${master[1]}")
+  redis-cli -p "$replica" cluster failover >/dev/null
+  for _ in $(seq 100); do [ "$(replica_of "$replica")" = "${master[1]}" ] && cluster_ok && break; sleep 0.1; done
+  fault "$t" "$(date +%s)" "failover of master ${master[1]} to its replica $replica"
+fi
+at 70; t=$(date +%s); kill -STOP "$(redis_pid "${master[2]}")"; sleep 1.5; kill -CONT "$(redis_pid "${master[2]}")"; fault "$t" "$(date +%s)" "Redis (${master[2]}) paused for 1.5 s"
+at 82; t=$(date +%s); kill_flusher; fault "$t" "$(date +%s)" "kill -9 of the flusher, started again"
 at 100
 touch "$dir/stop"
 wait $clients
@@ -131,15 +197,16 @@ for _ in $(seq 120); do
   sleep 1
 done
 sleep 2
-duplicates_written=$(curl -fs "http://127.0.0.1:$flusher_port/metrics" | awk '/^flusher_events_duplicate_total/ { s += $2 } END { print s + 0 }')
+count_duplicates
 
 psql -qtA "$DATABASE_URL" -c "COPY (SELECT id, customer_id, tokens_consumed - purchased_tokens_consumed FROM token_usage) TO STDOUT" > "$dir/rows"
-: > "$dir/hot"
-while read -r id _; do
-  used=$(redis-cli -p $redis_port --scan --pattern "chaos:v1:*:c:$id:acct" | head -n 1 |
-    xargs -r -I{} redis-cli -p $redis_port hget {} used)
-  echo "$id ${used:-0}"
-done < <(sed 's/ .*//' "$dir/tokens") > "$dir/hot"
+# Every customer's `used`, from whichever master holds its account.
+if [ "$mode" = cluster ]; then mapfile -t master < <(masters); else master=("${redis_ports[0]}"); fi
+for p in "${master[@]}"; do
+  redis-cli -p "$p" --scan --pattern 'chaos:v1:*:c:*:acct' | while read -r key; do
+    id=${key%:acct}; echo "${id##*:} $(redis-cli -p "$p" hget "$key" used)"
+  done
+done | sort -u > "$dir/hot"
 
 python3 - "$dir" "$charged" <<'PY'
 import collections, sys
@@ -155,8 +222,9 @@ unanswered = sum(1 for a in answers if a[2] == "0")
 tokens = collections.Counter()
 for r in rows:
     tokens[r[1]] += int(r[2])
-mismatched = [c for c in hot if int(hot[c]) != tokens[c]]
-over = [c for c in hot if int(hot[c]) > 10000]
+customers = [l.split()[0] for l in open(f"{d}/tokens") if l.strip()]
+mismatched = [c for c in customers if int(hot.get(c, 0)) != tokens[c]]
+over = [c for c in customers if int(hot.get(c, 0)) > 10000]
 by_status = collections.Counter(a[2] for a in answers)
 print(f"requests {len(answers)}: " + ", ".join(f"{s} x{n}" for s, n in sorted(by_status.items())))
 print(f"charges answered 200: {len(acked)}; rows in token_usage: {len(rows)}")
@@ -164,12 +232,12 @@ print(f"lost: {len(lost)}; duplicated: {len(doubled)}; never answered: {unanswer
 print(f"customers whose hot usage differs from their rows: {len(mismatched)}; past the allowance: {len(over)}")
 open(f"{d}/verdict", "w").write("ok" if not (lost or doubled or mismatched or over or unanswered) else "failed")
 PY
-echo "flusher_events_duplicate_total of the last flusher (written twice, stored once): $duplicates_written"
+echo "events written twice and stored once (flusher_events_duplicate_total, over every flusher): $duplicates_written"
 echo "availability during each fault (answered / attempts, from its start to 2 s after its end):"
 for f in "${faults[@]}"; do
   read -r from to what <<<"$f"
   awk -v a="$from" -v b="$((to + 2))" -v what="$what" '$1 >= a && $1 <= b { ok += $2; bad += $3 }
-    END { printf "  %-52s %5.1f %% (%d of %d)\n", what, (ok + bad) ? 100 * ok / (ok + bad) : 100, ok, ok + bad }' \
+    END { printf "  %-62s %5.1f %% (%d of %d)\n", what, (ok + bad) ? 100 * ok / (ok + bad) : 100, ok, ok + bad }' \
     "$dir/answers.attempts"
 done
 [ "$(cat "$dir/verdict")" = ok ] || { log "FAILED: see above"; exit 1; }
