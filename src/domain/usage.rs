@@ -208,6 +208,10 @@ pub struct AppUsage {
 pub struct DayUsage {
     pub date: NaiveDate,
     pub tokens: i64,
+    /// With `breakdown=app` only: the day's tokens by app slug (apps used
+    /// that day; they sum to `tokens`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub apps: Option<BTreeMap<String, i64>>,
 }
 
 /// Where a report's data comes from.
@@ -226,6 +230,7 @@ impl Reports<'_> {
         customer: Uuid,
         from: Option<NaiveDate>,
         to: Option<NaiveDate>,
+        by_app: bool,
     ) -> Result<UsageReport, ApiError> {
         let mut conn = self.db.acquire().await?;
         let period = ledger_usage::current_period(&mut conn, customer).await?;
@@ -243,6 +248,7 @@ impl Reports<'_> {
 
         let mut usage_by_app = Vec::new();
         let mut days: BTreeMap<NaiveDate, i64> = BTreeMap::new();
+        let mut app_days: BTreeMap<NaiveDate, BTreeMap<String, i64>> = BTreeMap::new();
         for line in lines {
             match (line.slug, line.name, line.date) {
                 (Some(slug), Some(name), None) => usage_by_app.push(AppUsage {
@@ -257,6 +263,9 @@ impl Reports<'_> {
                 (None, None, Some(date)) => {
                     days.insert(date, line.tokens);
                 }
+                (Some(slug), Some(_), Some(date)) => {
+                    app_days.entry(date).or_default().insert(slug, line.tokens);
+                }
                 _ => {}
             }
         }
@@ -266,6 +275,7 @@ impl Reports<'_> {
             .map(|date| DayUsage {
                 date,
                 tokens: days.get(&date).copied().unwrap_or(0),
+                apps: by_app.then(|| app_days.remove(&date).unwrap_or_default()),
             })
             .collect();
 

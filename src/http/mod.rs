@@ -17,6 +17,7 @@ pub mod auth;
 pub mod billing;
 pub mod catalog;
 pub mod consume;
+pub mod dashboard;
 pub mod edge;
 pub mod extract;
 pub mod health;
@@ -58,6 +59,7 @@ pub fn router(state: Shared) -> Router {
         .merge(webhooks::router())
         .merge(health::router());
     openapi::with_document(routes)
+        .merge(dashboard::router(&state.settings.stripe.publishable_key))
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(extract::MAX_BODY_BYTES))

@@ -26,12 +26,16 @@ pub struct UsageQuery {
     /// Last day, inclusive; default: the current period's last day. At
     /// most 366 days after `from`.
     to: Option<String>,
+    /// `app`: each `daily_usage` entry also carries `apps`, its tokens by
+    /// app (for a chart stacked by app). Without it the body is exactly the
+    /// specification's.
+    breakdown: Option<String>,
 }
 
 #[utoipa::path(get, path = "/api/v1/customer/tokens/usage", tag = "tokens",
     params(UsageQuery),
     responses((status = 200, description = "`current_period` is live; `usage_by_app` and `daily_usage` come from the daily aggregates, at most a second or two behind", body = UsageReport),
-              (status = 422, description = "`from`/`to` not dates, out of order, or over 366 days apart", body = crate::error::ErrorBody)),
+              (status = 422, description = "`from`/`to` not dates, out of order, or over 366 days apart; `breakdown` not `app`", body = crate::error::ErrorBody)),
     security(("bearer" = ["tokens:read"])))]
 pub async fn usage(
     State(state): State<Shared>,
@@ -42,6 +46,14 @@ pub async fn usage(
     let mut problems = Vec::new();
     let from = parse_date("from", query.from.as_deref(), &mut problems);
     let to = parse_date("to", query.to.as_deref(), &mut problems);
+    let by_app = match query.breakdown.as_deref() {
+        None => false,
+        Some("app") => true,
+        Some(_) => {
+            problems.push(FieldError::new("breakdown", "must be `app`"));
+            false
+        }
+    };
     if !problems.is_empty() {
         return Err(ApiError::Validation(problems));
     }
@@ -50,7 +62,9 @@ pub async fn usage(
         accounts: &state.accounts,
         db: &state.db,
     };
-    Ok(axum::Json(reports.usage(auth.customer, from, to).await?))
+    Ok(axum::Json(
+        reports.usage(auth.customer, from, to, by_app).await?,
+    ))
 }
 
 fn parse_date(

@@ -445,7 +445,8 @@ pub struct ReportLine {
 }
 
 /// The customer's daily aggregates from `from` to `to` (inclusive), summed
-/// per app and per day in one pass (GROUPING SETS) over the covering index
+/// per app, per day and per app and day in one pass (GROUPING SETS) over
+/// the covering index
 /// on `(customer_id, date)`; apps are joined to the few sums, not the rows.
 #[tracing::instrument(name = "postgres usage.report", level = "debug", skip_all)]
 pub async fn report(
@@ -461,7 +462,7 @@ pub async fn report(
                    SUM(d.tokens_consumed)::int8 AS tokens, SUM(d.sessions_count)::int8 AS sessions
             FROM usage_analytics_daily d
             WHERE d.customer_id = $1 AND d.date BETWEEN $2 AND $3
-            GROUP BY GROUPING SETS ((d.app_id), (d.date))
+            GROUP BY GROUPING SETS ((d.app_id), (d.date), (d.app_id, d.date))
         )
         SELECT a.slug, a.name, s.date, s.tokens, s.sessions
         FROM sums s LEFT JOIN apps a ON a.id = s.app_id

@@ -86,6 +86,22 @@ async fn the_report_shows_the_live_period_and_usage_per_app_and_day() {
     assert!(days
         .iter()
         .any(|d| d["date"] == today.as_str() && d["tokens"] == 17));
+    assert!(
+        days.iter().all(|d| d.get("apps").is_none()),
+        "without breakdown=app the body is the specification's"
+    );
+
+    // For a chart stacked by app, each day also by app, summing to the day.
+    let (status, by_app) = usage(&app, &shop.token, "?breakdown=app").await;
+    assert_eq!(status, 200, "{by_app}");
+    for day in by_app["daily_usage"].as_array().unwrap() {
+        let apps = day["apps"].as_object().expect("every day has its apps");
+        let sum: i64 = apps.values().map(|t| t.as_i64().unwrap()).sum();
+        assert_eq!(day["tokens"].as_i64().unwrap(), sum, "{day}");
+        if day["date"] == today.as_str() {
+            assert_eq!(day["apps"], json!({"rec-001": 2, "vto-001": 15}));
+        }
+    }
 }
 
 #[tokio::test]
@@ -172,6 +188,7 @@ async fn a_bad_range_is_422_naming_the_field() {
         ("?to=2025-02-30", "to"),
         ("?from=2025-03-01&to=2025-02-01", "from"),
         ("?from=2024-01-01&to=2025-01-02", "to"),
+        ("?breakdown=session", "breakdown"),
     ] {
         let (status, body) = usage(&app, &shop.token, query).await;
         assert_eq!(status, 422, "{query}: {body}");

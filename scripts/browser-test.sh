@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The merchant dashboard (/dashboard) in headless Chromium: Debian's
+# chromium, driven by playwright-core, with axe-core for accessibility
+# (tests/browser/, versions pinned by its package-lock.json).
+#
+# Starts the release binary (or BINARY) with every role on port 8097,
+# against a database (connected_apps_browser) and a Redis key prefix of
+# its own, makes a professional customer with two apps and seeded usage
+# through the public API, then runs tests/browser/dashboard.test.mjs at a
+# desktop's and a phone's width. Screenshots of each state go to
+# target/dashboard-screenshots/ (CI keeps them) and are checked: one per
+# state and width, at that width, not blank.
+#
+# Also checks that the dashboard's vendored Chart.js is the npm package's
+# file at the pinned version.
+#
+# Installs chromium (Debian), Node.js and npm when missing.
+#
+#   cargo build --release && scripts/browser-test.sh
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+bin=${BINARY:-$here/target/release/connected-apps}
+port=${PORT:-8097}
+shots=$here/target/dashboard-screenshots
+log() { echo "browser-test: $*" >&2; }
+[ -x "$bin" ] || { log "$bin is missing (cargo build --release)"; exit 2; }
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+missing=()
+command -v chromium >/dev/null || missing+=(chromium)
+command -v npm >/dev/null || missing+=(nodejs npm)
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing ${missing[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+(cd "$here/tests/browser" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+cmp -s "$here/tests/browser/node_modules/chart.js/dist/chart.umd.js" "$here/src/http/dashboard/vendor/chart.umd.js" || {
+  log "src/http/dashboard/vendor/chart.umd.js is not chart.js's dist/chart.umd.js at the version tests/browser/package.json pins"
+  exit 1
+}
+
+export DATABASE_URL=${BROWSER_DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/connected_apps_browser}
+export REDIS_KEY_PREFIX=browser LOG_LEVEL=warn PORT=$port
+export FLUSH_MAX_AGE_MS=50
+"$here/scripts/services.sh" >/dev/null
+"$bin" migrate >/dev/null
+"$bin" serve >"$here/target/browser-test-service.log" 2>&1 &
+service=$!
+trap 'kill $service 2>/dev/null || true' EXIT
+base=http://127.0.0.1:$port
+for _ in $(seq 100); do curl -fs "$base/health/ready" >/dev/null && break; sleep 0.1; done
+
+# A customer with Virtual Try-On and Eyewear Recommendations, and usage.
+. "$here/scripts/customer.sh"
+read -r customer token < <(new_customer "$bin" "$base" professional)
+auth=(-H "Authorization: Bearer $token" -H 'Content-Type: application/json')
+curl -fs "$base/api/v1/customer/apps/rec-001/activate" "${auth[@]}" -d '{"configuration":{}}' >/dev/null
+for i in $(seq 7); do
+  curl -fs "$base/api/v1/customer/tokens/consume" "${auth[@]}" -d '{"app_id":"vto-001","session_id":"s'$((i % 3))'"}' >/dev/null
+done
+for i in $(seq 11); do
+  curl -fs "$base/api/v1/customer/tokens/consume" "${auth[@]}" -d '{"app_id":"rec-001","session_id":"r'$((i % 4))'"}' >/dev/null
+done
+# 7 x 5 + 11 x 2 tokens, in the daily aggregates once flushed.
+for _ in $(seq 100); do
+  curl -fs "$base/api/v1/customer/tokens/usage" "${auth[@]}" | grep -q '"tokens_consumed":22' && break
+  sleep 0.1
+done
+log "customer $customer: 57 tokens used over two apps"
+
+rm -rf "$shots"
+mkdir -p "$shots"
+(cd "$here/tests/browser" && BASE_URL=$base TOKEN=$token SCREENSHOTS=$shots node dashboard.test.mjs)

@@ -1,0 +1,627 @@
+// The merchant dashboard: every number and action goes through the public
+// API (API.md) with the merchant's JWT, as a merchant's own dashboard would.
+// The token lives in sessionStorage only (gone when the tab closes); a link
+// may carry it in the URL fragment (#token=…), which browsers never send.
+"use strict";
+
+const TOKEN = "connected-apps.token";
+const PALETTE = ["#0b5cad", "#c2410c", "#15803d", "#7e22ce", "#b91c1c", "#0e7490", "#a16207", "#be185d", "#4d7c0f", "#475569"];
+const $ = (selector, root = document) => root.querySelector(selector);
+
+/** Builds an element: h("td", {class: "number"}, "12"). Text is never HTML. */
+function h(tag, attributes = {}, ...children) {
+  const element = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) {
+    if (value === false || value === null || value === undefined) continue;
+    if (name.startsWith("on")) element.addEventListener(name.slice(2), value);
+    else if (name === "value") element.value = value;
+    else if (name === "checked") element.checked = value;
+    else element.setAttribute(name, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined || child === false) continue;
+    element.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return element;
+}
+
+const number = (n) => (n < 0 ? "Unlimited" : new Intl.NumberFormat("en").format(n));
+const day = (iso) => (iso ? new Date(iso).toLocaleDateString("en-GB", { year: "numeric", month: "short", day: "numeric", timeZone: "UTC" }) : "—");
+
+/** An answer of the API other than 2xx, with the contract's error body. */
+class ApiError extends Error {
+  constructor(status, body) {
+    super(body?.error?.message ?? `The service answered ${status}`);
+    this.status = status;
+    this.code = body?.error?.code ?? "unknown";
+    this.details = body?.error?.details ?? [];
+  }
+}
+
+async function api(method, path, body) {
+  const headers = { Authorization: `Bearer ${sessionStorage.getItem(TOKEN)}` };
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  let response;
+  try {
+    response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  } catch {
+    throw new ApiError(0, { error: { code: "network", message: "The service cannot be reached; check the connection and try again." } });
+  }
+  const data = await response.json().catch(() => null);
+  if (response.status === 401) {
+    signOut(data?.error?.message ?? "Your session has ended; sign in again.");
+    throw new ApiError(401, data);
+  }
+  if (!response.ok) throw new ApiError(response.status, data);
+  return data;
+}
+
+function notify(message, isError = false) {
+  const notice = $("#notice");
+  notice.classList.toggle("error", isError);
+  notice.textContent = message;
+}
+
+/** Shows an error in a section instead of its content: never a blank page. */
+function failed(section, error) {
+  const body = $(".body", section);
+  body.removeAttribute("aria-busy");
+  body.replaceChildren(h("p", { class: "error", role: "alert" }, `${error.message} (${error.code})`));
+}
+
+/** Puts a 422's details on the form's fields (by name = the API's field path). */
+function showFieldErrors(form, error) {
+  clearFieldErrors(form);
+  let placed = 0;
+  for (const { field, message } of error.details) {
+    const input = form.querySelector(`[name="${CSS.escape(field)}"]`) ?? form.querySelector(`[data-field="${CSS.escape(field)}"]`);
+    const slot = input && document.getElementById(input.getAttribute("aria-describedby"));
+    if (!slot) continue;
+    input.setAttribute("aria-invalid", "true");
+    slot.textContent = message;
+    if (placed++ === 0) input.focus();
+  }
+  notify(placed ? "Some fields need another value." : `${error.message} (${error.code})`, true);
+}
+
+function clearFieldErrors(form) {
+  for (const input of form.querySelectorAll("[aria-invalid]")) input.removeAttribute("aria-invalid");
+  for (const slot of form.querySelectorAll(".field-error")) slot.textContent = "";
+}
+
+// --- signing in and out ---------------------------------------------------
+
+function signOut(message) {
+  sessionStorage.removeItem(TOKEN);
+  $("#dashboard").hidden = true;
+  $("#sign-out").hidden = true;
+  $("#sign-in").hidden = false;
+  if (message) notify(message, true);
+  $("#token").focus();
+}
+
+function start() {
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  if (fragment.get("token")) {
+    sessionStorage.setItem(TOKEN, fragment.get("token"));
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  $("#sign-in-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const token = $("#token").value.trim();
+    if (token.split(".").length !== 3) {
+      $("#token").setAttribute("aria-invalid", "true");
+      $("#token-error").textContent = "A token has three parts separated by dots.";
+      $("#token").focus();
+      return;
+    }
+    $("#token").removeAttribute("aria-invalid");
+    $("#token-error").textContent = "";
+    $("#token").value = "";
+    sessionStorage.setItem(TOKEN, token);
+    show();
+  });
+  $("#sign-out").addEventListener("click", () => {
+    signOut();
+    notify("Signed out.");
+  });
+  $("#range").addEventListener("submit", (event) => {
+    event.preventDefault();
+    loadUsage();
+  });
+  $("#new-key").addEventListener("submit", createKey);
+  if (sessionStorage.getItem(TOKEN)) show();
+  else signOut();
+}
+
+async function show() {
+  notify("");
+  $("#sign-in").hidden = true;
+  $("#dashboard").hidden = false;
+  $("#sign-out").hidden = false;
+  $("#main").focus();
+  await Promise.allSettled([loadUsage(), loadApps(), loadKeys(), loadPlan(), loadAlerts()]);
+}
+
+// --- usage: the period, the daily chart and table, usage by app -----------
+
+const state = { plan: null, usage: null, catalog: new Map(), activations: [] };
+let chart = null;
+
+async function loadUsage() {
+  const form = $("#range");
+  clearFieldErrors(form);
+  const query = new URLSearchParams({ breakdown: "app" });
+  if (form.from.value) query.set("from", form.from.value);
+  if (form.to.value) query.set("to", form.to.value);
+  try {
+    const usage = await api("GET", `/api/v1/customer/tokens/usage?${query}`);
+    state.usage = usage;
+    const days = usage.daily_usage;
+    if (days.length) {
+      form.from.value = days[0].date;
+      form.to.value = days[days.length - 1].date;
+    }
+    renderPeriod();
+    renderDaily(days);
+    renderByApp(usage.usage_by_app);
+  } catch (error) {
+    if (error.status === 422) showFieldErrors(form, error);
+    else for (const id of ["#period", "#daily", "#by-app"]) failed($(id), error);
+  }
+}
+
+function renderPeriod() {
+  const section = $("#period");
+  const body = $(".body", section);
+  body.removeAttribute("aria-busy");
+  const { current_period: p } = state.usage;
+  const allowance = state.plan?.tokens_per_month;
+  const unlimited = p.tokens_total < 0;
+  // tokens_total is the allowance (or the usage past it) plus the purchased
+  // tokens left; with the plan's allowance known, the purchased part follows.
+  const purchased = unlimited || allowance === undefined ? null : p.tokens_total - Math.max(allowance, p.tokens_used);
+  const figures = h("dl", { class: "figures" },
+    h("div", {}, h("dt", {}, "Used"), h("dd", { "data-figure": "used" }, number(p.tokens_used))),
+    h("div", {}, h("dt", {}, "Remaining"), h("dd", { "data-figure": "remaining" }, number(p.tokens_remaining))),
+    h("div", {}, h("dt", {}, "Total"), h("dd", { "data-figure": "total" }, number(p.tokens_total))),
+    h("div", {}, h("dt", {}, "Purchased tokens left"), h("dd", { "data-figure": "purchased" }, purchased === null ? "—" : number(purchased))),
+    h("div", {}, h("dt", {}, "Period ends"), h("dd", { "data-figure": "ends" }, day(p.end_date))));
+  const children = [figures];
+  if (!unlimited && p.tokens_total > 0) {
+    const share = Math.round((100 * p.tokens_used) / p.tokens_total);
+    children.push(
+      h("label", { for: "gauge" }, `Used ${share} % of this period's tokens`),
+      h("meter", { id: "gauge", min: 0, max: p.tokens_total, low: p.tokens_total * 0.8, high: p.tokens_total * 0.95, optimum: 0, value: p.tokens_used }, `${share} %`));
+  } else if (unlimited) {
+    children.push(h("p", { class: "muted" }, "Unlimited plan: nothing is refused for balance."));
+  }
+  body.replaceChildren(...children);
+}
+
+function renderDaily(days) {
+  const apps = [...new Set(days.flatMap((d) => Object.keys(d.apps ?? {})))].sort();
+  const name = (slug) => state.catalog.get(slug)?.name ?? slug;
+  const total = days.reduce((sum, d) => sum + d.tokens, 0);
+  $("#daily-chart").setAttribute("aria-label",
+    `Daily usage from ${days[0]?.date ?? "—"} to ${days.at(-1)?.date ?? "—"}: ${number(total)} tokens in all. The table view has every number.`);
+  const datasets = apps.map((slug, i) => ({
+    label: name(slug),
+    data: days.map((d) => d.apps?.[slug] ?? 0),
+    backgroundColor: PALETTE[i % PALETTE.length],
+    stack: "tokens",
+  }));
+  if (window.Chart) {
+    chart?.destroy();
+    chart = new window.Chart($("#daily-chart"), {
+      type: "bar",
+      data: { labels: days.map((d) => d.date), datasets },
+      options: {
+        animation: false,
+        maintainAspectRatio: false,
+        scales: { x: { stacked: true }, y: { stacked: true, beginAtZero: true, title: { display: true, text: "tokens" } } },
+        plugins: { legend: { position: "bottom" } },
+      },
+    });
+  }
+  $("#daily").dataset.total = total;
+  $("#daily-table").replaceChildren(
+    h("caption", {}, `Tokens per day (UTC), ${number(total)} in all`),
+    h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "Date"), apps.map((slug) => h("th", { scope: "col", class: "number" }, name(slug))), h("th", { scope: "col", class: "number" }, "Total"))),
+    h("tbody", {}, days.map((d) => h("tr", {},
+      h("th", { scope: "row" }, d.date),
+      apps.map((slug) => h("td", { class: "number" }, number(d.apps?.[slug] ?? 0))),
+      h("td", { class: "number" }, number(d.tokens))))));
+  const body = $(".body", $("#daily"));
+  body.replaceChildren(total === 0 ? h("p", { class: "muted" }, "No usage in this range yet.") : "");
+}
+
+function renderByApp(rows) {
+  const body = $(".body", $("#by-app"));
+  body.removeAttribute("aria-busy");
+  if (!rows.length) {
+    body.replaceChildren(h("p", { class: "muted" }, "No app was used in this range."));
+    return;
+  }
+  body.replaceChildren(h("table", {},
+    h("caption", {}, "For the range shown above"),
+    h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "App"), h("th", { scope: "col", class: "number" }, "Tokens"), h("th", { scope: "col", class: "number" }, "Sessions"), h("th", { scope: "col", class: "number" }, "Tokens per session"))),
+    h("tbody", {}, rows.map((r) => h("tr", {},
+      h("th", { scope: "row" }, r.app_name),
+      h("td", { class: "number" }, number(r.tokens_consumed)),
+      h("td", { class: "number" }, number(r.sessions)),
+      h("td", { class: "number" }, r.avg_tokens_per_session ?? "—"))))));
+}
+
+// --- apps: activations, their configuration and embed code ----------------
+
+async function loadApps() {
+  const section = $("#apps");
+  try {
+    const [catalog, mine] = await Promise.all([api("GET", "/api/v1/apps?per_page=100"), api("GET", "/api/v1/customer/apps")]);
+    state.catalog = new Map(catalog.apps.map((app) => [app.id, app]));
+    state.activations = mine.apps;
+    renderApps();
+    renderKeyApps();
+    if (state.usage) renderDaily(state.usage.daily_usage);
+  } catch (error) {
+    failed(section, error);
+  }
+}
+
+function renderApps() {
+  const body = $(".body", $("#apps"));
+  body.removeAttribute("aria-busy");
+  const live = state.activations.filter((a) => a.app.status !== "inactive");
+  if (!live.length) {
+    body.replaceChildren(h("p", { class: "muted" }, "No app is active. Activate one from the catalog through the API."));
+    return;
+  }
+  body.replaceChildren(...live.map(renderActivation));
+}
+
+function renderActivation(activation) {
+  const { app } = activation;
+  const slug = app.id;
+  const paused = app.status === "paused";
+  const embedId = `embed-${slug}`;
+  const change = async (button, method, path, payload, done) => {
+    button.disabled = true;
+    try {
+      await api(method, path, payload);
+      notify(done);
+      await loadApps();
+      $(`[data-app="${CSS.escape(slug)}"] button`)?.focus();
+    } catch (error) {
+      notify(`${error.message} (${error.code})`, true);
+      button.disabled = false;
+    }
+  };
+  const configure = h("details", { class: "configure" }, h("summary", {}, "Configure"), configurationForm(activation));
+  return h("article", { class: "app", "data-app": slug, "aria-labelledby": `app-${slug}` },
+    h("header", {},
+      h("h3", { id: `app-${slug}` }, app.name),
+      h("span", { class: `badge ${app.status}` }, app.status)),
+    h("div", { class: "actions" },
+      h("button", {
+        type: "button", class: "quiet",
+        onclick: (e) => change(e.target, "PATCH", `/api/v1/customer/apps/${slug}`, { status: paused ? "active" : "paused" }, `${app.name} ${paused ? "resumed" : "paused"}.`),
+      }, paused ? `Resume ${app.name}` : `Pause ${app.name}`),
+      h("button", {
+        type: "button", class: "danger",
+        onclick: (e) => {
+          if (confirm(`Deactivate ${app.name}? Its widget stops at once.`)) change(e.target, "POST", `/api/v1/customer/apps/${slug}/deactivate`, undefined, `${app.name} deactivated.`);
+        },
+      }, `Deactivate ${app.name}`)),
+    configure,
+    h("label", { for: embedId }, "Embed code"),
+    h("textarea", { id: embedId, rows: 3, readonly: true }, activation.embed_code),
+    h("div", { class: "actions" },
+      h("button", {
+        type: "button", class: "quiet",
+        onclick: async () => {
+          try {
+            await navigator.clipboard.writeText(activation.embed_code);
+            notify(`Embed code of ${app.name} copied.`);
+          } catch {
+            $(`#${embedId}`).select();
+            notify("Copying is blocked here; the code is selected: press Ctrl+C.", true);
+          }
+        },
+      }, "Copy embed code")));
+}
+
+/** A form generated from the app's configuration_schema; names are the API's field paths. */
+function configurationForm(activation) {
+  const slug = activation.app.id;
+  const schema = state.catalog.get(slug)?.configuration_schema ?? {};
+  const form = h("form", { novalidate: true, "data-configure": slug });
+  const fields = (properties, values, path) => Object.entries(properties).map(([key, spec]) => {
+    const name = `${path}.${key}`;
+    const id = `${slug}-${name}`.replaceAll(".", "-");
+    const errorId = `${id}-error`;
+    const value = values?.[key] ?? spec.default;
+    const label = key.replaceAll("_", " ");
+    if (spec.type === "object") {
+      return h("fieldset", {}, h("legend", {}, label), fields(spec.properties ?? {}, value, name));
+    }
+    let input;
+    if (spec.type === "select") {
+      input = h("select", { id, name, "aria-describedby": errorId, "data-type": "select" },
+        (spec.options ?? []).map((option) => h("option", { value: option, selected: option === value }, option)));
+    } else if (spec.type === "boolean") {
+      return h("div", { class: "field" },
+        h("label", {}, h("input", { type: "checkbox", id, name, "aria-describedby": errorId, "data-type": "boolean", checked: Boolean(value) }), label),
+        h("span", { id: errorId, class: "field-error" }));
+    } else {
+      const numeric = spec.type === "integer" || spec.type === "number";
+      input = h("input", { id, name, "aria-describedby": errorId, "data-type": spec.type, type: numeric ? "number" : "text", step: numeric ? "any" : false, value: value ?? "" });
+    }
+    return h("div", { class: "field" }, h("label", { for: id }, label), input, h("span", { id: errorId, class: "field-error" }));
+  });
+  form.append(...fields(schema, activation.configuration, "configuration"),
+    h("button", { type: "submit" }, `Save ${activation.app.name}`));
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    clearFieldErrors(form);
+    const configuration = {};
+    for (const input of form.querySelectorAll("[data-type]")) {
+      const path = input.name.split(".").slice(1);
+      let value;
+      if (input.dataset.type === "boolean") value = input.checked;
+      else if (input.dataset.type === "integer" || input.dataset.type === "number") value = input.value === "" ? null : Number(input.value);
+      else value = input.value;
+      let target = configuration;
+      for (const part of path.slice(0, -1)) target = target[part] ??= {};
+      target[path.at(-1)] = value;
+    }
+    try {
+      await api("PATCH", `/api/v1/customer/apps/${slug}`, { configuration });
+      notify(`${activation.app.name} saved.`);
+      await loadApps();
+    } catch (error) {
+      if (error.status === 422) showFieldErrors(form, error);
+      else notify(`${error.message} (${error.code})`, true);
+    }
+  });
+  return form;
+}
+
+// --- embed keys -------------------------------------------------------------
+
+function renderKeyApps() {
+  const box = $("#key-apps");
+  const live = state.activations.filter((a) => a.app.status !== "inactive");
+  box.replaceChildren(h("legend", {}, "Apps it may charge"),
+    ...(live.length ? live.map((a) => h("label", {}, h("input", { type: "checkbox", name: "app_permissions", value: a.app.id, checked: true }), a.app.name))
+      : [h("p", { class: "muted" }, "Activate an app first.")]));
+  box.dataset.field = "app_permissions";
+}
+
+async function loadKeys() {
+  const section = $("#keys");
+  try {
+    const { api_keys: keys } = await api("GET", "/api/v1/customer/api-keys");
+    const body = $(".body", section);
+    body.removeAttribute("aria-busy");
+    if (!keys.length) {
+      body.replaceChildren(h("p", { class: "muted" }, "No embed key yet."));
+      return;
+    }
+    body.replaceChildren(h("table", {},
+      h("caption", {}, "Keys are shown by their first characters only"),
+      h("thead", {}, h("tr", {}, ["Key", "Name", "Apps", "Per hour", "Created", "Status", ""].map((t) => h("th", { scope: "col" }, t)))),
+      h("tbody", {}, keys.map((key) => {
+        const revoked = Boolean(key.revoked_at);
+        return h("tr", { "data-key": key.id },
+          h("td", {}, h("code", {}, `${key.key_prefix}…`)),
+          h("td", {}, key.name ?? "—"),
+          h("td", {}, key.app_permissions.join(", ")),
+          h("td", { class: "number" }, number(key.rate_limit)),
+          h("td", {}, day(key.created_at)),
+          h("td", {}, h("span", { class: `badge ${revoked ? "revoked" : "active"}` }, revoked ? "revoked" : "active")),
+          h("td", {}, revoked ? "" : h("button", {
+            type: "button", class: "danger",
+            onclick: async (e) => {
+              if (!confirm(`Revoke ${key.key_prefix}…? Widgets using it stop at once.`)) return;
+              e.target.disabled = true;
+              try {
+                await api("DELETE", `/api/v1/customer/api-keys/${key.id}`);
+                notify(`Key ${key.key_prefix}… revoked.`);
+                await loadKeys();
+              } catch (error) {
+                notify(`${error.message} (${error.code})`, true);
+                e.target.disabled = false;
+              }
+            },
+          }, `Revoke ${key.key_prefix}…`)));
+      }))));
+  } catch (error) {
+    failed(section, error);
+  }
+}
+
+async function createKey(event) {
+  event.preventDefault();
+  const form = event.target;
+  clearFieldErrors(form);
+  const origins = form.allowed_origins.value.split(",").map((o) => o.trim()).filter(Boolean);
+  const body = {
+    app_permissions: [...form.querySelectorAll('[name="app_permissions"]:checked')].map((i) => i.value),
+    rate_limit: form.rate_limit.value === "" ? undefined : Number(form.rate_limit.value),
+    allowed_origins: origins,
+  };
+  // `form.name` would be the form's own name: the field is asked for by name.
+  const name = form.elements.namedItem("name");
+  if (name.value.trim()) body.name = name.value.trim();
+  try {
+    const created = await api("POST", "/api/v1/customer/api-keys", body);
+    const secret = $("#key-secret");
+    secret.hidden = false;
+    secret.replaceChildren(
+      h("p", {}, h("strong", {}, "Copy this key now: it is shown once.")),
+      h("p", {}, h("code", { "data-secret": "" }, created.key)),
+      h("button", {
+        type: "button", class: "quiet",
+        onclick: () => navigator.clipboard.writeText(created.key).then(() => notify("Key copied."), () => notify("Copying is blocked here; select the key and copy it.", true)),
+      }, "Copy key"));
+    secret.focus();
+    notify(`Key ${created.key_prefix}… created.`);
+    name.value = "";
+    await loadKeys();
+  } catch (error) {
+    if (error.status === 422) showFieldErrors(form, error);
+    else notify(`${error.message} (${error.code})`, true);
+  }
+}
+
+// --- the plan -----------------------------------------------------------------
+
+async function loadPlan() {
+  const section = $("#plan");
+  try {
+    const [{ plans }, subscription] = await Promise.all([
+      api("GET", "/api/v1/customer/billing/plans"),
+      api("GET", "/api/v1/customer/billing/subscription").catch((error) => (error.status === 404 ? null : Promise.reject(error))),
+    ]);
+    state.plan = plans.find((p) => p.id === subscription?.plan_id) ?? null;
+    if (state.usage) renderPeriod();
+    const body = $(".body", section);
+    body.removeAttribute("aria-busy");
+    const billing = $('meta[name="stripe-publishable-key"]').content;
+    const rows = plans.map((plan) => h("tr", { "data-plan": plan.id },
+      h("th", { scope: "row" }, plan.name, plan.id === subscription?.plan_id ? h("span", { class: "badge active" }, " current") : ""),
+      h("td", { class: "number" }, plan.tokens_per_month < 0 ? "Unlimited" : number(plan.tokens_per_month)),
+      h("td", { class: "number" }, `$${(plan.price_cents / 100).toFixed(2)}`),
+      h("td", {}, plan.features.join(", "))));
+    body.replaceChildren(
+      subscription
+        ? h("p", {}, `${state.plan?.name ?? subscription.plan_id}, ${subscription.status}; this period ends ${day(subscription.current_period_end)}.`,
+          subscription.pending_plan_id ? ` Changes to ${subscription.pending_plan_id} then.` : "",
+          subscription.cancel_at_period_end ? " Cancelled at the period's end." : "")
+        : h("p", {}, "No subscription."),
+      h("div", { class: "scroll", tabindex: 0, role: "region", "aria-label": "Plans" }, h("table", {},
+        h("thead", {}, h("tr", {}, ["Plan", "Tokens a month", "Price a month", "Includes"].map((t) => h("th", { scope: "col" }, t)))),
+        h("tbody", {}, rows))),
+      billing && subscription?.stripe_subscription_id ? billingActions(plans, subscription, billing) : "");
+  } catch (error) {
+    failed(section, error);
+  }
+}
+
+/** Plan changes and token purchases, through Stripe.js (loaded only here). */
+function billingActions(plans, subscription, publishableKey) {
+  const form = h("form", { novalidate: true, class: "inline" },
+    h("div", {}, h("label", { for: "plan-choice" }, "Change plan to"),
+      h("select", { id: "plan-choice", name: "plan_id", "aria-describedby": "plan-choice-error" },
+        plans.filter((p) => p.id !== subscription.plan_id).map((p) => h("option", { value: p.id }, p.name))),
+      h("span", { id: "plan-choice-error", class: "field-error" })),
+    h("button", { type: "submit" }, "Change plan"));
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    try {
+      await api("PATCH", "/api/v1/customer/billing/subscription", { plan_id: form.plan_id.value });
+      notify("Plan changed.");
+      await Promise.all([loadPlan(), loadUsage()]);
+    } catch (error) {
+      if (error.status === 422) showFieldErrors(form, error);
+      else notify(`${error.message} (${error.code})`, true);
+    }
+  });
+  const purchase = h("form", { novalidate: true },
+    h("div", { class: "field" }, h("label", { for: "buy-tokens" }, "Buy tokens"),
+      h("input", { id: "buy-tokens", name: "tokens", type: "number", min: 1, step: 1, value: 1000, "aria-describedby": "buy-tokens-error" }),
+      h("span", { id: "buy-tokens-error", class: "field-error" })),
+    h("div", { id: "card", class: "field" }),
+    h("button", { type: "submit" }, "Buy"));
+  purchase.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    try {
+      const stripe = await loadStripe(publishableKey);
+      const intent = await api("POST", "/api/v1/customer/billing/setup-intent");
+      const { setupIntent, error } = await stripe.instance.confirmCardSetup(intent.client_secret, { payment_method: { card: stripe.card } });
+      if (error) throw new ApiError(402, { error: { code: error.code ?? "card_error", message: error.message } });
+      await api("POST", "/api/v1/customer/billing/tokens/purchase", { tokens: Number(purchase.tokens.value), payment_method_id: setupIntent.payment_method });
+      notify("Purchase sent; the tokens are credited when Stripe confirms the payment.");
+    } catch (error) {
+      if (error.status === 422) showFieldErrors(purchase, error);
+      else notify(`${error.message} (${error.code})`, true);
+    }
+  });
+  loadStripe(publishableKey).catch(() => notify("Stripe cannot be reached; purchases are unavailable.", true));
+  return h("div", {}, form, purchase);
+}
+
+let stripePromise = null;
+function loadStripe(publishableKey) {
+  stripePromise ??= new Promise((resolve, reject) => {
+    const script = h("script", { src: "https://js.stripe.com/v3/" });
+    script.addEventListener("load", () => {
+      const instance = window.Stripe(publishableKey);
+      const card = instance.elements().create("card");
+      card.mount("#card");
+      resolve({ instance, card });
+    });
+    script.addEventListener("error", reject);
+    document.head.append(script);
+  });
+  return stripePromise;
+}
+
+// --- usage alerts -------------------------------------------------------------
+
+async function loadAlerts() {
+  const section = $("#alerts");
+  try {
+    const [settings, { events }] = await Promise.all([api("GET", "/api/v1/customer/alerts"), api("GET", "/api/v1/customer/alerts/events")]);
+    const body = $(".body", section);
+    body.removeAttribute("aria-busy");
+    const form = h("form", { novalidate: true },
+      h("div", { class: "grid" },
+        h("div", {}, h("label", { for: "alert-url" }, "Webhook URL"),
+          h("input", { id: "alert-url", name: "webhook_url", type: "url", value: settings.webhook_url ?? "", placeholder: "https://shop.example/hooks/usage", "aria-describedby": "alert-url-error" }),
+          h("span", { id: "alert-url-error", class: "field-error" })),
+        h("div", {}, h("label", { for: "alert-thresholds" }, "Thresholds, % of the allowance (comma separated)"),
+          h("input", { id: "alert-thresholds", name: "thresholds", value: settings.thresholds.join(", "), "aria-describedby": "alert-thresholds-error" }),
+          h("span", { id: "alert-thresholds-error", class: "field-error" }))),
+      h("div", { class: "field" }, h("label", {}, h("input", { type: "checkbox", name: "enabled", checked: settings.enabled }), "Alerts on")),
+      settings.signing_secret_hint ? h("p", { class: "muted" }, `Signing secret ends in ${settings.signing_secret_hint}.`) : "",
+      h("div", { id: "alert-secret", class: "secret", hidden: true }),
+      h("button", { type: "submit" }, "Save alerts"));
+    form.addEventListener("submit", async (event) => {
+      event.preventDefault();
+      clearFieldErrors(form);
+      const thresholds = form.thresholds.value.split(",").map((t) => t.trim()).filter(Boolean).map((t) => (Number.isNaN(Number(t)) ? t : Number(t)));
+      const payload = { thresholds, enabled: form.enabled.checked };
+      if (form.webhook_url.value.trim()) payload.webhook_url = form.webhook_url.value.trim();
+      try {
+        const saved = await api("PUT", "/api/v1/customer/alerts", payload);
+        notify("Alerts saved.");
+        if (saved.signing_secret) {
+          const box = $("#alert-secret");
+          box.hidden = false;
+          box.replaceChildren(h("p", {}, h("strong", {}, "Signing secret, shown once: "), h("code", {}, saved.signing_secret)));
+        }
+      } catch (error) {
+        if (error.status === 422) showFieldErrors(form, error);
+        else notify(`${error.message} (${error.code})`, true);
+      }
+    });
+    const history = events.length
+      ? h("div", { class: "scroll", tabindex: 0, role: "region", "aria-label": "Alert deliveries" }, h("table", {},
+        h("caption", {}, "Crossings, newest first"),
+        h("thead", {}, h("tr", {}, ["Crossed", "Threshold", "Used", "Allowance", "Delivery"].map((t) => h("th", { scope: "col" }, t)))),
+        h("tbody", {}, events.map((e) => h("tr", {},
+          h("td", {}, new Date(e.crossed_at).toLocaleString("en-GB", { timeZone: "UTC" })),
+          h("td", { class: "number" }, `${e.threshold} %`),
+          h("td", { class: "number" }, number(e.tokens_used)),
+          h("td", { class: "number" }, number(e.tokens_total)),
+          h("td", {}, e.delivery))))))
+      : h("p", { class: "muted" }, "No threshold crossed yet.");
+    body.replaceChildren(form, h("h3", {}, "Deliveries"), history);
+  } catch (error) {
+    failed(section, error);
+  }
+}
+
+start();

@@ -1,0 +1,256 @@
+// The merchant dashboard in headless Chromium, against the running service
+// (scripts/browser-test.sh starts it and seeds the usage).
+//
+// The same story at a desktop's and at a phone's width: a bad token is sent
+// back to sign-in; the real one shows the balance and a chart whose totals
+// are the usage API's; pausing an app makes a consume fail and resuming it
+// lets it through; a key is created (its secret shown once), charges, and
+// once revoked is refused; a bad configuration's 422 lands on its field.
+// No axe-core violation of WCAG 2.x level A or AA, no Content-Security-
+// Policy violation, no script error. A screenshot of each state.
+//
+//   BASE_URL=http://127.0.0.1:8097 TOKEN=<jwt> SCREENSHOTS=dir node dashboard.test.mjs
+import assert from "node:assert/strict";
+import { readFileSync, statSync } from "node:fs";
+import { createRequire } from "node:module";
+import { chromium } from "playwright-core";
+
+const require = createRequire(import.meta.url);
+const AXE = readFileSync(require.resolve("axe-core/axe.min.js"), "utf8");
+const { BASE_URL: base, TOKEN: token, SCREENSHOTS: shots } = process.env;
+assert.ok(base && token && shots, "BASE_URL, TOKEN and SCREENSHOTS are set");
+
+const WIDTHS = [
+  { name: "desktop", viewport: { width: 1280, height: 900 } },
+  { name: "phone", viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true, deviceScaleFactor: 2 },
+];
+const STATES = ["sign-in", "signed-out-by-401", "overview", "app-paused", "key-created", "configuration-refused"];
+
+/** The public API, as the merchant's own backend would call it. */
+async function call(method, path, { bearer = token, body } = {}) {
+  const response = await fetch(base + path, {
+    method,
+    headers: { Authorization: `Bearer ${bearer}`, "Content-Type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  return { status: response.status, body: await response.json().catch(() => null) };
+}
+
+/** Waits until `predicate` holds in the page. (page.waitForFunction polls
+ * with eval, which the page's Content-Security-Policy rightly forbids.) */
+async function until(page, predicate, what) {
+  for (let i = 0; i < 100; i++) {
+    if (await page.evaluate(predicate)) return;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  assert.fail(`timed out waiting for ${what}`);
+}
+
+/** Runs one step; on failure, says what the page was telling the user. */
+async function step(page, name, fn) {
+  process.stdout.write(`  ${name} … `);
+  try {
+    await fn();
+  } catch (error) {
+    const notice = await page.locator("#notice").textContent().catch(() => "");
+    const fields = await page.locator(".field-error:not(:empty)").allTextContents().catch(() => []);
+    process.stdout.write(`FAILED (the page's notice: "${notice}"; field errors: ${JSON.stringify(fields)})\n`);
+    throw error;
+  }
+  process.stdout.write("ok\n");
+}
+
+async function story(browser, width) {
+  console.log(`dashboard at ${width.name} width (${width.viewport.width}px):`);
+  const context = await browser.newContext({ viewport: width.viewport, isMobile: width.isMobile, hasTouch: width.hasTouch, deviceScaleFactor: width.deviceScaleFactor ?? 1 });
+  const page = await context.newPage();
+  const problems = [];
+  page.on("pageerror", (error) => problems.push(`script error: ${error.message}`));
+  page.on("console", (message) => {
+    if (message.type() === "error" && !/status of 4\d\d/.test(message.text())) problems.push(`console: ${message.text()}`);
+  });
+  await page.exposeFunction("reportViolation", (v) => problems.push(`CSP: ${v}`));
+  await page.addInitScript(() => {
+    document.addEventListener("securitypolicyviolation", (e) => window.reportViolation(`${e.violatedDirective} ${e.blockedURI}`));
+  });
+  page.on("dialog", (dialog) => dialog.accept());
+  const shot = (state) => page.screenshot({ path: `${shots}/${state}-${width.name}.png`, fullPage: true });
+  const accessible = async (what) => {
+    await page.evaluate(AXE);
+    const result = await page.evaluate(() => window.axe.run(document, { runOnly: { type: "tag", values: ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"] } }));
+    const found = result.violations.map((v) => `${v.id} (${v.impact}): ${v.nodes.map((n) => n.target.join(" ")).join(", ")}`);
+    assert.deepEqual(found, [], `axe-core violations on ${what}`);
+  };
+
+  await step(page, "the page comes with its security headers", async () => {
+    const response = await page.goto(`${base}/dashboard/`);
+    const headers = response.headers();
+    assert.equal(response.status(), 200);
+    assert.match(headers["content-security-policy"], /script-src 'self'( https:\/\/js\.stripe\.com)?;/);
+    assert.match(headers["content-security-policy"], /connect-src 'self'/);
+    assert.doesNotMatch(headers["content-security-policy"], /unsafe-inline|unsafe-eval/);
+    assert.equal(headers["x-content-type-options"], "nosniff");
+    assert.equal(headers["referrer-policy"], "no-referrer");
+    const css = await page.locator('link[rel="stylesheet"]').getAttribute("href");
+    assert.match(css, /^assets\/app\.[0-9a-f]{12}\.css$/);
+    const asset = await fetch(new URL(css, `${base}/dashboard/`));
+    assert.match(asset.headers.get("cache-control"), /max-age=31536000, immutable/);
+  });
+
+  await step(page, "signed out, it asks for a token", async () => {
+    await page.getByLabel("Access token").waitFor();
+    await accessible("sign-in");
+    await shot("sign-in");
+  });
+
+  await step(page, "a token the service refuses (401) returns to sign-in with the contract's message", async () => {
+    await page.getByLabel("Access token").fill("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJub2JvZHkifQ.c2lnbmF0dXJl");
+    await page.getByRole("button", { name: "Sign in" }).click();
+    const refused = await call("GET", "/api/v1/customer/tokens/usage", { bearer: "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJub2JvZHkifQ.c2lnbmF0dXJl" });
+    assert.equal(refused.status, 401);
+    await page.locator("#notice.error", { hasText: refused.body.error.message }).waitFor();
+    await page.getByLabel("Access token").waitFor();
+    await shot("signed-out-by-401");
+  });
+
+  await step(page, "signed in from the keyboard, the balance and the chart's totals are the usage API's", async () => {
+    await page.getByLabel("Access token").fill(token);
+    await page.keyboard.press("Tab");
+    assert.equal(await page.evaluate(() => document.activeElement.textContent), "Sign in", "Tab moves from the token to its button");
+    await page.keyboard.press("Enter");
+    const { body: usage } = await call("GET", "/api/v1/customer/tokens/usage?breakdown=app");
+    const period = usage.current_period;
+    const figure = (name) => page.locator(`[data-figure="${name}"]`);
+    await figure("used").filter({ hasText: new Intl.NumberFormat("en").format(period.tokens_used) }).waitFor();
+    assert.equal(await figure("remaining").textContent(), new Intl.NumberFormat("en").format(period.tokens_remaining));
+    assert.equal(await figure("total").textContent(), new Intl.NumberFormat("en").format(period.tokens_total));
+    assert.ok(period.tokens_used > 0, "the seeded usage is there");
+    assert.equal(Number(await page.locator("#gauge").getAttribute("value")), period.tokens_used);
+
+    await page.locator("#daily[data-total]").waitFor({ state: "attached" });
+    await until(page, () => window.Chart?.getChart("daily-chart")?.data.datasets.length >= 2, "the chart of two apps");
+    const chart = await page.evaluate(() => {
+      const c = window.Chart.getChart("daily-chart");
+      return { labels: c.data.labels, sets: c.data.datasets.map((d) => ({ label: d.label, data: d.data })) };
+    });
+    const apiDays = usage.daily_usage;
+    assert.deepEqual(chart.labels, apiDays.map((d) => d.date));
+    const perDay = chart.labels.map((_, i) => chart.sets.reduce((sum, set) => sum + set.data[i], 0));
+    assert.deepEqual(perDay, apiDays.map((d) => d.tokens), "each day's stacked bar is the day's tokens");
+    const byApp = Object.fromEntries(usage.usage_by_app.map((a) => [a.app_name, a.tokens_consumed]));
+    const chartByApp = Object.fromEntries(chart.sets.map((s) => [s.label, s.data.reduce((a, b) => a + b, 0)]));
+    assert.deepEqual(chartByApp, byApp, "each app's stack sums to its usage_by_app");
+    const tableTotal = apiDays.reduce((sum, d) => sum + d.tokens, 0);
+    await page.getByText("Table view").click();
+    await page.locator("#daily-table caption", { hasText: `${tableTotal} in all` }).waitFor();
+    await page.locator("#by-app td", { hasText: String(byApp["Virtual Try-On"]) }).first().waitFor();
+    await page.locator('[data-plan="professional"]', { hasText: "current" }).waitFor();
+    // Billing is not configured here (no STRIPE_PUBLISHABLE_KEY): no Stripe actions.
+    assert.equal(await page.getByRole("button", { name: /Change plan|Buy/ }).count(), 0);
+    await page.locator("#alerts", { hasText: "No threshold crossed yet." }).waitFor();
+    await accessible("the overview");
+    await shot("overview");
+  });
+
+  await step(page, "a date range redraws the chart from the API; a backwards one is refused on its field", async () => {
+    const today = new Date().toISOString().slice(0, 10);
+    await page.getByLabel("From", { exact: true }).fill(today);
+    await page.getByLabel("To", { exact: true }).fill(today);
+    await page.getByRole("button", { name: "Show" }).click();
+    await until(page, () => window.Chart.getChart("daily-chart").data.labels.length === 1, "the chart of one day");
+    const { body: usage } = await call("GET", `/api/v1/customer/tokens/usage?from=${today}&to=${today}`);
+    const drawn = await page.evaluate(() => window.Chart.getChart("daily-chart").data.datasets.reduce((sum, d) => sum + d.data[0], 0));
+    assert.equal(drawn, usage.daily_usage[0].tokens);
+    await page.getByLabel("From", { exact: true }).fill("2026-01-02");
+    await page.getByLabel("To", { exact: true }).fill("2026-01-01");
+    await page.getByRole("button", { name: "Show" }).click();
+    const refused = await call("GET", "/api/v1/customer/tokens/usage?from=2026-01-02&to=2026-01-01");
+    assert.equal(refused.status, 422);
+    await page.locator("#from-error", { hasText: refused.body.error.details[0].message }).waitFor();
+    assert.equal(await page.getByLabel("From", { exact: true }).getAttribute("aria-invalid"), "true");
+  });
+
+  await step(page, "pausing an app makes its consumes fail; resuming lets them through", async () => {
+    const app = page.locator('[data-app="vto-001"]');
+    await app.getByRole("button", { name: "Pause Virtual Try-On" }).click();
+    await app.locator(".badge", { hasText: "paused" }).waitFor();
+    const refused = await call("POST", "/api/v1/customer/tokens/consume", { body: { app_id: "vto-001" } });
+    assert.equal(refused.status, 403);
+    assert.equal(refused.body.error.code, "app_not_active");
+    await shot("app-paused");
+    await app.getByRole("button", { name: "Resume Virtual Try-On" }).click();
+    await app.locator(".badge", { hasText: "active" }).waitFor();
+    const charged = await call("POST", "/api/v1/customer/tokens/consume", { body: { app_id: "vto-001" } });
+    assert.equal(charged.status, 200);
+  });
+
+  await step(page, "a key is created (its secret shown once), charges, and once revoked is refused", async () => {
+    const name = `browser ${width.name}`;
+    await page.getByLabel("Name (optional)").fill(name);
+    await page.getByRole("button", { name: "Create key" }).click();
+    const secret = await page.locator("[data-secret]").textContent();
+    assert.match(secret, /^ak_(live|test)_/);
+    const row = page.locator("tr", { hasText: name });
+    await row.waitFor();
+    await accessible("a new key");
+    await shot("key-created");
+    const used = await fetch(`${base}/api/v1/customer/tokens/consume`, {
+      method: "POST", headers: { "X-API-Key": secret, "Content-Type": "application/json" }, body: JSON.stringify({ app_id: "vto-001" }),
+    });
+    assert.equal(used.status, 200);
+    await row.getByRole("button", { name: /^Revoke/ }).click();
+    await page.locator("tr", { hasText: name }).locator(".badge", { hasText: "revoked" }).waitFor();
+    const refused = await fetch(`${base}/api/v1/customer/tokens/consume`, {
+      method: "POST", headers: { "X-API-Key": secret, "Content-Type": "application/json" }, body: JSON.stringify({ app_id: "vto-001" }),
+    });
+    assert.equal(refused.status, 401);
+  });
+
+  await step(page, "a configuration the API refuses (422) shows its message on the field", async () => {
+    const app = page.locator('[data-app="rec-001"]');
+    await app.getByText("Configure").click();
+    const field = app.getByLabel("max results");
+    await field.fill("2.5");
+    await app.getByRole("button", { name: "Save Eyewear Recommendations" }).click();
+    const { body } = await call("PATCH", "/api/v1/customer/apps/rec-001", { body: { configuration: { max_results: 2.5 } } });
+    const detail = body.error.details.find((d) => d.field === "configuration.max_results");
+    assert.ok(detail, "the API names the field");
+    await app.locator(`[aria-invalid="true"][name="configuration.max_results"]`).waitFor();
+    const describedBy = await field.getAttribute("aria-describedby");
+    assert.equal(await page.locator(`#${describedBy}`).textContent(), detail.message);
+    await accessible("a refused configuration");
+    await shot("configuration-refused");
+    await field.fill("4");
+    await app.getByRole("button", { name: "Save Eyewear Recommendations" }).click();
+    await page.locator("#notice", { hasText: "Eyewear Recommendations saved." }).waitFor();
+    const { body: mine } = await call("GET", "/api/v1/customer/apps");
+    assert.equal(mine.apps.find((a) => a.app.id === "rec-001").configuration.max_results, 4);
+  });
+
+  assert.deepEqual(problems, [], "no script error or CSP violation");
+  await context.close();
+}
+
+/** Each state at each width: a PNG of that width (device pixels), not blank. */
+function checkScreenshots() {
+  for (const width of WIDTHS) {
+    for (const state of STATES) {
+      const file = `${shots}/${state}-${width.name}.png`;
+      const png = readFileSync(file);
+      assert.equal(png.subarray(1, 4).toString(), "PNG", file);
+      const pixels = png.readUInt32BE(16);
+      assert.equal(pixels, width.viewport.width * (width.deviceScaleFactor ?? 1), `${file} is ${width.viewport.width}px wide`);
+      assert.ok(statSync(file).size > 8_000, `${file} is not blank`);
+    }
+  }
+  console.log(`screenshots: ${WIDTHS.length * STATES.length} in ${shots}`);
+}
+
+const browser = await chromium.launch({ executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium", args: ["--no-sandbox"] });
+try {
+  for (const width of WIDTHS) await story(browser, width);
+} finally {
+  await browser.close();
+}
+checkScreenshots();
+console.log("dashboard: all checks passed");
