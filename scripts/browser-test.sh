@@ -7,7 +7,9 @@
 # against a database (connected_apps_browser) and a Redis key prefix of
 # its own, makes a professional customer with two apps and seeded usage
 # through the public API, then runs tests/browser/dashboard.test.mjs at a
-# desktop's and a phone's width. Screenshots of each state go to
+# desktop's and a phone's width. A second API process on 8099 has billing
+# configured against Stripe's stand-in (scripts/stripe-standin.py, port
+# 12113) with a publishable key, for two customers subscribed through it. Screenshots of each state go to
 # target/dashboard-screenshots/ (CI keeps them) and are checked: one per
 # state and width, at that width, not blank.
 #
@@ -44,12 +46,24 @@ export DATABASE_URL=${BROWSER_DATABASE_URL:-postgres://postgres:postgres@127.0.0
 export REDIS_KEY_PREFIX=browser LOG_LEVEL=warn PORT=$port
 export FLUSH_MAX_AGE_MS=50
 "$here/scripts/services.sh" >/dev/null
+# A clean slate: the stand-in numbers its Stripe objects from 1 each run.
+psql -q "${DATABASE_URL%/*}/postgres" -c "DROP DATABASE IF EXISTS ${DATABASE_URL##*/} WITH (FORCE)"
+redis-cli --scan --pattern "$REDIS_KEY_PREFIX:*" | xargs -r redis-cli del >/dev/null
 "$bin" migrate >/dev/null
 "$bin" serve >"$here/target/browser-test-service.log" 2>&1 &
 service=$!
-trap 'kill $service 2>/dev/null || true' EXIT
-base=http://127.0.0.1:$port
-for _ in $(seq 100); do curl -fs "$base/health/ready" >/dev/null && break; sleep 0.1; done
+stripe_port=12113 billing_port=$((port + 2))
+python3 "$here/scripts/stripe-standin.py" --port $stripe_port >"$here/target/browser-test-stripe.log" 2>&1 &
+stripe=$!
+PORT=$billing_port STRIPE_API_BASE=http://127.0.0.1:$stripe_port/ STRIPE_SECRET_KEY=sk_test_dashboard \
+  STRIPE_WEBHOOK_SECRET=whsec_dashboard_local_only STRIPE_PUBLISHABLE_KEY=pk_test_dashboard \
+  "$bin" serve --roles api >"$here/target/browser-test-billing.log" 2>&1 &
+billing=$!
+trap 'kill $service $stripe $billing 2>/dev/null || true' EXIT
+base=http://127.0.0.1:$port billing_base=http://127.0.0.1:$billing_port
+for url in "$base" "$billing_base"; do
+  for _ in $(seq 100); do curl -fs "$url/health/ready" >/dev/null && break; sleep 0.1; done
+done
 
 # A customer with Virtual Try-On and Eyewear Recommendations, and usage.
 . "$here/scripts/customer.sh"
@@ -69,6 +83,21 @@ for _ in $(seq 100); do
 done
 log "customer $customer: 57 tokens used over two apps"
 
+# Two customers (one per width) subscribed to professional through Stripe.
+admin=$("$bin" token --admin)
+billing_tokens=()
+for width in desktop phone; do
+  id=$(curl -fs "$billing_base/api/v1/admin/customers" -H "Authorization: Bearer $admin" \
+    -H 'Content-Type: application/json' \
+    -d '{"name":"Billing Optics","email":"billing-'"$width-$RANDOM$RANDOM"'@example.com"}' |
+    grep -o '"id":"[^"]*"' | head -n 1 | cut -d'"' -f4)
+  jwt=$("$bin" token --sub "$id")
+  curl -fs "$billing_base/api/v1/customer/billing/subscribe" -H "Authorization: Bearer $jwt" \
+    -H 'Content-Type: application/json' -d '{"plan_id":"professional","payment_method_id":"pm_card_visa"}' >/dev/null
+  billing_tokens+=("$jwt")
+done
+
 rm -rf "$shots"
 mkdir -p "$shots"
-(cd "$here/tests/browser" && BASE_URL=$base TOKEN=$token SCREENSHOTS=$shots node dashboard.test.mjs)
+(cd "$here/tests/browser" && BASE_URL=$base TOKEN=$token SCREENSHOTS=$shots \
+  BILLING_URL=$billing_base BILLING_TOKENS="${billing_tokens[*]}" node dashboard.test.mjs)

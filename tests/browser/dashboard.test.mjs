@@ -9,7 +9,12 @@
 // No axe-core violation of WCAG 2.x level A or AA, no Content-Security-
 // Policy violation, no script error. A screenshot of each state.
 //
-//   BASE_URL=http://127.0.0.1:8097 TOKEN=<jwt> SCREENSHOTS=dir node dashboard.test.mjs
+// Then, against a second process with billing configured (Stripe's
+// stand-in, a publishable key, Stripe.js stood in for): tokens bought are
+// credited and counted, and an upgrade takes effect at once.
+//
+//   BASE_URL=http://127.0.0.1:8097 TOKEN=<jwt> BILLING_URL=http://127.0.0.1:8099 \
+//     BILLING_TOKENS="<jwt> <jwt>" SCREENSHOTS=dir node dashboard.test.mjs
 import assert from "node:assert/strict";
 import { readFileSync, statSync } from "node:fs";
 import { createRequire } from "node:module";
@@ -24,11 +29,18 @@ const WIDTHS = [
   { name: "desktop", viewport: { width: 1280, height: 900 } },
   { name: "phone", viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true, deviceScaleFactor: 2 },
 ];
-const STATES = ["sign-in", "signed-out-by-401", "overview", "app-paused", "key-created", "configuration-refused"];
+const STATES = ["sign-in", "signed-out-by-401", "overview", "app-paused", "key-created", "configuration-refused", "billing"];
+// Stripe.js stands in as Stripe's REST API does (scripts/stripe-standin.py):
+// the card form is a note, and a card set up is Stripe's test card that pays.
+const STRIPE_JS = `window.Stripe = () => ({
+  elements: () => ({ create: () => ({ mount: (where) => document.querySelector(where).append("Card: Stripe's test card (stand-in)") }) }),
+  confirmCardSetup: async (secret) => ({ setupIntent: { id: secret.split("_secret")[0], payment_method: "pm_card_visa" } }),
+  confirmCardPayment: async () => ({ paymentIntent: { status: "succeeded" } }),
+});`;
 
 /** The public API, as the merchant's own backend would call it. */
-async function call(method, path, { bearer = token, body } = {}) {
-  const response = await fetch(base + path, {
+async function call(method, path, { bearer = token, body, at = base } = {}) {
+  const response = await fetch(at + path, {
     method,
     headers: { Authorization: `Bearer ${bearer}`, "Content-Type": "application/json" },
     body: body === undefined ? undefined : JSON.stringify(body),
@@ -60,8 +72,9 @@ async function step(page, name, fn) {
   process.stdout.write("ok\n");
 }
 
-async function story(browser, width) {
-  console.log(`dashboard at ${width.name} width (${width.viewport.width}px):`);
+/** A page at `width` that records script errors and CSP violations, and
+ * the helpers every story uses. */
+async function open(browser, width) {
   const context = await browser.newContext({ viewport: width.viewport, isMobile: width.isMobile, hasTouch: width.hasTouch, deviceScaleFactor: width.deviceScaleFactor ?? 1 });
   const page = await context.newPage();
   const problems = [];
@@ -81,6 +94,12 @@ async function story(browser, width) {
     const found = result.violations.map((v) => `${v.id} (${v.impact}): ${v.nodes.map((n) => n.target.join(" ")).join(", ")}`);
     assert.deepEqual(found, [], `axe-core violations on ${what}`);
   };
+  return { context, page, problems, shot, accessible };
+}
+
+async function story(browser, width) {
+  console.log(`dashboard at ${width.name} width (${width.viewport.width}px):`);
+  const { context, page, problems, shot, accessible } = await open(browser, width);
 
   await step(page, "the page comes with its security headers", async () => {
     const response = await page.goto(`${base}/dashboard/`);
@@ -227,6 +246,77 @@ async function story(browser, width) {
     assert.equal(mine.apps.find((a) => a.app.id === "rec-001").configuration.max_results, 4);
   });
 
+  await step(page, "deactivating an app stops its consumes and takes it off the list", async () => {
+    await page.getByRole("button", { name: "Deactivate Eyewear Recommendations" }).click();
+    await page.locator("#notice", { hasText: "Eyewear Recommendations deactivated." }).waitFor();
+    await page.locator('[data-app="rec-001"]').waitFor({ state: "detached" });
+    const refused = await call("POST", "/api/v1/customer/tokens/consume", { body: { app_id: "rec-001" } });
+    assert.equal(refused.body.error.code, "app_not_active");
+    // Activated again through the API, for the next width's story.
+    assert.equal((await call("POST", "/api/v1/customer/apps/rec-001/activate", { body: { configuration: {} } })).status, 200);
+  });
+
+  await step(page, "usage alert settings: a bad threshold is refused on its field; a webhook URL gets its secret once", async () => {
+    const thresholds = page.getByLabel("Thresholds, % of the allowance (comma separated)");
+    await thresholds.fill("0, 100");
+    await page.getByRole("button", { name: "Save alerts" }).click();
+    const refused = await call("PUT", "/api/v1/customer/alerts", { body: { thresholds: [0, 100] } });
+    assert.equal(refused.status, 422);
+    await page.locator("#alert-thresholds-error", { hasText: refused.body.error.details[0].message }).waitFor();
+    const { body: before } = await call("GET", "/api/v1/customer/alerts");
+    await thresholds.fill("50, 90");
+    await page.getByLabel("Webhook URL").fill(`https://shop.example/hooks/usage-${width.name}`);
+    await page.getByRole("button", { name: "Save alerts" }).click();
+    await page.locator("#notice", { hasText: "Alerts saved." }).waitFor();
+    // The secret comes with the first URL only (the other width's story may
+    // have set one: the customer is the same).
+    if (before.webhook_url === null) await page.locator("#alert-secret", { hasText: "whsec_" }).waitFor();
+    else assert.equal(await page.locator("#alert-secret").isHidden(), true);
+    const { body: saved } = await call("GET", "/api/v1/customer/alerts");
+    assert.deepEqual(saved.thresholds, [50, 90]);
+    assert.equal(saved.webhook_url, `https://shop.example/hooks/usage-${width.name}`);
+  });
+
+  assert.deepEqual(problems, [], "no script error or CSP violation");
+  await context.close();
+}
+
+/** Billing configured (a publishable key, Stripe's stand-in): buying
+ * tokens and changing plan through the page. */
+async function billingStory(browser, width, { url, bearer }) {
+  console.log(`billing at ${width.name} width:`);
+  const { context, page, problems, shot, accessible } = await open(browser, width);
+  await page.route("https://js.stripe.com/v3/", (route) => route.fulfill({ contentType: "text/javascript", body: STRIPE_JS }));
+  const figure = (name) => page.locator(`[data-figure="${name}"]`);
+
+  await step(page, "with a publishable key, the page allows Stripe.js and offers the billing actions", async () => {
+    const response = await page.goto(`${url}/dashboard/#token=${bearer}`);
+    assert.match(response.headers()["content-security-policy"], /script-src 'self' https:\/\/js\.stripe\.com;/);
+    await page.getByRole("button", { name: "Change plan" }).waitFor();
+    await page.locator("#card", { hasText: "stand-in" }).waitFor();
+  });
+
+  await step(page, "tokens bought are credited and counted in the total", async () => {
+    await page.getByLabel("Buy tokens").fill("1000");
+    await page.getByRole("button", { name: "Buy" }).click();
+    await page.locator("#notice", { hasText: "1,000 tokens bought and credited." }).waitFor();
+    const { body: usage } = await call("GET", "/api/v1/customer/tokens/usage", { bearer, at: url });
+    assert.equal(usage.current_period.tokens_total, 11_000);
+    await figure("total").filter({ hasText: "11,000" }).waitFor();
+    assert.equal(await figure("purchased").textContent(), "1,000");
+    await accessible("billing");
+    await shot("billing");
+  });
+
+  await step(page, "an upgrade takes effect at once", async () => {
+    await page.getByLabel("Change plan to").selectOption("enterprise");
+    await page.getByRole("button", { name: "Change plan" }).click();
+    await page.locator("#notice", { hasText: "Plan changed to Enterprise." }).waitFor();
+    const { body: subscription } = await call("GET", "/api/v1/customer/billing/subscription", { bearer, at: url });
+    assert.equal(subscription.plan_id, "enterprise");
+    await figure("total").filter({ hasText: "Unlimited" }).waitFor();
+  });
+
   assert.deepEqual(problems, [], "no script error or CSP violation");
   await context.close();
 }
@@ -247,8 +337,11 @@ function checkScreenshots() {
 }
 
 const browser = await chromium.launch({ executablePath: process.env.CHROMIUM ?? "/usr/bin/chromium", args: ["--no-sandbox"] });
+const billing = { url: process.env.BILLING_URL, bearers: (process.env.BILLING_TOKENS ?? "").split(" ") };
+assert.ok(billing.url && billing.bearers.length === WIDTHS.length, "BILLING_URL and a BILLING_TOKENS token per width are set");
 try {
   for (const width of WIDTHS) await story(browser, width);
+  for (const [i, width] of WIDTHS.entries()) await billingStory(browser, width, { url: billing.url, bearer: billing.bearers[i] });
 } finally {
   await browser.close();
 }

@@ -35,6 +35,7 @@ class ApiError extends Error {
     this.status = status;
     this.code = body?.error?.code ?? "unknown";
     this.details = body?.error?.details ?? [];
+    this.body = body;
   }
 }
 
@@ -69,12 +70,23 @@ function failed(section, error) {
   body.replaceChildren(h("p", { class: "error", role: "alert" }, `${error.message} (${error.code})`));
 }
 
+/** The form's input for an API field path, or for the nearest field
+ * holding it (`thresholds[0]` is shown on `thresholds`). */
+function inputFor(form, field) {
+  for (let path = field; path; path = path.replace(/(\[\d+\]|\.[^.[]+)$/, "")) {
+    const input = form.querySelector(`[name="${CSS.escape(path)}"]`) ?? form.querySelector(`[data-field="${CSS.escape(path)}"]`);
+    if (input) return input;
+    if (!/(\[\d+\]|\.[^.[]+)$/.test(path)) return null;
+  }
+  return null;
+}
+
 /** Puts a 422's details on the form's fields (by name = the API's field path). */
 function showFieldErrors(form, error) {
   clearFieldErrors(form);
   let placed = 0;
   for (const { field, message } of error.details) {
-    const input = form.querySelector(`[name="${CSS.escape(field)}"]`) ?? form.querySelector(`[data-field="${CSS.escape(field)}"]`);
+    const input = inputFor(form, field);
     const slot = input && document.getElementById(input.getAttribute("aria-describedby"));
     if (!slot) continue;
     input.setAttribute("aria-invalid", "true");
@@ -272,7 +284,7 @@ async function loadApps() {
 function renderApps() {
   const body = $(".body", $("#apps"));
   body.removeAttribute("aria-busy");
-  const live = state.activations.filter((a) => a.app.status !== "inactive");
+  const live = state.activations.filter((a) => a.app.status !== "disabled");
   if (!live.length) {
     body.replaceChildren(h("p", { class: "muted" }, "No app is active. Activate one from the catalog through the API."));
     return;
@@ -391,7 +403,7 @@ function configurationForm(activation) {
 
 function renderKeyApps() {
   const box = $("#key-apps");
-  const live = state.activations.filter((a) => a.app.status !== "inactive");
+  const live = state.activations.filter((a) => a.app.status !== "disabled");
   box.replaceChildren(h("legend", {}, "Apps it may charge"),
     ...(live.length ? live.map((a) => h("label", {}, h("input", { type: "checkbox", name: "app_permissions", value: a.app.id, checked: true }), a.app.name))
       : [h("p", { class: "muted" }, "Activate an app first.")]));
@@ -519,12 +531,20 @@ function billingActions(plans, subscription, publishableKey) {
     h("button", { type: "submit" }, "Change plan"));
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
+    const plan = form.plan_id.selectedOptions[0].textContent;
     try {
-      await api("PATCH", "/api/v1/customer/billing/subscription", { plan_id: form.plan_id.value });
-      notify("Plan changed.");
+      const changed = await api("PATCH", "/api/v1/customer/billing/subscription", { plan_id: form.plan_id.value });
+      notify(changed.pending_plan_id ? `${plan} starts when this period ends.` : `Plan changed to ${plan}.`);
       await Promise.all([loadPlan(), loadUsage()]);
     } catch (error) {
-      if (error.status === 422) showFieldErrors(form, error);
+      // The upgrade's invoice needs the card holder (3-D Secure): Stripe.js
+      // asks, and Stripe applies the upgrade once it is paid.
+      const secret = error.status === 402 ? error.body?.error?.client_secret : null;
+      if (secret) {
+        const stripe = await loadStripe(publishableKey);
+        const { error: declined } = await stripe.instance.confirmCardPayment(secret);
+        notify(declined ? declined.message : `${plan} applies once Stripe confirms the payment.`, Boolean(declined));
+      } else if (error.status === 422) showFieldErrors(form, error);
       else notify(`${error.message} (${error.code})`, true);
     }
   });
@@ -541,15 +561,22 @@ function billingActions(plans, subscription, publishableKey) {
       const intent = await api("POST", "/api/v1/customer/billing/setup-intent");
       const { setupIntent, error } = await stripe.instance.confirmCardSetup(intent.client_secret, { payment_method: { card: stripe.card } });
       if (error) throw new ApiError(402, { error: { code: error.code ?? "card_error", message: error.message } });
-      await api("POST", "/api/v1/customer/billing/tokens/purchase", { tokens: Number(purchase.tokens.value), payment_method_id: setupIntent.payment_method });
-      notify("Purchase sent; the tokens are credited when Stripe confirms the payment.");
+      const bought = await api("POST", "/api/v1/customer/billing/tokens/purchase", { tokens: Number(purchase.tokens.value), payment_method_id: setupIntent.payment_method });
+      if (bought.status === "requires_action" && bought.client_secret) {
+        const { error: declined } = await stripe.instance.confirmCardPayment(bought.client_secret);
+        if (declined) throw new ApiError(402, { error: { code: declined.code ?? "card_error", message: declined.message } });
+      }
+      notify(bought.credited
+        ? `${number(bought.tokens)} tokens bought and credited.`
+        : `${number(bought.tokens)} tokens bought; they are credited when Stripe confirms the payment.`);
+      await loadUsage();
     } catch (error) {
       if (error.status === 422) showFieldErrors(purchase, error);
       else notify(`${error.message} (${error.code})`, true);
     }
   });
   loadStripe(publishableKey).catch(() => notify("Stripe cannot be reached; purchases are unavailable.", true));
-  return h("div", {}, form, purchase);
+  return h("div", { class: "billing" }, form, purchase);
 }
 
 let stripePromise = null;
