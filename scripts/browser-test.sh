@@ -61,13 +61,23 @@ PORT=$billing_port STRIPE_API_BASE=http://127.0.0.1:$stripe_port/ STRIPE_SECRET_
 billing=$!
 trap 'kill $service $stripe $billing 2>/dev/null || true' EXIT
 base=http://127.0.0.1:$port billing_base=http://127.0.0.1:$billing_port
+# waits_for WHAT COMMAND…: until COMMAND succeeds, for 10 s at most.
+waits_for() {
+  local what=$1
+  shift
+  for _ in $(seq 100); do "$@" && return; sleep 0.1; done
+  log "gave up waiting for $what"
+  exit 1
+}
 for url in "$base" "$billing_base"; do
-  for _ in $(seq 100); do curl -fs "$url/health/ready" >/dev/null && break; sleep 0.1; done
+  waits_for "$url to be ready" curl -fs -o /dev/null "$url/health/ready"
 done
 
 # A customer with Virtual Try-On and Eyewear Recommendations, and usage.
 . "$here/scripts/customer.sh"
-read -r customer token < <(new_customer "$bin" "$base" professional)
+seeded=$(new_customer "$bin" "$base" professional)
+read -r customer token <<<"$seeded"
+[ -n "$token" ] || { log "could not make the customer"; exit 1; }
 auth=(-H "Authorization: Bearer $token" -H 'Content-Type: application/json')
 curl -fs "$base/api/v1/customer/apps/rec-001/activate" "${auth[@]}" -d '{"configuration":{}}' >/dev/null
 for i in $(seq 7); do
@@ -77,10 +87,13 @@ for i in $(seq 11); do
   curl -fs "$base/api/v1/customer/tokens/consume" "${auth[@]}" -d '{"app_id":"rec-001","session_id":"r'$((i % 4))'"}' >/dev/null
 done
 # 7 x 5 + 11 x 2 tokens, in the daily aggregates once flushed.
-for _ in $(seq 100); do
-  curl -fs "$base/api/v1/customer/tokens/usage" "${auth[@]}" | grep -q '"tokens_consumed":22' && break
-  sleep 0.1
-done
+flushed() {
+  local report
+  report=$(curl -fs "$base/api/v1/customer/tokens/usage" "${auth[@]}") || return 1
+  [[ $report == *'"app_id":"rec-001","app_name":"Eyewear Recommendations","tokens_consumed":22,'* &&
+    $report == *'"app_id":"vto-001","app_name":"Virtual Try-On","tokens_consumed":35,'* ]]
+}
+waits_for "the seeded usage in the ledger" flushed
 log "customer $customer: 57 tokens used over two apps"
 
 # Two customers (one per width) subscribed to professional through Stripe.

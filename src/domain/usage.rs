@@ -31,7 +31,7 @@ use crate::{
     domain::accounts::Accounts,
     error::{ApiError, FieldError},
     hot::HotStore,
-    ledger::usage::{self as ledger_usage, UsageRow},
+    ledger::usage::{self as ledger_usage, ReportLine, UsageRow},
 };
 
 /// The longest range of days one report covers.
@@ -244,14 +244,14 @@ impl Reports<'_> {
             }
         };
         let (from, to) = report_range(period, from, to, Utc::now())?;
-        let lines = ledger_usage::report(&mut conn, customer, from, to).await?;
+        let lines = ledger_usage::report(&mut conn, customer, from, to, by_app).await?;
 
         let mut usage_by_app = Vec::new();
         let mut days: BTreeMap<NaiveDate, i64> = BTreeMap::new();
         let mut app_days: BTreeMap<NaiveDate, BTreeMap<String, i64>> = BTreeMap::new();
         for line in lines {
-            match (line.slug, line.name, line.date) {
-                (Some(slug), Some(name), None) => usage_by_app.push(AppUsage {
+            match (line.grouping, line.slug, line.name, line.date) {
+                (ReportLine::APP, Some(slug), Some(name), _) => usage_by_app.push(AppUsage {
                     app_id: slug,
                     app_name: name,
                     tokens_consumed: line.tokens,
@@ -260,10 +260,10 @@ impl Reports<'_> {
                         (line.tokens as f64 / line.sessions as f64 * 100.0).round() / 100.0
                     }),
                 }),
-                (None, None, Some(date)) => {
+                (ReportLine::DAY, _, _, Some(date)) => {
                     days.insert(date, line.tokens);
                 }
-                (Some(slug), Some(_), Some(date)) => {
+                (ReportLine::APP_DAY, Some(slug), _, Some(date)) => {
                     app_days.entry(date).or_default().insert(slug, line.tokens);
                 }
                 _ => {}

@@ -50,8 +50,9 @@ const INDEX: &str = include_str!("dashboard/index.html");
 
 /// Stripe.js, its card form's frames and its API (Stripe's published
 /// policy), allowed only when billing is configured.
-const STRIPE_SCRIPTS: &str = "https://js.stripe.com";
-const STRIPE_FRAMES: &str = "https://js.stripe.com https://hooks.stripe.com";
+const STRIPE_SCRIPTS: &str = "https://js.stripe.com https://*.js.stripe.com";
+const STRIPE_FRAMES: &str =
+    "https://js.stripe.com https://*.js.stripe.com https://hooks.stripe.com";
 const STRIPE_API: &str = "https://api.stripe.com";
 
 struct Asset {
@@ -190,7 +191,7 @@ mod tests {
         let with = Dashboard::new("pk_test_123");
         assert!(with.page.contains(r#"content="pk_test_123""#));
         let with = with.csp.to_str().unwrap();
-        assert!(with.contains("script-src 'self' https://js.stripe.com; "));
+        assert!(with.contains("script-src 'self' https://js.stripe.com https://*.js.stripe.com; "));
         assert!(with.contains("connect-src 'self' https://api.stripe.com; "));
         for csp in [without, with] {
             assert!(csp.contains("style-src 'self'; ") && !csp.contains("unsafe"));

@@ -433,10 +433,13 @@ pub async fn current_period(
     .await
 }
 
-/// One line of the usage report: an app's totals over the range (`date`
-/// is `None`), or a day's totals over all apps (`slug` is `None`).
+/// One line of the usage report, of the kind `grouping` says.
 #[derive(Debug, sqlx::FromRow)]
 pub struct ReportLine {
+    /// SQL's `GROUPING(app_id, date)`: [`ReportLine::APP`] (an app's
+    /// totals over the range), [`ReportLine::DAY`] (a day's totals over all
+    /// apps) or [`ReportLine::APP_DAY`] (an app's totals on one day).
+    pub grouping: i32,
     pub slug: Option<String>,
     pub name: Option<String>,
     pub date: Option<NaiveDate>,
@@ -444,27 +447,35 @@ pub struct ReportLine {
     pub sessions: i64,
 }
 
+impl ReportLine {
+    pub const APP_DAY: i32 = 0;
+    pub const APP: i32 = 1;
+    pub const DAY: i32 = 2;
+}
+
 /// The customer's daily aggregates from `from` to `to` (inclusive), summed
-/// per app, per day and per app and day in one pass (GROUPING SETS) over
-/// the covering index
-/// on `(customer_id, date)`; apps are joined to the few sums, not the rows.
+/// per app and per day (and, with `by_app_and_day`, per app and day) in one
+/// pass (GROUPING SETS) over the covering index on `(customer_id, date)`;
+/// apps are joined to the few sums, not the rows.
 #[tracing::instrument(name = "postgres usage.report", level = "debug", skip_all)]
 pub async fn report(
     conn: &mut PgConnection,
     customer: Uuid,
     from: NaiveDate,
     to: NaiveDate,
+    by_app_and_day: bool,
 ) -> sqlx::Result<Vec<ReportLine>> {
     sqlx::query_as(
         r#"
         WITH sums AS (
-            SELECT d.app_id, d.date,
+            SELECT GROUPING(d.app_id, d.date)::int4 AS grouping, d.app_id, d.date,
                    SUM(d.tokens_consumed)::int8 AS tokens, SUM(d.sessions_count)::int8 AS sessions
             FROM usage_analytics_daily d
             WHERE d.customer_id = $1 AND d.date BETWEEN $2 AND $3
             GROUP BY GROUPING SETS ((d.app_id), (d.date), (d.app_id, d.date))
+            HAVING $4 OR GROUPING(d.app_id, d.date) <> 0
         )
-        SELECT a.slug, a.name, s.date, s.tokens, s.sessions
+        SELECT s.grouping, a.slug, a.name, s.date, s.tokens, s.sessions
         FROM sums s LEFT JOIN apps a ON a.id = s.app_id
         ORDER BY a.slug, s.date
         "#,
@@ -472,6 +483,7 @@ pub async fn report(
     .bind(customer)
     .bind(from)
     .bind(to)
+    .bind(by_app_and_day)
     .fetch_all(conn)
     .await
 }

@@ -39,8 +39,14 @@ class ApiError extends Error {
   }
 }
 
-async function api(method, path, body) {
-  const headers = { Authorization: `Bearer ${sessionStorage.getItem(TOKEN)}` };
+/** An answer that arrived after its session ended (signed out, or signed in
+ * again): never drawn. */
+class Stale extends Error {}
+let session = 0;
+
+async function api(method, path, body, extraHeaders = {}) {
+  const asked = session;
+  const headers = { Authorization: `Bearer ${sessionStorage.getItem(TOKEN)}`, ...extraHeaders };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   let response;
   try {
@@ -49,6 +55,7 @@ async function api(method, path, body) {
     throw new ApiError(0, { error: { code: "network", message: "The service cannot be reached; check the connection and try again." } });
   }
   const data = await response.json().catch(() => null);
+  if (asked !== session) throw new Stale();
   if (response.status === 401) {
     signOut(data?.error?.message ?? "Your session has ended; sign in again.");
     throw new ApiError(401, data);
@@ -65,9 +72,28 @@ function notify(message, isError = false) {
 
 /** Shows an error in a section instead of its content: never a blank page. */
 function failed(section, error) {
+  if (error instanceof Stale) return;
   const body = $(".body", section);
   body.removeAttribute("aria-busy");
   body.replaceChildren(h("p", { class: "error", role: "alert" }, `${error.message} (${error.code})`));
+}
+
+/** Says what went wrong: a 422 on the form's fields, anything else in the
+ * notice, in the contract's words. */
+function report(error, form) {
+  if (error instanceof Stale) return;
+  if (form && error.status === 422) showFieldErrors(form, error);
+  else notify(`${error.message} (${error.code})`, true);
+}
+
+/** Runs `work` with `button` disabled, so a second click sends nothing. */
+async function busy(button, work) {
+  if (button) button.disabled = true;
+  try {
+    return await work();
+  } finally {
+    if (button) button.disabled = false;
+  }
 }
 
 /** The form's input for an API field path, or for the nearest field
@@ -104,7 +130,20 @@ function clearFieldErrors(form) {
 // --- signing in and out ---------------------------------------------------
 
 function signOut(message) {
+  session++;
   sessionStorage.removeItem(TOKEN);
+  // Nothing of the last merchant stays on the page, the secrets shown once
+  // least of all.
+  Object.assign(state, { plan: null, usage: null, range: null, catalog: new Map(), activations: [] });
+  chart?.destroy();
+  chart = null;
+  for (const id of ["#key-secret", "#alert-secret"]) {
+    const box = $(id);
+    if (box) {
+      box.hidden = true;
+      box.replaceChildren();
+    }
+  }
   $("#dashboard").hidden = true;
   $("#sign-out").hidden = true;
   $("#sign-in").hidden = false;
@@ -139,7 +178,8 @@ function start() {
   });
   $("#range").addEventListener("submit", (event) => {
     event.preventDefault();
-    loadUsage();
+    const form = event.target;
+    busy(event.submitter, () => loadUsage({ from: form.from.value, to: form.to.value }, form));
   });
   $("#new-key").addEventListener("submit", createKey);
   if (sessionStorage.getItem(TOKEN)) show();
@@ -147,6 +187,7 @@ function start() {
 }
 
 async function show() {
+  session++;
   notify("");
   $("#sign-in").hidden = true;
   $("#dashboard").hidden = false;
@@ -157,18 +198,27 @@ async function show() {
 
 // --- usage: the period, the daily chart and table, usage by app -----------
 
-const state = { plan: null, usage: null, catalog: new Map(), activations: [] };
+// `range`: the days last shown, which a refresh after an action shows again
+// (not a range the API refused, still in the form).
+const state = { plan: null, usage: null, range: null, catalog: new Map(), activations: [] };
 let chart = null;
+let usageAsked = 0;
 
-async function loadUsage() {
-  const form = $("#range");
-  clearFieldErrors(form);
+/** Loads the usage report for `range` (default: the last shown, else the
+ * period); `form` is the range form when it asked. */
+async function loadUsage(range = state.range, form = null) {
+  if (form) clearFieldErrors(form);
   const query = new URLSearchParams({ breakdown: "app" });
-  if (form.from.value) query.set("from", form.from.value);
-  if (form.to.value) query.set("to", form.to.value);
+  if (range?.from) query.set("from", range.from);
+  if (range?.to) query.set("to", range.to);
+  const asked = ++usageAsked;
   try {
     const usage = await api("GET", `/api/v1/customer/tokens/usage?${query}`);
+    // Two reports in flight (a range asked twice, a refresh): the last asked wins.
+    if (asked !== usageAsked) return;
     state.usage = usage;
+    state.range = range;
+    form ??= $("#range");
     const days = usage.daily_usage;
     if (days.length) {
       form.from.value = days[0].date;
@@ -178,7 +228,7 @@ async function loadUsage() {
     renderDaily(days);
     renderByApp(usage.usage_by_app);
   } catch (error) {
-    if (error.status === 422) showFieldErrors(form, error);
+    if (form && error.status === 422) showFieldErrors(form, error);
     else for (const id of ["#period", "#daily", "#by-app"]) failed($(id), error);
   }
 }
@@ -267,12 +317,19 @@ function renderByApp(rows) {
 
 // --- apps: activations, their configuration and embed code ----------------
 
+/** Activations not deactivated: active or paused. */
+const liveActivations = () => state.activations.filter((a) => a.app.status !== "disabled");
+
 async function loadApps() {
   const section = $("#apps");
   try {
-    const [catalog, mine] = await Promise.all([api("GET", "/api/v1/apps?per_page=100"), api("GET", "/api/v1/customer/apps")]);
-    state.catalog = new Map(catalog.apps.map((app) => [app.id, app]));
-    state.activations = mine.apps;
+    // The catalog once a session (its route is limited per hour); the
+    // activations after every change.
+    if (!state.catalog.size) {
+      const catalog = await api("GET", "/api/v1/apps?per_page=100");
+      state.catalog = new Map(catalog.apps.map((app) => [app.id, app]));
+    }
+    state.activations = (await api("GET", "/api/v1/customer/apps")).apps;
     renderApps();
     renderKeyApps();
     if (state.usage) renderDaily(state.usage.daily_usage);
@@ -284,7 +341,7 @@ async function loadApps() {
 function renderApps() {
   const body = $(".body", $("#apps"));
   body.removeAttribute("aria-busy");
-  const live = state.activations.filter((a) => a.app.status !== "disabled");
+  const live = liveActivations();
   if (!live.length) {
     body.replaceChildren(h("p", { class: "muted" }, "No app is active. Activate one from the catalog through the API."));
     return;
@@ -297,18 +354,16 @@ function renderActivation(activation) {
   const slug = app.id;
   const paused = app.status === "paused";
   const embedId = `embed-${slug}`;
-  const change = async (button, method, path, payload, done) => {
-    button.disabled = true;
+  const change = (button, method, path, payload, done) => busy(button, async () => {
     try {
       await api(method, path, payload);
       notify(done);
       await loadApps();
       $(`[data-app="${CSS.escape(slug)}"] button`)?.focus();
     } catch (error) {
-      notify(`${error.message} (${error.code})`, true);
-      button.disabled = false;
+      report(error);
     }
-  };
+  });
   const configure = h("details", { class: "configure" }, h("summary", {}, "Configure"), configurationForm(activation));
   return h("article", { class: "app", "data-app": slug, "aria-labelledby": `app-${slug}` },
     h("header", {},
@@ -381,20 +436,24 @@ function configurationForm(activation) {
       const path = input.name.split(".").slice(1);
       let value;
       if (input.dataset.type === "boolean") value = input.checked;
-      else if (input.dataset.type === "integer" || input.dataset.type === "number") value = input.value === "" ? null : Number(input.value);
-      else value = input.value;
+      else if (input.dataset.type === "integer" || input.dataset.type === "number") {
+        // Left empty: left out, so the app's default applies.
+        if (input.value === "") continue;
+        value = Number(input.value);
+      } else value = input.value;
       let target = configuration;
       for (const part of path.slice(0, -1)) target = target[part] ??= {};
       target[path.at(-1)] = value;
     }
-    try {
-      await api("PATCH", `/api/v1/customer/apps/${slug}`, { configuration });
-      notify(`${activation.app.name} saved.`);
-      await loadApps();
-    } catch (error) {
-      if (error.status === 422) showFieldErrors(form, error);
-      else notify(`${error.message} (${error.code})`, true);
-    }
+    await busy(event.submitter, async () => {
+      try {
+        await api("PATCH", `/api/v1/customer/apps/${slug}`, { configuration });
+        notify(`${activation.app.name} saved.`);
+        await loadApps();
+      } catch (error) {
+        report(error, form);
+      }
+    });
   });
   return form;
 }
@@ -403,7 +462,7 @@ function configurationForm(activation) {
 
 function renderKeyApps() {
   const box = $("#key-apps");
-  const live = state.activations.filter((a) => a.app.status !== "disabled");
+  const live = liveActivations();
   box.replaceChildren(h("legend", {}, "Apps it may charge"),
     ...(live.length ? live.map((a) => h("label", {}, h("input", { type: "checkbox", name: "app_permissions", value: a.app.id, checked: true }), a.app.name))
       : [h("p", { class: "muted" }, "Activate an app first.")]));
@@ -434,17 +493,17 @@ async function loadKeys() {
           h("td", {}, h("span", { class: `badge ${revoked ? "revoked" : "active"}` }, revoked ? "revoked" : "active")),
           h("td", {}, revoked ? "" : h("button", {
             type: "button", class: "danger",
-            onclick: async (e) => {
+            onclick: (e) => {
               if (!confirm(`Revoke ${key.key_prefix}…? Widgets using it stop at once.`)) return;
-              e.target.disabled = true;
-              try {
-                await api("DELETE", `/api/v1/customer/api-keys/${key.id}`);
-                notify(`Key ${key.key_prefix}… revoked.`);
-                await loadKeys();
-              } catch (error) {
-                notify(`${error.message} (${error.code})`, true);
-                e.target.disabled = false;
-              }
+              busy(e.target, async () => {
+                try {
+                  await api("DELETE", `/api/v1/customer/api-keys/${key.id}`);
+                  notify(`Key ${key.key_prefix}… revoked.`);
+                  await loadKeys();
+                } catch (error) {
+                  report(error);
+                }
+              });
             },
           }, `Revoke ${key.key_prefix}…`)));
       }))));
@@ -453,9 +512,12 @@ async function loadKeys() {
   }
 }
 
-async function createKey(event) {
+function createKey(event) {
   event.preventDefault();
-  const form = event.target;
+  busy(event.submitter, () => sendNewKey(event.target));
+}
+
+async function sendNewKey(form) {
   clearFieldErrors(form);
   const origins = form.allowed_origins.value.split(",").map((o) => o.trim()).filter(Boolean);
   const body = {
@@ -482,8 +544,7 @@ async function createKey(event) {
     name.value = "";
     await loadKeys();
   } catch (error) {
-    if (error.status === 422) showFieldErrors(form, error);
-    else notify(`${error.message} (${error.code})`, true);
+    report(error, form);
   }
 }
 
@@ -503,7 +564,7 @@ async function loadPlan() {
     const billing = $('meta[name="stripe-publishable-key"]').content;
     const rows = plans.map((plan) => h("tr", { "data-plan": plan.id },
       h("th", { scope: "row" }, plan.name, plan.id === subscription?.plan_id ? h("span", { class: "badge active" }, " current") : ""),
-      h("td", { class: "number" }, plan.tokens_per_month < 0 ? "Unlimited" : number(plan.tokens_per_month)),
+      h("td", { class: "number" }, number(plan.tokens_per_month)),
       h("td", { class: "number" }, `$${(plan.price_cents / 100).toFixed(2)}`),
       h("td", {}, plan.features.join(", "))));
     body.replaceChildren(
@@ -529,24 +590,9 @@ function billingActions(plans, subscription, publishableKey) {
         plans.filter((p) => p.id !== subscription.plan_id).map((p) => h("option", { value: p.id }, p.name))),
       h("span", { id: "plan-choice-error", class: "field-error" })),
     h("button", { type: "submit" }, "Change plan"));
-  form.addEventListener("submit", async (event) => {
+  form.addEventListener("submit", (event) => {
     event.preventDefault();
-    const plan = form.plan_id.selectedOptions[0].textContent;
-    try {
-      const changed = await api("PATCH", "/api/v1/customer/billing/subscription", { plan_id: form.plan_id.value });
-      notify(changed.pending_plan_id ? `${plan} starts when this period ends.` : `Plan changed to ${plan}.`);
-      await Promise.all([loadPlan(), loadUsage()]);
-    } catch (error) {
-      // The upgrade's invoice needs the card holder (3-D Secure): Stripe.js
-      // asks, and Stripe applies the upgrade once it is paid.
-      const secret = error.status === 402 ? error.body?.error?.client_secret : null;
-      if (secret) {
-        const stripe = await loadStripe(publishableKey);
-        const { error: declined } = await stripe.instance.confirmCardPayment(secret);
-        notify(declined ? declined.message : `${plan} applies once Stripe confirms the payment.`, Boolean(declined));
-      } else if (error.status === 422) showFieldErrors(form, error);
-      else notify(`${error.message} (${error.code})`, true);
-    }
+    busy(event.submitter, () => changePlan(form, publishableKey));
   });
   const purchase = h("form", { novalidate: true },
     h("div", { class: "field" }, h("label", { for: "buy-tokens" }, "Buy tokens"),
@@ -554,41 +600,72 @@ function billingActions(plans, subscription, publishableKey) {
       h("span", { id: "buy-tokens-error", class: "field-error" })),
     h("div", { id: "card", class: "field" }),
     h("button", { type: "submit" }, "Buy"));
-  purchase.addEventListener("submit", async (event) => {
-    event.preventDefault();
-    try {
-      const stripe = await loadStripe(publishableKey);
-      const intent = await api("POST", "/api/v1/customer/billing/setup-intent");
-      const { setupIntent, error } = await stripe.instance.confirmCardSetup(intent.client_secret, { payment_method: { card: stripe.card } });
-      if (error) throw new ApiError(402, { error: { code: error.code ?? "card_error", message: error.message } });
-      const bought = await api("POST", "/api/v1/customer/billing/tokens/purchase", { tokens: Number(purchase.tokens.value), payment_method_id: setupIntent.payment_method });
-      if (bought.status === "requires_action" && bought.client_secret) {
-        const { error: declined } = await stripe.instance.confirmCardPayment(bought.client_secret);
-        if (declined) throw new ApiError(402, { error: { code: declined.code ?? "card_error", message: declined.message } });
-      }
-      notify(bought.credited
-        ? `${number(bought.tokens)} tokens bought and credited.`
-        : `${number(bought.tokens)} tokens bought; they are credited when Stripe confirms the payment.`);
-      await loadUsage();
-    } catch (error) {
-      if (error.status === 422) showFieldErrors(purchase, error);
-      else notify(`${error.message} (${error.code})`, true);
-    }
+  // Stripe's card form, mounted in this form (drawn anew with the plan).
+  const card = loadStripe(publishableKey).then((stripe) => {
+    const element = stripe.elements().create("card");
+    element.mount(purchase.querySelector("#card"));
+    return element;
   });
-  loadStripe(publishableKey).catch(() => notify("Stripe cannot be reached; purchases are unavailable.", true));
+  card.catch(() => notify("Stripe cannot be reached; purchases are unavailable.", true));
+  purchase.addEventListener("submit", (event) => {
+    event.preventDefault();
+    busy(event.submitter, () => buyTokens(purchase, publishableKey, card));
+  });
   return h("div", { class: "billing" }, form, purchase);
 }
 
+async function changePlan(form, publishableKey) {
+  const plan = form.plan_id.selectedOptions[0].textContent;
+  try {
+    const changed = await api("PATCH", "/api/v1/customer/billing/subscription", { plan_id: form.plan_id.value });
+    notify(changed.pending_plan_id ? `${plan} starts when this period ends.` : `Plan changed to ${plan}.`);
+    await Promise.all([loadPlan(), loadUsage()]);
+  } catch (error) {
+    // The upgrade's invoice needs the card holder (3-D Secure): Stripe.js
+    // asks, and Stripe applies the upgrade once it is paid.
+    const secret = error.status === 402 ? error.body?.error?.client_secret : null;
+    if (!secret) return report(error, form);
+    const stripe = await loadStripe(publishableKey);
+    const { error: declined } = await stripe.confirmCardPayment(secret);
+    notify(declined ? declined.message : `${plan} applies once Stripe confirms the payment.`, Boolean(declined));
+  }
+}
+
+/** A purchase: the card set up through Stripe.js, then bought under an
+ * Idempotency-Key kept until the service answers, so a purchase sent again
+ * after a lost answer is charged once. */
+async function buyTokens(purchase, publishableKey, card) {
+  try {
+    const stripe = await loadStripe(publishableKey);
+    const intent = await api("POST", "/api/v1/customer/billing/setup-intent");
+    const { setupIntent, error } = await stripe.confirmCardSetup(intent.client_secret, { payment_method: { card: await card } });
+    if (error) throw new ApiError(402, { error: { code: error.code ?? "card_error", message: error.message } });
+    purchase.dataset.key ||= crypto.randomUUID();
+    const bought = await api("POST", "/api/v1/customer/billing/tokens/purchase",
+      { tokens: Number(purchase.tokens.value), payment_method_id: setupIntent.payment_method },
+      { "Idempotency-Key": purchase.dataset.key });
+    delete purchase.dataset.key;
+    if (bought.status === "requires_action" && bought.client_secret) {
+      const { error: declined } = await stripe.confirmCardPayment(bought.client_secret);
+      if (declined) throw new ApiError(402, { error: { code: declined.code ?? "card_error", message: declined.message } });
+    }
+    notify(bought.credited
+      ? `${number(bought.tokens)} tokens bought and credited.`
+      : `${number(bought.tokens)} tokens bought; they are credited when Stripe confirms the payment.`);
+    await loadUsage();
+  } catch (error) {
+    // An answer refusing the purchase is final: the next one is another.
+    if (error.status >= 400 && error.status < 500) delete purchase.dataset.key;
+    report(error, purchase);
+  }
+}
+
+/** Stripe.js, loaded once, only where billing is configured. */
 let stripePromise = null;
 function loadStripe(publishableKey) {
   stripePromise ??= new Promise((resolve, reject) => {
     const script = h("script", { src: "https://js.stripe.com/v3/" });
-    script.addEventListener("load", () => {
-      const instance = window.Stripe(publishableKey);
-      const card = instance.elements().create("card");
-      card.mount("#card");
-      resolve({ instance, card });
-    });
+    script.addEventListener("load", () => resolve(window.Stripe(publishableKey)));
     script.addEventListener("error", reject);
     document.head.append(script);
   });
@@ -596,6 +673,28 @@ function loadStripe(publishableKey) {
 }
 
 // --- usage alerts -------------------------------------------------------------
+
+async function saveAlerts(form, settings) {
+  clearFieldErrors(form);
+  const thresholds = form.thresholds.value.split(",").map((t) => t.trim()).filter(Boolean).map((t) => (Number.isNaN(Number(t)) ? t : Number(t)));
+  const payload = { thresholds, enabled: form.enabled.checked };
+  const url = form.webhook_url.value.trim();
+  // An emptied field removes the URL (null); one never set stays unset.
+  if (url) payload.webhook_url = url;
+  else if (settings.webhook_url) payload.webhook_url = null;
+  try {
+    const saved = await api("PUT", "/api/v1/customer/alerts", payload);
+    settings.webhook_url = saved.webhook_url;
+    notify("Alerts saved.");
+    if (saved.signing_secret) {
+      const box = $("#alert-secret");
+      box.hidden = false;
+      box.replaceChildren(h("p", {}, h("strong", {}, "Signing secret, shown once: "), h("code", {}, saved.signing_secret)));
+    }
+  } catch (error) {
+    report(error, form);
+  }
+}
 
 async function loadAlerts() {
   const section = $("#alerts");
@@ -615,24 +714,9 @@ async function loadAlerts() {
       settings.signing_secret_hint ? h("p", { class: "muted" }, `Signing secret ends in ${settings.signing_secret_hint}.`) : "",
       h("div", { id: "alert-secret", class: "secret", hidden: true }),
       h("button", { type: "submit" }, "Save alerts"));
-    form.addEventListener("submit", async (event) => {
+    form.addEventListener("submit", (event) => {
       event.preventDefault();
-      clearFieldErrors(form);
-      const thresholds = form.thresholds.value.split(",").map((t) => t.trim()).filter(Boolean).map((t) => (Number.isNaN(Number(t)) ? t : Number(t)));
-      const payload = { thresholds, enabled: form.enabled.checked };
-      if (form.webhook_url.value.trim()) payload.webhook_url = form.webhook_url.value.trim();
-      try {
-        const saved = await api("PUT", "/api/v1/customer/alerts", payload);
-        notify("Alerts saved.");
-        if (saved.signing_secret) {
-          const box = $("#alert-secret");
-          box.hidden = false;
-          box.replaceChildren(h("p", {}, h("strong", {}, "Signing secret, shown once: "), h("code", {}, saved.signing_secret)));
-        }
-      } catch (error) {
-        if (error.status === 422) showFieldErrors(form, error);
-        else notify(`${error.message} (${error.code})`, true);
-      }
+      busy(event.submitter, () => saveAlerts(form, settings));
     });
     const history = events.length
       ? h("div", { class: "scroll", tabindex: 0, role: "region", "aria-label": "Alert deliveries" }, h("table", {},
