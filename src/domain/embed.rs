@@ -21,7 +21,8 @@ pub fn embed_code(
     )
 }
 
-fn escape_attribute(value: &str) -> String {
+/// `value` safe inside a double- or single-quoted HTML attribute.
+pub(crate) fn escape_attribute(value: &str) -> String {
     let mut out = String::with_capacity(value.len() + 16);
     for c in value.chars() {
         match c {

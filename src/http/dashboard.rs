@@ -25,7 +25,7 @@ use axum::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::{error::ApiError, state::Shared};
+use crate::{domain::embed::escape_attribute, error::ApiError, state::Shared};
 
 /// The files, by their name in `index.html`.
 const FILES: [(&str, &str, &[u8]); 3] = [
@@ -72,7 +72,7 @@ impl Dashboard {
     fn new(stripe_publishable_key: &str) -> Self {
         let mut page = INDEX.replace(
             "{{stripe_publishable_key}}",
-            &escape(stripe_publishable_key),
+            &escape_attribute(stripe_publishable_key),
         );
         let mut assets = HashMap::new();
         for (name, content_type, body) in FILES {
@@ -119,15 +119,6 @@ impl Dashboard {
         headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
         headers
     }
-}
-
-/// Minimal HTML attribute escaping for the one value put into the page.
-fn escape(value: &str) -> String {
-    value
-        .replace('&', "&amp;")
-        .replace('"', "&quot;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
 }
 
 pub fn router(stripe_publishable_key: &str) -> Router<Shared> {

@@ -73,10 +73,18 @@ function notify(message, isError = false) {
 /** Shows an error in a section instead of its content: never a blank page. */
 function failed(section, error) {
   if (error instanceof Stale) return;
+  fill(section, h("p", { class: "error", role: "alert" }, `${error.message} (${error.code})`));
+}
+
+/** Puts a section's content in place of its loading state. */
+function fill(section, ...children) {
   const body = $(".body", section);
   body.removeAttribute("aria-busy");
-  body.replaceChildren(h("p", { class: "error", role: "alert" }, `${error.message} (${error.code})`));
+  body.replaceChildren(...children);
 }
+
+/** The line a section shows when it has nothing to list. */
+const nothing = (text) => h("p", { class: "muted" }, text);
 
 /** Says what went wrong: a 422 on the form's fields, anything else in the
  * notice, in the contract's words. */
@@ -234,9 +242,6 @@ async function loadUsage(range = state.range, form = null) {
 }
 
 function renderPeriod() {
-  const section = $("#period");
-  const body = $(".body", section);
-  body.removeAttribute("aria-busy");
   const { current_period: p } = state.usage;
   const allowance = state.plan?.tokens_per_month;
   const unlimited = p.tokens_total < 0;
@@ -258,7 +263,7 @@ function renderPeriod() {
   } else if (unlimited) {
     children.push(h("p", { class: "muted" }, "Unlimited plan: nothing is refused for balance."));
   }
-  body.replaceChildren(...children);
+  fill($("#period"), ...children);
 }
 
 function renderDaily(days) {
@@ -294,18 +299,12 @@ function renderDaily(days) {
       h("th", { scope: "row" }, d.date),
       apps.map((slug) => h("td", { class: "number" }, number(d.apps?.[slug] ?? 0))),
       h("td", { class: "number" }, number(d.tokens))))));
-  const body = $(".body", $("#daily"));
-  body.replaceChildren(total === 0 ? h("p", { class: "muted" }, "No usage in this range yet.") : "");
+  $(".body", $("#daily")).replaceChildren(total === 0 ? nothing("No usage in this range yet.") : "");
 }
 
 function renderByApp(rows) {
-  const body = $(".body", $("#by-app"));
-  body.removeAttribute("aria-busy");
-  if (!rows.length) {
-    body.replaceChildren(h("p", { class: "muted" }, "No app was used in this range."));
-    return;
-  }
-  body.replaceChildren(h("table", {},
+  if (!rows.length) return fill($("#by-app"), nothing("No app was used in this range."));
+  fill($("#by-app"), h("table", {},
     h("caption", {}, "For the range shown above"),
     h("thead", {}, h("tr", {}, h("th", { scope: "col" }, "App"), h("th", { scope: "col", class: "number" }, "Tokens"), h("th", { scope: "col", class: "number" }, "Sessions"), h("th", { scope: "col", class: "number" }, "Tokens per session"))),
     h("tbody", {}, rows.map((r) => h("tr", {},
@@ -339,14 +338,9 @@ async function loadApps() {
 }
 
 function renderApps() {
-  const body = $(".body", $("#apps"));
-  body.removeAttribute("aria-busy");
   const live = liveActivations();
-  if (!live.length) {
-    body.replaceChildren(h("p", { class: "muted" }, "No app is active. Activate one from the catalog through the API."));
-    return;
-  }
-  body.replaceChildren(...live.map(renderActivation));
+  if (!live.length) return fill($("#apps"), nothing("No app is active. Activate one from the catalog through the API."));
+  fill($("#apps"), ...live.map(renderActivation));
 }
 
 function renderActivation(activation) {
@@ -465,7 +459,7 @@ function renderKeyApps() {
   const live = liveActivations();
   box.replaceChildren(h("legend", {}, "Apps it may charge"),
     ...(live.length ? live.map((a) => h("label", {}, h("input", { type: "checkbox", name: "app_permissions", value: a.app.id, checked: true }), a.app.name))
-      : [h("p", { class: "muted" }, "Activate an app first.")]));
+      : [nothing("Activate an app first.")]));
   box.dataset.field = "app_permissions";
 }
 
@@ -473,13 +467,8 @@ async function loadKeys() {
   const section = $("#keys");
   try {
     const { api_keys: keys } = await api("GET", "/api/v1/customer/api-keys");
-    const body = $(".body", section);
-    body.removeAttribute("aria-busy");
-    if (!keys.length) {
-      body.replaceChildren(h("p", { class: "muted" }, "No embed key yet."));
-      return;
-    }
-    body.replaceChildren(h("table", {},
+    if (!keys.length) return fill(section, nothing("No embed key yet."));
+    fill(section, h("table", {},
       h("caption", {}, "Keys are shown by their first characters only"),
       h("thead", {}, h("tr", {}, ["Key", "Name", "Apps", "Per hour", "Created", "Status", ""].map((t) => h("th", { scope: "col" }, t)))),
       h("tbody", {}, keys.map((key) => {
@@ -559,15 +548,13 @@ async function loadPlan() {
     ]);
     state.plan = plans.find((p) => p.id === subscription?.plan_id) ?? null;
     if (state.usage) renderPeriod();
-    const body = $(".body", section);
-    body.removeAttribute("aria-busy");
     const billing = $('meta[name="stripe-publishable-key"]').content;
     const rows = plans.map((plan) => h("tr", { "data-plan": plan.id },
       h("th", { scope: "row" }, plan.name, plan.id === subscription?.plan_id ? h("span", { class: "badge active" }, " current") : ""),
       h("td", { class: "number" }, number(plan.tokens_per_month)),
       h("td", { class: "number" }, `$${(plan.price_cents / 100).toFixed(2)}`),
       h("td", {}, plan.features.join(", "))));
-    body.replaceChildren(
+    fill(section,
       subscription
         ? h("p", {}, `${state.plan?.name ?? subscription.plan_id}, ${subscription.status}; this period ends ${day(subscription.current_period_end)}.`,
           subscription.pending_plan_id ? ` Changes to ${subscription.pending_plan_id} then.` : "",
@@ -700,8 +687,6 @@ async function loadAlerts() {
   const section = $("#alerts");
   try {
     const [settings, { events }] = await Promise.all([api("GET", "/api/v1/customer/alerts"), api("GET", "/api/v1/customer/alerts/events")]);
-    const body = $(".body", section);
-    body.removeAttribute("aria-busy");
     const form = h("form", { novalidate: true },
       h("div", { class: "grid" },
         h("div", {}, h("label", { for: "alert-url" }, "Webhook URL"),
@@ -728,8 +713,8 @@ async function loadAlerts() {
           h("td", { class: "number" }, number(e.tokens_used)),
           h("td", { class: "number" }, number(e.tokens_total)),
           h("td", {}, e.delivery))))))
-      : h("p", { class: "muted" }, "No threshold crossed yet.");
-    body.replaceChildren(form, h("h3", {}, "Deliveries"), history);
+      : nothing("No threshold crossed yet.");
+    fill(section, form, h("h3", {}, "Deliveries"), history);
   } catch (error) {
     failed(section, error);
   }
