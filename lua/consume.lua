@@ -133,12 +133,15 @@ end
 
 -- A charge record hash (without Idempotency-Key) lives `ttl` seconds past
 -- its last write: set once per hash and call, never shortening the hour a
--- settle's fence gave it (EXPIRE NX for a new hash, else GT).
+-- settle's fence gave it. TTL then a plain EXPIRE rather than EXPIRE's NX
+-- and GT options: this runs after the charge's first write, and every
+-- command here must be one that no Redis the service accepts can refuse
+-- (src/hot/version.rs checks the version at start).
 local kept = {}
 local function keep_records(key, ttl)
   if not kept[key] then
-    if redis.call('EXPIRE', key, ttl, 'NX') == 0 then
-      redis.call('EXPIRE', key, ttl, 'GT')
+    if redis.call('TTL', key) < ttl then
+      redis.call('EXPIRE', key, ttl)
     end
     kept[key] = true
   end
@@ -266,8 +269,10 @@ local function charge(account, record_key, at)
   -- and a rollover that runs late never refuses what the new period allows.
   -- Nothing is written here: a refused consume leaves the roll to the next
   -- charge or to the rollover.
+  -- The period entered begins at the last boundary passed (`rolled_from`):
+  -- the old end after one boundary, a later one after several.
   local period_end = tonumber(acct[9]) or 0
-  local rolled_to, ends_after = nil, nil
+  local rolled_to, rolled_from, ends_after = nil, period_end, nil
   if period_end > 0 and now_ms >= period_end then
     local next = redis.call('HMGET', account, 'next_ends', 'next_allowance')
     local next_allowance = tonumber(next[2])
@@ -278,6 +283,8 @@ local function charge(account, record_key, at)
           later[#later + 1] = e
         elseif tonumber(e) > now_ms then
           rolled_to = tonumber(e)
+        else
+          rolled_from = tonumber(e)
         end
       end
       if rolled_to then
@@ -349,12 +356,12 @@ local function charge(account, record_key, at)
       end
     end
     if #crossed > 0 then
-      local start = rolled_to and period_end or (tonumber(a[3]) or 0)
+      local start = rolled_to and rolled_from or (tonumber(a[3]) or 0)
       local now_alerted = alerted == '' and table.concat(crossed, ',')
         or (alerted .. ',' .. table.concat(crossed, ','))
       crossing = { table.concat(crossed, ','), now_alerted, start }
     elseif rolled_to then
-      crossing = { nil, '', period_end }
+      crossing = { nil, '', rolled_from }
     end
   end
 
@@ -377,7 +384,7 @@ local function charge(account, record_key, at)
   end
   if rolled_to then
     for _, v in ipairs({ 'period_end', string.format('%d', rolled_to), 'next_ends', ends_after,
-        'allowance', string.format('%d', allowance), 'period_start', string.format('%d', period_end) }) do
+        'allowance', string.format('%d', allowance), 'period_start', string.format('%d', rolled_from) }) do
       changes[#changes + 1] = v
     end
   end

@@ -19,10 +19,11 @@ mod coalesce;
 pub mod keys;
 pub mod rate_limit;
 pub mod streams;
+pub mod version;
 
 use std::{
     sync::{
-        atomic::{AtomicI64, Ordering},
+        atomic::{AtomicBool, AtomicI64, Ordering},
         Arc,
     },
     time::Duration,
@@ -90,6 +91,8 @@ pub struct HotStore {
     script_time: metrics::Histogram,
     /// Each shard's queue of consumes for its next script call.
     coalescer: Arc<coalesce::Coalescer>,
+    /// Whether the server's version was found new enough (`version`).
+    version_checked: Arc<AtomicBool>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,10 +168,13 @@ impl HotStore {
         let side = builder(settings.url.expose(), settings.settle_timeout)?.build()?;
         pool.connect();
         side.connect();
-        if tokio::time::timeout(Duration::from_secs(5), pool.wait_for_connect())
+        let answering = tokio::time::timeout(Duration::from_secs(5), pool.wait_for_connect())
             .await
-            .is_err()
-        {
+            .is_ok();
+        if answering {
+            // Too old a Redis stops the start here (see `version`).
+            version::check(pool.next()).await?;
+        } else {
             tracing::warn!("redis is not answering yet; retrying in the background");
         }
         let keys = Keys::new(&settings.key_prefix, settings.stream_shards);
@@ -182,6 +188,7 @@ impl HotStore {
             coalescer,
             timeout: settings.timeout,
             clock_offset_ms: Arc::new(AtomicI64::new(0)),
+            version_checked: Arc::new(AtomicBool::new(answering)),
             script_time: metrics::histogram!("redis_script_duration_seconds", "script" => "consume"),
         };
         if let Err(e) = store.sync_clock().await {
@@ -212,8 +219,18 @@ impl HotStore {
         Ok(())
     }
 
+    /// Whether Redis answers. Until the version of a Redis that did not
+    /// answer at start has been checked, the check runs here, so a
+    /// too-old Redis keeps the readiness probe failing with its reason.
     pub async fn ping(&self) -> Result<(), HotError> {
         let _: String = self.client().ping(None).await?;
+        if !self.version_checked.load(Ordering::Relaxed) {
+            version::check(self.client()).await.map_err(|e| {
+                tracing::error!(error = %e, "redis is too old for the service");
+                HotError::Unavailable(e)
+            })?;
+            self.version_checked.store(true, Ordering::Relaxed);
+        }
         Ok(())
     }
 
