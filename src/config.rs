@@ -6,6 +6,7 @@
 //! with `APP_ENV=production` a missing or weak secret refuses to start.
 //! Secrets are wrapped in [`Secret`], whose `Debug` never prints them.
 
+use crate::period::Cadence;
 use std::{collections::HashMap, fmt, net::SocketAddr, str::FromStr, time::Duration};
 
 /// A value that must never reach a log line.
@@ -185,6 +186,9 @@ pub struct ConsumeSettings {
     pub idempotency_ttl: Duration,
     /// How long `past_due` may still consume (API.md: 72 h).
     pub grace_period: Duration,
+    /// `BILLING_PERIOD_SECONDS`: periods of a fixed length instead of
+    /// calendar months, for simulations and demos (see [`crate::period`]).
+    pub billing_period: Cadence,
 }
 
 #[derive(Debug, Clone)]
@@ -579,6 +583,14 @@ impl Settings {
                 grace_period: Duration::from_secs(
                     3600 * env.ranged::<u64>("PAST_DUE_GRACE_HOURS", 72, 0..=24 * 90)?,
                 ),
+                billing_period: match env.get("BILLING_PERIOD_SECONDS") {
+                    None => Cadence::Monthly,
+                    Some(_) => Cadence::Seconds(env.ranged(
+                        "BILLING_PERIOD_SECONDS",
+                        2_592_000,
+                        1..=31_536_000,
+                    )?),
+                },
             },
             flusher: FlusherSettings {
                 batch_size,
@@ -863,6 +875,7 @@ mod tests {
             ("HTTP_BODY_TIMEOUT_SECS", "0"),
             ("HTTP_REQUEST_TIMEOUT_SECS", "0"),
             ("PAST_DUE_GRACE_HOURS", "100000"),
+            ("BILLING_PERIOD_SECONDS", "0"),
             ("APP_ENV", "prod"),
             ("LOG_FORMAT", "pretty"),
             ("LOG_LEVEL", "loud[="),

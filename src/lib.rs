@@ -12,6 +12,8 @@
 //! - [`ledger`]: Postgres, the durable record.
 //! - [`workers`]: the flusher (Redis streams into the ledger) and the
 //!   scheduled jobs.
+//! - [`period`]: billing periods' arithmetic, below every layer that
+//!   needs it.
 //! - [`startup`], [`config`], [`telemetry`]: wiring, settings, logs and
 //!   metrics.
 
@@ -22,6 +24,7 @@ pub mod error;
 pub mod hot;
 pub mod http;
 pub mod ledger;
+pub mod period;
 pub mod startup;
 pub mod state;
 pub mod stripe;

@@ -62,6 +62,7 @@ impl Application {
             settings.consume.grace_period,
             settings.redis.rebuild_max_backlog,
             settings.enable_usage_alerts,
+            settings.consume.billing_period,
         ));
         let metering = Metering::new(
             hot.clone(),
@@ -76,7 +77,9 @@ impl Application {
             settings.redis.timeout,
         )?;
         let sealer = Arc::new(Sealer::from_ring(settings.data_encryption_keys.expose())?);
+        let stripe = Arc::new(Stripe::new(&settings.stripe)?);
         let stripe_events = StripeEvents::new(
+            stripe.clone(),
             accounts.clone(),
             sealer.clone(),
             hot.clone(),
@@ -84,7 +87,7 @@ impl Application {
             settings.consume.grace_period,
         );
         let subscriptions = Arc::new(Subscriptions::new(
-            Arc::new(Stripe::new(&settings.stripe)?),
+            stripe,
             accounts.clone(),
             sealer.clone(),
             hot.clone(),
@@ -152,6 +155,7 @@ impl Application {
                 state.subscriptions.clone(),
                 state.settings.database.partitions_ahead_months,
                 state.settings.database.usage_retention_days,
+                state.settings.consume.billing_period,
             );
             let deliveries = AlertDeliveries::new(
                 state.db.clone(),

@@ -28,6 +28,7 @@ use crate::{
         HotStore,
     },
     ledger::accounts::{self as ledger_accounts, Snapshot},
+    period::Cadence,
 };
 
 const REBUILD_STRIPES: usize = 64;
@@ -44,6 +45,8 @@ pub struct Accounts {
     /// `ENABLE_USAGE_ALERTS`: whether the hot state carries the merchants'
     /// alert thresholds (without, no consume ever reports a crossing).
     alerts_enabled: bool,
+    /// How long a billing period lasts (`BILLING_PERIOD_SECONDS`).
+    cadence: Cadence,
 }
 
 impl Accounts {
@@ -53,6 +56,7 @@ impl Accounts {
         grace: Duration,
         max_backlog: usize,
         alerts_enabled: bool,
+        cadence: Cadence,
     ) -> Self {
         Self {
             hot,
@@ -61,11 +65,16 @@ impl Accounts {
             rebuild_locks: (0..REBUILD_STRIPES).map(|_| Mutex::new(())).collect(),
             max_backlog,
             alerts_enabled,
+            cadence,
         }
     }
 
     pub fn alerts_enabled(&self) -> bool {
         self.alerts_enabled
+    }
+
+    pub fn cadence(&self) -> Cadence {
+        self.cadence
     }
 
     /// Loads the customer's hot state from Postgres unless it is loaded.
@@ -103,7 +112,11 @@ impl Accounts {
                 ))
             })?;
         let ids: Vec<Uuid> = unflushed.iter().map(|e| e.id).collect();
-        let snapshot = ledger_accounts::snapshot(&mut tx, customer, self.grace, &ids).await?;
+        let now = chrono::DateTime::from_timestamp_millis(self.hot.redis_now_ms())
+            .unwrap_or_else(chrono::Utc::now);
+        let snapshot =
+            ledger_accounts::snapshot(&mut tx, customer, self.grace, &ids, now, self.cadence)
+                .await?;
         let state = with_unflushed(snapshot, &unflushed, self.alerts_enabled);
         let installed = self.hot.load_account(customer, &state).await?;
         tx.commit().await?;

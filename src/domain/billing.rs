@@ -6,7 +6,7 @@
 //! so a rollover that is late, repeated or concurrent changes nothing twice
 //! (see `lua/account_rollover.lua`).
 
-use chrono::{DateTime, Datelike, Months, Utc};
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -17,6 +17,7 @@ use crate::{
         HotStore,
     },
     ledger::{accounts as ledger_accounts, billing},
+    period::Cadence,
 };
 
 /// Customers rolled per batch of the scheduled job.
@@ -27,11 +28,12 @@ const ROLLOVER_LOCK: i64 = 0x0ca0_0001;
 pub struct Periods {
     db: PgPool,
     hot: HotStore,
+    cadence: Cadence,
 }
 
 impl Periods {
-    pub fn new(db: PgPool, hot: HotStore) -> Self {
-        Self { db, hot }
+    pub fn new(db: PgPool, hot: HotStore, cadence: Cadence) -> Self {
+        Self { db, hot, cadence }
     }
 
     /// Moves every customer billed without Stripe whose period ended by
@@ -84,10 +86,11 @@ impl Periods {
         if !ledger_accounts::lock_customer(&mut tx, customer).await? {
             return Ok(false);
         }
-        let Some(period) = billing::roll_period(&mut tx, customer, now).await? else {
+        let Some(period) = billing::roll_period(&mut tx, customer, now, self.cadence).await? else {
             return Ok(false);
         };
         let next = rollover(
+            self.cadence,
             period.start,
             period.allowance,
             period.anchor,
@@ -109,11 +112,16 @@ const ENDS_AHEAD: usize = 12;
 
 /// The hot state's view of the period ending at `end`: the periods after
 /// it counted from `anchor`, with `next_allowance`.
-pub fn hot_period(anchor: DateTime<Utc>, end: DateTime<Utc>, next_allowance: i64) -> Period {
+pub fn hot_period(
+    cadence: Cadence,
+    anchor: DateTime<Utc>,
+    end: DateTime<Utc>,
+    next_allowance: i64,
+) -> Period {
     let mut next_ends_ms = Vec::with_capacity(ENDS_AHEAD);
     let mut last = end;
     for _ in 0..ENDS_AHEAD {
-        last = period_after(anchor, last);
+        last = cadence.after(anchor, last);
         next_ends_ms.push(last.timestamp_millis());
     }
     Period {
@@ -126,6 +134,7 @@ pub fn hot_period(anchor: DateTime<Utc>, end: DateTime<Utc>, next_allowance: i64
 /// The hot-state rollover, keyed by `start` (the old period's end), into
 /// the period ending at `end` with `allowance`.
 pub fn rollover(
+    cadence: Cadence,
     start: DateTime<Utc>,
     allowance: i64,
     anchor: DateTime<Utc>,
@@ -135,56 +144,7 @@ pub fn rollover(
     Rollover {
         start_ms: start.timestamp_millis(),
         allowance,
-        period: hot_period(anchor, end, next_allowance),
-    }
-}
-
-/// The end of the period that follows the one ending at `end`: the first
-/// `anchor + n months` after `end`. Counting from the anchor keeps a period
-/// that began on the 31st ending on the last day of short months and on
-/// the 31st again after them.
-pub fn period_after(anchor: DateTime<Utc>, end: DateTime<Utc>) -> DateTime<Utc> {
-    // Whole calendar months from the anchor to `end`, less one: never past
-    // the answer; the loop steps up to it.
-    let months = (end.year() - anchor.year()) * 12 + end.month0() as i32 - anchor.month0() as i32;
-    let mut n = (months - 1).max(0) as u32;
-    loop {
-        let candidate = anchor + Months::new(n);
-        if candidate > end {
-            return candidate;
-        }
-        n += 1;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn at(s: &str) -> DateTime<Utc> {
-        s.parse().unwrap()
-    }
-
-    #[test]
-    fn a_period_begun_on_the_31st_ends_on_each_months_last_day_without_drifting() {
-        let anchor = at("2026-01-31T10:00:00Z");
-        let feb = period_after(anchor, anchor);
-        assert_eq!(feb, at("2026-02-28T10:00:00Z"));
-        let mar = period_after(anchor, feb);
-        assert_eq!(mar, at("2026-03-31T10:00:00Z"));
-        assert_eq!(period_after(anchor, mar), at("2026-04-30T10:00:00Z"));
-    }
-
-    #[test]
-    fn the_next_end_is_strictly_after_the_given_end() {
-        let anchor = at("2026-03-15T00:00:00Z");
-        assert_eq!(
-            period_after(anchor, at("2026-05-15T00:00:00Z")),
-            at("2026-06-15T00:00:00Z")
-        );
-        assert_eq!(
-            period_after(anchor, at("2027-05-14T23:59:59Z")),
-            at("2027-05-15T00:00:00Z")
-        );
+        period: hot_period(cadence, anchor, end, next_allowance),
+        new_subscription: false,
     }
 }

@@ -6,7 +6,7 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
 };
-use chrono::{DateTime, Months, Utc};
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -95,7 +95,7 @@ pub async fn create_customer(
     let period = match &body.plan_id {
         Some(plan) => {
             let start = Utc::now();
-            let end = start + Months::new(1);
+            let end = state.settings.consume.billing_period.after(start, start);
             customers::subscribe_manually(&mut tx, customer.id, plan, start, end).await?;
             Some((start, end))
         }

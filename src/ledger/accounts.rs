@@ -16,6 +16,7 @@ use uuid::Uuid;
 use crate::{
     domain::billing::hot_period,
     hot::account::{AccountState, SubscriptionStatus},
+    period::Cadence,
 };
 
 /// Locks the customer's row until the transaction ends. False when there
@@ -28,6 +29,38 @@ pub async fn lock_customer(conn: &mut PgConnection, customer: Uuid) -> sqlx::Res
             .fetch_optional(conn)
             .await?;
     Ok(found.is_some())
+}
+
+/// The recorded period and what decides the ones after it.
+#[derive(sqlx::FromRow)]
+struct PeriodRow {
+    start: Option<DateTime<Utc>>,
+    end: Option<DateTime<Utc>>,
+    anchor: Option<DateTime<Utc>>,
+    cancel_at_period_end: bool,
+}
+
+/// The period a consume at `now` falls in, as the consume script would
+/// start it: the recorded one while it lasts; after its end (the
+/// scheduler down, Stripe's renewal late), the period after it counted
+/// from the anchor that contains `now`, however many boundaries passed.
+/// A subscription ending with its period has none after it. Returns the
+/// window and whether it lies past the recorded period.
+fn current_window(
+    row: &PeriodRow,
+    now: DateTime<Utc>,
+    cadence: Cadence,
+) -> Option<(DateTime<Utc>, DateTime<Utc>, bool)> {
+    let (start, end) = (row.start?, row.end?);
+    if now < end || row.cancel_at_period_end {
+        return Some((start, end, false));
+    }
+    let anchor = row.anchor?;
+    let (mut start, mut end) = (end, cadence.after(anchor, end));
+    while end <= now {
+        (start, end) = (end, cadence.after(anchor, end));
+    }
+    Some((start, end, true))
 }
 
 #[derive(sqlx::FromRow)]
@@ -60,41 +93,63 @@ pub struct Snapshot {
     pub alert_thresholds: Option<Vec<i16>>,
 }
 
-/// Reads everything the consume script needs, as Postgres knows it now,
-/// and which of `events` (charges seen in Redis) it holds. The balance and
-/// that answer come from one statement, hence one snapshot: the flusher
-/// writes usage rows and `purchased_tokens_used` in one transaction, and
-/// both are seen together or not at all, and an event is counted in the
-/// balance exactly when it is among those held.
+/// Reads everything the consume script needs, as Postgres knows it at
+/// `now`, and which of `events` (charges seen in Redis) it holds. The
+/// balance and that answer come from one statement, hence one snapshot: the
+/// flusher writes usage rows and `purchased_tokens_used` in one
+/// transaction, and both are seen together or not at all, and an event is
+/// counted in the balance exactly when it is among those held.
+///
+/// The period's usage is counted in the period `now` falls in
+/// ([`current_window`]), which may lie past the one the ledger recorded:
+/// the consume script moves on at each boundary by itself, and the rows
+/// it charged there belong to that period, not to the recorded one. The
+/// window is read first, under the customer's row lock the caller holds
+/// (every change of the period takes it), so it cannot move before the
+/// snapshot.
 #[tracing::instrument(name = "postgres accounts.snapshot", level = "debug", skip_all)]
 pub async fn snapshot(
     conn: &mut PgConnection,
     customer: Uuid,
     grace: chrono::Duration,
     events: &[Uuid],
+    now: DateTime<Utc>,
+    cadence: Cadence,
 ) -> sqlx::Result<Snapshot> {
+    let recorded: Option<PeriodRow> = sqlx::query_as(
+        "SELECT billing_cycle_start AS start, billing_cycle_end AS end, \
+                COALESCE(billing_anchor, billing_cycle_start) AS anchor, cancel_at_period_end \
+         FROM customer_billing WHERE customer_id = $1",
+    )
+    .bind(customer)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let window = recorded
+        .as_ref()
+        .and_then(|r| current_window(r, now, cadence));
     let row: BalanceRow = sqlx::query_as(
         r#"
         SELECT ARRAY(SELECT u.id FROM token_usage u WHERE u.id = ANY($2)) AS stored,
-               b.billing_cycle_start AS period_start,
+               $3::timestamptz AS period_start,
                b.cancel_at_period_end,
                CASE WHEN COALESCE(s.enabled, true) THEN COALESCE(s.thresholds, '{80,100}') END
                    AS alert_thresholds,
                ARRAY(SELECT a.threshold FROM usage_alerts a
-                     WHERE a.customer_id = c.id AND a.period_end = b.billing_cycle_end) AS alerted,
+                     WHERE a.customer_id = c.id AND a.period_end = $4) AS alerted,
                c.purchased_tokens_credited - c.purchased_tokens_used AS purchased,
-               p.tokens_per_month AS allowance,
+               CASE WHEN $5 THEN COALESCE(pp.tokens_per_month, p.tokens_per_month)
+                    ELSE p.tokens_per_month END AS allowance,
                b.status,
                b.past_due_since,
-               b.billing_cycle_end AS period_end,
+               $4::timestamptz AS period_end,
                COALESCE(b.billing_anchor, b.billing_cycle_start) AS anchor,
                COALESCE(pp.tokens_per_month, p.tokens_per_month) AS next_allowance,
                COALESCE((
                    SELECT SUM(u.tokens_consumed - u.purchased_tokens_consumed)
                    FROM token_usage u
                    WHERE u.customer_id = c.id
-                     AND u.created_at >= b.billing_cycle_start
-                     AND u.created_at < b.billing_cycle_end
+                     AND u.created_at >= $3
+                     AND u.created_at < $4
                ), 0)::BIGINT AS period_used
         FROM customers c
         LEFT JOIN customer_billing b ON b.customer_id = c.id
@@ -106,6 +161,9 @@ pub async fn snapshot(
     )
     .bind(customer)
     .bind(events)
+    .bind(window.map(|w| w.0))
+    .bind(window.map(|w| w.1))
+    .bind(window.is_some_and(|w| w.2))
     .fetch_one(&mut *conn)
     .await?;
 
@@ -133,6 +191,7 @@ pub async fn snapshot(
     let period = match (row.period_end, row.anchor) {
         (Some(end), Some(anchor)) => {
             let mut period = hot_period(
+                cadence,
                 anchor,
                 end,
                 row.next_allowance.or(row.allowance).map_or(0, i64::from),

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::{domain::billing::period_after, ledger::customers::credit_purchased};
+use crate::{ledger::customers::credit_purchased, period::Cadence};
 
 /// Customers billed without Stripe whose period has ended by `now`,
 /// oldest first. (Stripe's customers move on with `invoice.paid`.)
@@ -51,6 +51,7 @@ pub async fn roll_period(
     conn: &mut PgConnection,
     customer: Uuid,
     now: DateTime<Utc>,
+    cadence: Cadence,
 ) -> sqlx::Result<Option<NewPeriod>> {
     let row: Option<PeriodRow> = sqlx::query_as(
         "SELECT billing_cycle_end AS end, COALESCE(billing_anchor, billing_cycle_start) AS anchor \
@@ -69,9 +70,9 @@ pub async fn roll_period(
     if end > now {
         return Ok(None);
     }
-    let (mut start, mut new_end) = (end, period_after(anchor, end));
+    let (mut start, mut new_end) = (end, cadence.after(anchor, end));
     while new_end <= now {
-        (start, new_end) = (new_end, period_after(anchor, new_end));
+        (start, new_end) = (new_end, cadence.after(anchor, new_end));
     }
     let allowance = move_period(conn, customer, start, new_end).await?;
     Ok(Some(NewPeriod {
@@ -291,6 +292,22 @@ pub async fn write_subscription(
     recount_period_usage(conn, customer).await
 }
 
+/// Moves the current period's start to `at` (a new subscription's
+/// takeover) and counts its usage again.
+#[tracing::instrument(name = "postgres billing.start_period_at", level = "debug", skip_all)]
+pub async fn start_period_at(
+    conn: &mut PgConnection,
+    customer: Uuid,
+    at: DateTime<Utc>,
+) -> sqlx::Result<()> {
+    sqlx::query("UPDATE customer_billing SET billing_cycle_start = $2 WHERE customer_id = $1")
+        .bind(customer)
+        .bind(at)
+        .execute(&mut *conn)
+        .await?;
+    recount_period_usage(conn, customer).await
+}
+
 /// `tokens_used` of the current period, from the rows persisted in it.
 #[tracing::instrument(
     name = "postgres billing.recount_period_usage",
@@ -373,7 +390,8 @@ pub async fn clear_past_due(conn: &mut PgConnection, customer: Uuid) -> sqlx::Re
     Ok(())
 }
 
-/// Credits a purchase once, keyed by its payment intent: the pending row
+/// Credits a purchase once, keyed by its payment intent, less what a
+/// refund or an open dispute recorded before its success: the pending row
 /// (or one whose first attempt failed: Stripe lets the customer retry the
 /// same intent; or, when Stripe's event came before our row, a new one)
 /// becomes `completed`. Returns the tokens credited, `None` when it was already.
@@ -394,7 +412,7 @@ pub async fn complete_purchase(
                  $1, $2, $3, $4, 'completed', NOW()) \
          ON CONFLICT (stripe_payment_intent_id) DO UPDATE SET status = 'completed', completed_at = NOW() \
              WHERE token_purchases.status IN ('pending', 'failed') \
-         RETURNING tokens_purchased",
+         RETURNING tokens_purchased - tokens_refunded - tokens_disputed",
     )
     .bind(customer)
     .bind(tokens)
@@ -416,9 +434,20 @@ pub struct PurchaseRow {
     pub tokens_purchased: i32,
     pub price_cents: i32,
     pub tokens_refunded: i32,
-    /// What an open dispute took back.
+    /// What an open dispute took back (or holds back from a purchase not
+    /// credited yet).
     pub tokens_disputed: i32,
     pub status: String,
+    /// When its success was applied (its tokens credited).
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+impl PurchaseRow {
+    /// Whether its tokens were credited: a refund or dispute then takes
+    /// back from the balance; before, it reduces what the success credits.
+    pub fn is_credited(&self) -> bool {
+        self.completed_at.is_some()
+    }
 }
 
 #[tracing::instrument(name = "postgres billing.lock_purchase", level = "debug", skip_all)]
@@ -427,7 +456,8 @@ pub async fn lock_purchase(
     payment_intent: &str,
 ) -> sqlx::Result<Option<PurchaseRow>> {
     sqlx::query_as(
-        "SELECT customer_id, tokens_purchased, price_cents, tokens_refunded, tokens_disputed, status \
+        "SELECT customer_id, tokens_purchased, price_cents, tokens_refunded, tokens_disputed, status, \
+                completed_at \
          FROM token_purchases WHERE stripe_payment_intent_id = $1 FOR UPDATE",
     )
     .bind(payment_intent)
@@ -459,26 +489,29 @@ pub async fn record_refund(
     credit_purchased(conn, customer, -taken).await
 }
 
-/// Records an open dispute: the tokens it took back from the customer's
-/// balance.
+/// Records an open dispute: the tokens it holds (`disputed`: given back if
+/// the merchant wins), of which `taken` from the customer's balance.
 #[tracing::instrument(name = "postgres billing.record_dispute", level = "debug", skip_all)]
 pub async fn record_dispute(
     conn: &mut PgConnection,
     payment_intent: &str,
     customer: Uuid,
+    disputed: i64,
     taken: i64,
 ) -> sqlx::Result<()> {
     sqlx::query(
         "UPDATE token_purchases SET tokens_disputed = $2 WHERE stripe_payment_intent_id = $1",
     )
     .bind(payment_intent)
-    .bind(taken as i32)
+    .bind(disputed as i32)
     .execute(&mut *conn)
     .await?;
     credit_purchased(conn, customer, -taken).await
 }
 
-/// A dispute won: what it took is given back. Returns the tokens.
+/// A dispute won: what it took is given back, when the purchase was
+/// `credited` (before, it is only no longer held back). Returns the
+/// tokens given back.
 #[tracing::instrument(
     name = "postgres billing.settle_dispute_won",
     level = "debug",
@@ -488,6 +521,7 @@ pub async fn settle_dispute_won(
     conn: &mut PgConnection,
     payment_intent: &str,
     customer: Uuid,
+    credited: bool,
 ) -> sqlx::Result<i64> {
     let given_back: i32 = sqlx::query_scalar(
         "UPDATE token_purchases p SET tokens_disputed = 0 \
@@ -497,6 +531,9 @@ pub async fn settle_dispute_won(
     .bind(payment_intent)
     .fetch_one(&mut *conn)
     .await?;
+    if !credited {
+        return Ok(0);
+    }
     credit_purchased(conn, customer, i64::from(given_back)).await?;
     Ok(i64::from(given_back))
 }
@@ -581,16 +618,26 @@ pub async fn subscription(
     .await
 }
 
+/// A customer billed through Stripe, as the reconciliation compares it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StripeBilled {
+    pub customer_id: Uuid,
+    pub subscription_id: String,
+    /// Stripe's customer id, sealed (`ledger::sealed`), when we have it.
+    pub stripe_customer_id: Option<String>,
+}
+
 /// Customers billed through Stripe whose subscription is live or ended
-/// less than a period ago, with the subscription's id: what the
-/// reconciliation compares.
+/// less than a period ago: what the reconciliation compares.
 #[tracing::instrument(name = "postgres billing.stripe_billed", level = "debug", skip_all)]
-pub async fn stripe_billed(conn: &mut PgConnection) -> sqlx::Result<Vec<(Uuid, String)>> {
+pub async fn stripe_billed(conn: &mut PgConnection) -> sqlx::Result<Vec<StripeBilled>> {
     sqlx::query_as(
-        "SELECT customer_id, stripe_subscription_id FROM customer_billing \
-         WHERE stripe_subscription_id IS NOT NULL \
-           AND (status <> 'canceled' OR billing_cycle_end > NOW() - INTERVAL '31 days') \
-         ORDER BY customer_id",
+        "SELECT b.customer_id, b.stripe_subscription_id AS subscription_id, \
+                COALESCE(b.stripe_customer_id, c.stripe_customer_id) AS stripe_customer_id \
+         FROM customer_billing b JOIN customers c ON c.id = b.customer_id \
+         WHERE b.stripe_subscription_id IS NOT NULL \
+           AND (b.status <> 'canceled' OR b.billing_cycle_end > NOW() - INTERVAL '31 days') \
+         ORDER BY b.customer_id",
     )
     .fetch_all(conn)
     .await

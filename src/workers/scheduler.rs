@@ -68,9 +68,10 @@ impl Scheduler {
         subscriptions: Arc<Subscriptions>,
         months_ahead: u32,
         retention_days: u32,
+        cadence: crate::period::Cadence,
     ) -> Self {
         Self {
-            periods: Periods::new(db.clone(), hot.clone()),
+            periods: Periods::new(db.clone(), hot.clone(), cadence),
             drift: UsageDrift::new(db.clone(), hot),
             db,
             subscriptions,

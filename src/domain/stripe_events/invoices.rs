@@ -24,6 +24,7 @@ use crate::{
         HotStore,
     },
     ledger::billing::{self, BillingRow},
+    period::Cadence,
 };
 
 /// The subscription an invoice bills: where API versions since 2025 put
@@ -72,6 +73,7 @@ pub(super) async fn paid(
     hot: &HotStore,
     customer: Uuid,
     invoice: &Value,
+    cadence: Cadence,
 ) -> Applied {
     let (start, end) = period_of(invoice)?;
     let Some(current) = billing_of(tx, customer, invoice).await? else {
@@ -85,7 +87,7 @@ pub(super) async fn paid(
     if end > old_end {
         let allowance = billing::roll_to(tx, customer, start, end).await?;
         let anchor = current.anchor.unwrap_or(start);
-        let paid_for = rollover(old_end, allowance, anchor, end, allowance);
+        let paid_for = rollover(cadence, old_end, allowance, anchor, end, allowance);
         hot.rollover(customer, &paid_for).await?;
     }
     let mut changes = Vec::new();
