@@ -15,6 +15,8 @@ them may come late, twice or at once.
   - The account in a later period (the consume script went on past
     several boundaries): a stale call, nothing changes.
   - No account: nothing; the next consume rebuilds it from Postgres.
+  - A new subscription's first period (ARGV 6): usage from zero whatever
+    period the account is in; the subscription paid for its own.
 
 KEYS  1  account hash (src/hot/keys.rs)
 ARGV  1  start: epoch ms, the old period's end
@@ -23,7 +25,11 @@ ARGV  1  start: epoch ms, the old period's end
          comma-separated, ascending; "" when none follows
       4  allowance of the new period (-1 = unlimited)
       5  allowance of the period after
-Reply 1 reset, 2 already in this period, 0 stale or not loaded.
+      6  1 for the first period of a new subscription (it starts from zero
+         even if the old period ends at the same instant), else 0
+Reply 1 reset, 2 already in this period, 0 stale or not loaded; for a new
+      subscription's period, the instant it began (epoch ms, on Redis's
+      clock).
 ]]
 
 local start, stop = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -37,18 +43,31 @@ if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' or redis.call('HEXISTS', KEYS[1],
   return 0
 end
 local current_end = tonumber(redis.call('HGET', KEYS[1], 'period_end')) or 0
-if current_end > stop then
+local fresh = ARGV[6] == '1'
+if current_end > stop and not fresh then
   return 0
 end
 local successor = { 'next_ends', ARGV[3], 'next_allowance', ARGV[5] }
 -- The usage alerts' next mark depends on the allowance: recomputed by the
 -- next consume.
 redis.call('HDEL', KEYS[1], 'alert_next')
-if current_end == stop then
+if current_end == stop and not fresh then
   redis.call('HSET', KEYS[1], 'allowance', ARGV[4], unpack(successor))
   return 2
 end
 -- A new period: its usage from zero, its alert thresholds armed again.
+-- A new subscription's begins now, on the clock the consume script stamps
+-- its charges with: every charge before this instant was the old
+-- subscription's, every one after is the new one's, and the ledger counts
+-- the period from the instant returned.
+local period_start = ARGV[1]
+if fresh then
+  local clock = redis.call('TIME')
+  period_start = string.format('%d', tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000))
+end
 redis.call('HSET', KEYS[1], 'used', '0', 'allowance', ARGV[4], 'period_end', ARGV[2],
-  'period_start', ARGV[1], 'alerted', '', unpack(successor))
+  'period_start', period_start, 'alerted', '', unpack(successor))
+if fresh then
+  return tonumber(period_start)
+end
 return 1

@@ -127,7 +127,7 @@ def subscription(sub_id, stripe_customer, price, ours):
     sub = fixture("subscription")
     sub.update(id=sub_id, status="active", customer=stripe_customer,
                metadata={"customer_id": ours}, pending_update=None,
-               latest_invoice=None, cancel_at_period_end=False)
+               latest_invoice=None, cancel_at_period_end=False, created=now)
     item = sub["items"]["data"][0]
     item["price"]["id"] = price
     item["current_period_start"] = now
@@ -189,6 +189,16 @@ def update_subscription(world, sub_id, params):
             sub["status"] = "past_due"
     world.subscriptions[sub_id] = sub
     return 200, sub
+
+
+def list_subscriptions(world, query):
+    # Stripe's list: newest first; canceled ones only when asked.
+    status = query.get("status")
+    data = [s for s in world.subscriptions.values()
+            if ("customer" not in query or s["customer"] == query["customer"])
+            and (status == "all" or (s["status"] == status if status else s["status"] != "canceled"))]
+    data.sort(key=lambda s: int(s["id"].rsplit("standin", 1)[-1]), reverse=True)
+    return 200, {"object": "list", "data": data, "has_more": False, "url": "/v1/subscriptions"}
 
 
 def cancel_subscription(world, sub_id):
@@ -270,6 +280,8 @@ def route(world, method, path, query, params):
             return create_setup_intent(world, params)
         case "POST", ["subscriptions"]:
             return create_subscription(world, params)
+        case "GET", ["subscriptions"]:
+            return list_subscriptions(world, query)
         case "GET", ["subscriptions", sub_id]:
             return found(world.subscriptions.get(sub_id), "subscription")
         case "DELETE", ["subscriptions", sub_id]:

@@ -12,8 +12,8 @@ use stripe_billing::{
     invoice_payment::ListInvoicePayment,
     subscription::{
         CancelSubscription, CreateSubscription, CreateSubscriptionItems,
-        CreateSubscriptionPaymentBehavior, RetrieveSubscription, UpdateSubscription,
-        UpdateSubscriptionItems, UpdateSubscriptionPaymentBehavior,
+        CreateSubscriptionPaymentBehavior, ListSubscription, RetrieveSubscription,
+        UpdateSubscription, UpdateSubscriptionItems, UpdateSubscriptionPaymentBehavior,
         UpdateSubscriptionProrationBehavior,
     },
 };
@@ -294,6 +294,28 @@ impl Stripe {
             .await
             .counted("retrieve_subscription")?;
         facts(sub)
+    }
+
+    /// The Stripe customer's live subscriptions (every status but
+    /// `canceled` and `incomplete_expired`), newest first as Stripe lists
+    /// them: what subscribing, a subscription's end and the reconciliation
+    /// look at, so no subscription is billed at Stripe unseen by us.
+    pub async fn live_subscriptions(
+        &self,
+        stripe_customer: &str,
+    ) -> Result<Vec<SubscriptionFacts>, ApiError> {
+        let listed = ListSubscription::new()
+            .customer(stripe_customer)
+            .limit(100)
+            .send(&self.client)
+            .await
+            .counted("list_subscriptions")?;
+        listed
+            .data
+            .into_iter()
+            .filter(|sub| !matches!(sub.status.as_str(), "canceled" | "incomplete_expired"))
+            .map(facts)
+            .collect()
     }
 
     /// Cancels at the period's end, or at once.

@@ -491,6 +491,14 @@ fn describe_metrics() {
         "billing_reconciliation_fixes_total",
         "Differences with Stripe a reconciliation set right, by field"
     );
+    describe_gauge!(
+        "billing_duplicate_subscriptions",
+        "Stripe customers of ours with more than one live subscription, at the last reconciliation"
+    );
+    describe_counter!(
+        "billing_subscriptions_adopted_total",
+        "Live Stripe subscriptions taken into our books after the customer's own ended"
+    );
     // Business and experience.
     describe_gauge!(
         "billing_mrr_cents",

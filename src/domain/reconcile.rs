@@ -19,7 +19,10 @@ use super::{
     stripe_events::{apply_subscription, Facts},
     subscriptions::Subscriptions,
 };
-use crate::{error::ApiError, ledger::billing};
+use crate::{
+    error::ApiError,
+    ledger::{billing, sealed::stripe_customer_place},
+};
 
 /// The advisory lock that lets one replica at a time reconcile.
 const RECONCILE_LOCK: i64 = 0x0ca0_0003;
@@ -36,6 +39,17 @@ pub struct Report {
     pub failed: usize,
     /// False when another replica was reconciling: nothing was done.
     pub ran: bool,
+    /// Customers with more than one live subscription at Stripe
+    /// (`billing_duplicate_subscriptions`): all but ours are billed
+    /// without being metered, for a person to cancel and refund.
+    pub duplicates: Vec<Duplicate>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Duplicate {
+    pub customer_id: Uuid,
+    /// The live subscriptions, newest first.
+    pub subscriptions: Vec<String>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -73,30 +87,78 @@ impl Subscriptions {
             ran: true,
             ..Report::default()
         };
-        for (customer, subscription) in billed {
+        for customer in billed {
             report.checked += 1;
-            let facts = match self.stripe.subscription(&subscription).await {
-                Ok(facts) => facts,
+            let id = customer.customer_id;
+            let states = match self.stripe_state(&customer, &mut report).await {
+                Ok(states) => states,
                 Err(e) => {
                     report.failed += 1;
-                    tracing::warn!(%customer, error = %crate::telemetry::chain(&e), "reconciliation could not read the subscription");
+                    tracing::warn!(customer = %id, error = %crate::telemetry::chain(&e), "reconciliation could not read the subscription");
                     continue;
                 }
             };
-            let fields = self.set_right(customer, facts).await?;
+            let mut fields = Vec::new();
+            for facts in states {
+                for field in self.set_right(id, facts).await? {
+                    if !fields.contains(&field) {
+                        fields.push(field);
+                    }
+                }
+            }
             if !fields.is_empty() {
                 for field in &fields {
                     metrics::counter!("billing_reconciliation_fixes_total", "field" => *field)
                         .increment(1);
                 }
-                tracing::warn!(%customer, ?fields, "billing differed from Stripe; set right");
+                tracing::warn!(customer = %id, ?fields, "billing differed from Stripe; set right");
                 report.fixed.push(Fix {
-                    customer_id: customer,
+                    customer_id: id,
                     fields,
                 });
             }
         }
+        metrics::gauge!("billing_duplicate_subscriptions").set(report.duplicates.len() as f64);
         Ok(report)
+    }
+
+    /// What to write over our books, in order, as Stripe holds it: ours
+    /// while it is live; once it has ended, ours as it ended and then the
+    /// newest other live one of the same Stripe customer (adopted, as
+    /// after its `deleted` event). More than one live subscription is
+    /// reported as a duplicate for a person to settle (see the README's
+    /// billing section): ours goes on being the one we meter.
+    async fn stripe_state(
+        &self,
+        customer: &billing::StripeBilled,
+        report: &mut Report,
+    ) -> Result<Vec<super::stripe_events::SubscriptionFacts>, ApiError> {
+        let stripe_customer = customer
+            .stripe_customer_id
+            .as_deref()
+            .map(|sealed| {
+                self.sealer
+                    .open(sealed, &stripe_customer_place(customer.customer_id))
+            })
+            .transpose()
+            .map_err(|e| ApiError::Internal(e.into()))?;
+        let live = match &stripe_customer {
+            Some(stripe_customer) => self.stripe.live_subscriptions(stripe_customer).await?,
+            None => Vec::new(),
+        };
+        if live.len() > 1 {
+            let subscriptions: Vec<String> = live.iter().map(|s| s.id.clone()).collect();
+            tracing::error!(customer = %customer.customer_id, ?subscriptions, "more than one live subscription at Stripe");
+            report.duplicates.push(Duplicate {
+                customer_id: customer.customer_id,
+                subscriptions,
+            });
+        }
+        if let Some(ours) = live.iter().find(|s| s.id == customer.subscription_id) {
+            return Ok(vec![ours.clone()]);
+        }
+        let ours = self.stripe.subscription(&customer.subscription_id).await?;
+        Ok([ours].into_iter().chain(live.into_iter().next()).collect())
     }
 
     /// Applies Stripe's state of the customer's subscription; returns what
@@ -106,7 +168,7 @@ impl Subscriptions {
         customer: Uuid,
         facts: super::stripe_events::SubscriptionFacts,
     ) -> Result<Vec<&'static str>, ApiError> {
-        let (hot, grace) = (self.hot.clone(), self.grace);
+        let (hot, grace, cadence) = (self.hot.clone(), self.grace, self.accounts.cadence());
         self.accounts
             .change(customer, move |tx| {
                 Box::pin(async move {
@@ -114,6 +176,7 @@ impl Subscriptions {
                     let facts_of = Facts {
                         event_at: None,
                         grace,
+                        cadence,
                         stripe_customer: None,
                     };
                     let (_, changes) =

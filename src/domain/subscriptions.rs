@@ -1,9 +1,10 @@
 //! Subscribing and buying tokens through Stripe.
 //!
-//! One billing request of a customer at a time: a Postgres advisory lock
-//! per customer, held on a connection of its own while Stripe is called,
-//! so two requests never create two Stripe customers or two
-//! subscriptions. The customer's row lock (which every other write of the
+//! One billing request of a customer at a time: a lease per customer in
+//! Postgres (`ledger::leases`), taken before Stripe is called and holding
+//! no connection meanwhile, so two requests never create two Stripe
+//! customers or two subscriptions, and a second one is answered 409 at
+//! once rather than queued. The customer's row lock (which every other write of the
 //! customer takes) is held only to record what Stripe answered, never
 //! across a call to Stripe: a slow Stripe holds up only that customer's
 //! billing. Each call also carries an idempotency key naming everything it
@@ -29,7 +30,7 @@ use crate::{
     },
     ledger::{
         billing::{self, SubscriptionRow},
-        catalog, customers,
+        catalog, customers, leases,
         sealed::{stripe_customer_place, Sealer},
     },
     stripe::{Payment, PlanChange, Stripe},
@@ -41,7 +42,7 @@ pub const PURCHASE_TOKENS: std::ops::RangeInclusive<i32> = 100..=1_000_000;
 pub struct Subscriptions {
     pub(super) stripe: Arc<Stripe>,
     pub(super) accounts: Arc<Accounts>,
-    sealer: Arc<Sealer>,
+    pub(super) sealer: Arc<Sealer>,
     pub(super) hot: HotStore,
     pub(super) db: sqlx::PgPool,
     pub(super) grace: chrono::Duration,
@@ -97,31 +98,35 @@ impl Subscriptions {
     }
 
     /// Serialises the customer's billing requests (see the module docs):
-    /// runs `work` holding the customer's billing lock.
+    /// runs `work` holding the customer's billing lease, or answers 409 at
+    /// once while another change of the customer holds it. The lease holds
+    /// no connection (`ledger::leases`), so however many merchants change
+    /// their billing at once, the pool stays free for every other route.
     async fn one_at_a_time<T>(
         &self,
         customer: Uuid,
         work: impl std::future::Future<Output = Result<T, ApiError>>,
     ) -> Result<T, ApiError> {
-        let mut lock = self.db.acquire().await?;
-        let key = billing_lock_key(customer);
-        sqlx::query("SELECT pg_advisory_lock($1, $2)")
-            .bind(BILLING_LOCK)
-            .bind(key)
-            .execute(&mut *lock)
-            .await?;
-        let result = work.await;
-        // Should the unlock fail, the connection goes back to the pool
-        // holding the lock: close it instead, which releases it.
-        let unlocked = sqlx::query("SELECT pg_advisory_unlock($1, $2)")
-            .bind(BILLING_LOCK)
-            .bind(key)
-            .execute(&mut *lock)
-            .await;
-        if unlocked.is_err() {
-            let _ = lock.close().await;
+        let holder = Uuid::new_v4();
+        if !leases::take(
+            &mut *self.db.acquire().await?,
+            customer,
+            holder,
+            BILLING_LEASE,
+        )
+        .await?
+        {
+            return Err(ApiError::Conflict(
+                "another billing change of this customer is under way; try again shortly".into(),
+            ));
         }
-        result
+        // Given back however the work ends, a dropped request included.
+        let _lease = Lease {
+            db: self.db.clone(),
+            customer,
+            holder,
+        };
+        work.await
     }
 
     /// The customer's Stripe customer: the one we stored, else one Stripe
@@ -182,6 +187,26 @@ impl Subscriptions {
                 ));
             }
             let stripe_customer = self.stripe_customer_with(customer, payment_method).await?;
+            let sealed = self
+                .sealer
+                .seal(&stripe_customer, &stripe_customer_place(customer));
+            // A live subscription at Stripe that our books do not show: the
+            // reply to an earlier attempt lost to a timeout, or its
+            // recording to a Postgres blip, and this is the merchant's
+            // retry (with another card, so another idempotency key).
+            // Adopted, never a second one made beside it.
+            let live = self.stripe.live_subscriptions(&stripe_customer).await?;
+            if let Some(newest) = live.into_iter().next() {
+                let same_plan = newest.price == price;
+                let row = self.record(customer, newest, Some(sealed)).await?;
+                if same_plan {
+                    return Ok(row);
+                }
+                return Err(ApiError::Conflict(
+                    "a subscription to another plan is already live; change the plan instead"
+                        .into(),
+                ));
+            }
             let follows = current
                 .as_ref()
                 .and_then(|c| c.stripe_subscription_id.as_deref());
@@ -189,9 +214,6 @@ impl Subscriptions {
                 .stripe
                 .subscribe(customer, &stripe_customer, &price, payment_method, follows)
                 .await?;
-            let sealed = self
-                .sealer
-                .seal(&stripe_customer, &stripe_customer_place(customer));
             self.record(customer, sub, Some(sealed)).await
         })
         .await
@@ -244,23 +266,15 @@ impl Subscriptions {
         sub: SubscriptionFacts,
         stripe_customer: Option<String>,
     ) -> Result<SubscriptionRow, ApiError> {
-        let (hot, grace) = (self.hot.clone(), self.grace);
-        self.accounts
-            .change(customer, move |tx| {
-                Box::pin(async move {
-                    let facts = Facts {
-                        event_at: None,
-                        grace,
-                        stripe_customer,
-                    };
-                    let (_, changes) = apply_subscription(tx, &hot, customer, &sub, facts).await?;
-                    let row = billing::subscription(tx, customer).await?.ok_or_else(|| {
-                        ApiError::Internal(anyhow::anyhow!("subscription not written"))
-                    })?;
-                    Ok((row, changes))
-                })
-            })
-            .await
+        write_over(
+            &self.accounts,
+            &self.hot,
+            self.grace,
+            customer,
+            sub,
+            stripe_customer,
+        )
+        .await
     }
 
     /// Buys `tokens` with `payment_method`. `purchase` identifies the
@@ -357,6 +371,38 @@ impl Subscriptions {
     }
 }
 
+/// Writes Stripe's state of a subscription over ours, as its webhook
+/// would be applied ([`apply_subscription`]), under the customer's row
+/// lock, and reads the subscription back: the reply to our own call, a
+/// subscription adopted, the reconciliation's read.
+pub(super) async fn write_over(
+    accounts: &Accounts,
+    hot: &HotStore,
+    grace: chrono::Duration,
+    customer: Uuid,
+    sub: SubscriptionFacts,
+    stripe_customer: Option<String>,
+) -> Result<SubscriptionRow, ApiError> {
+    let (hot, cadence) = (hot.clone(), accounts.cadence());
+    accounts
+        .change(customer, move |tx| {
+            Box::pin(async move {
+                let facts = Facts {
+                    event_at: None,
+                    grace,
+                    cadence,
+                    stripe_customer,
+                };
+                let (_, changes) = apply_subscription(tx, &hot, customer, &sub, facts).await?;
+                let row = billing::subscription(tx, customer).await?.ok_or_else(|| {
+                    ApiError::Internal(anyhow::anyhow!("subscription not written"))
+                })?;
+                Ok((row, changes))
+            })
+        })
+        .await
+}
+
 /// A plan on offer and its Stripe price.
 async fn stripe_plan(
     tx: &mut sqlx::PgConnection,
@@ -372,13 +418,31 @@ async fn stripe_plan(
     Ok((plan, price))
 }
 
-/// The namespace of the per-customer billing locks (`pg_advisory_lock(int,
-/// int)`): the customer's id hashed to the second key.
-const BILLING_LOCK: i32 = 0x0ca0_0002;
+/// How long a billing change may hold the customer's lease: past the
+/// longest change (a handful of Stripe calls of at most 10 s each), so a
+/// lease expires only when its holder died.
+const BILLING_LEASE: std::time::Duration = std::time::Duration::from_secs(120);
 
-fn billing_lock_key(customer: Uuid) -> i32 {
-    let bits = customer.as_u128();
-    (bits ^ (bits >> 32) ^ (bits >> 64) ^ (bits >> 96)) as u32 as i32
+/// A taken lease, given back when dropped.
+struct Lease {
+    db: sqlx::PgPool,
+    customer: Uuid,
+    holder: Uuid,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let (db, customer, holder) = (self.db.clone(), self.customer, self.holder);
+        tokio::spawn(async move {
+            let given_back = match db.acquire().await {
+                Ok(mut conn) => leases::give_back(&mut conn, customer, holder).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = given_back {
+                tracing::warn!(%customer, error = %e, "could not give the billing lease back; it expires by itself");
+            }
+        });
+    }
 }
 
 /// The customer's Stripe subscription and its plan's allowance.

@@ -70,6 +70,11 @@ pub struct Rollover {
     pub allowance: i64,
     /// The new period's end and its successor.
     pub period: Period,
+    /// The period of a new subscription (after a cancellation, or
+    /// replacing an operator's plan): started from zero even when the old
+    /// period ends at the same instant, which would otherwise read as the
+    /// same period started already.
+    pub new_subscription: bool,
 }
 
 /// What a rollover found.
@@ -77,6 +82,10 @@ pub struct Rollover {
 pub enum RolloverOutcome {
     /// Usage reset, the new period started.
     Started,
+    /// A new subscription's period started from zero at this instant
+    /// (epoch ms, Redis's clock): charges stamped before it were the old
+    /// subscription's.
+    StartedAt(i64),
     /// The consume script had started it already: usage kept.
     AlreadyStarted,
     /// A later period is on, or no hot state is loaded.
@@ -496,6 +505,7 @@ impl HotStore {
             rollover.period.next_ends_arg().into(),
             rollover.allowance.into(),
             rollover.period.next_allowance.into(),
+            i64::from(rollover.new_subscription).into(),
         ];
         let outcome: i64 = self
             .scripts
@@ -505,6 +515,7 @@ impl HotStore {
         Ok(match outcome {
             1 => RolloverOutcome::Started,
             2 => RolloverOutcome::AlreadyStarted,
+            at if at > 2 => RolloverOutcome::StartedAt(at),
             _ => RolloverOutcome::Nothing,
         })
     }

@@ -36,8 +36,10 @@ pub fn router() -> OpenApiRouter<Shared> {
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct Received {
     received: bool,
-    /// `applied`, `duplicate` (applied before) or `ignored` (older than
-    /// what is applied, or not acted on).
+    /// `applied`, `duplicate` (applied before), `ignored` (older than
+    /// what is applied, or not acted on) or `conflicting` (about a
+    /// subscription another customer holds: recorded and logged, nothing
+    /// changed).
     outcome: &'static str,
 }
 

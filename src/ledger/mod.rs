@@ -12,6 +12,7 @@ pub mod billing;
 pub mod catalog;
 pub mod customers;
 pub mod embed_keys;
+pub mod leases;
 pub mod partitions;
 pub mod reports;
 pub mod sealed;

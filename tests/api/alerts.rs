@@ -190,7 +190,9 @@ async fn a_new_period_arms_the_thresholds_again_and_a_purchase_does_not() {
         "one consume may cross several; the purchase re-arms none"
     );
 
-    // The period ended a second ago; the consume script starts the next.
+    // The period ended a second ago, after the charges above (a second
+    // old by then); the consume script starts the next.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
     sqlx::query(
         "UPDATE customer_billing SET billing_anchor = NOW() - INTERVAL '1 month' - INTERVAL '1 second', \
              billing_cycle_start = NOW() - INTERVAL '1 month' - INTERVAL '1 second', \

@@ -102,7 +102,7 @@ async fn a_rollover_racing_consumes_at_the_boundary_counts_each_in_one_period_an
     for _ in 0..3 {
         let (app, customer) = (app.clone(), shop.id);
         rollovers.spawn(async move {
-            let periods = Periods::new(app.db.clone(), app.state.hot.clone());
+            let periods = Periods::new(app.db.clone(), app.state.hot.clone(), Default::default());
             let mut moved = 0;
             while Instant::now() < stop_at {
                 if periods.roll(customer, Utc::now()).await.unwrap() {
@@ -162,7 +162,7 @@ async fn a_late_rollover_refuses_nothing_the_new_period_allows_and_never_resets_
     }
     // The rollover, late and twice, and by two replicas at once: usage in
     // the new period stands.
-    let periods = Periods::new(app.db.clone(), app.state.hot.clone());
+    let periods = Periods::new(app.db.clone(), app.state.hot.clone(), Default::default());
     let (a, b) = tokio::join!(
         periods.roll_ended(Utc::now()),
         periods.roll_ended(Utc::now())

@@ -29,9 +29,18 @@ fn fixture(name: &str) -> Value {
 }
 
 /// A stand-in for Stripe and an instance of the service pointed at it.
-/// It finds no customer by search, and attaches any card.
+/// It finds no customer by search, lists no live subscription, and
+/// attaches any card.
 async fn with_stripe() -> (TestApp, MockServer) {
     let stripe = MockServer::start().await;
+    stripe_answers(
+        &stripe,
+        "GET",
+        "/v1/subscriptions",
+        200,
+        json!({"object": "list", "data": [], "has_more": false, "url": "/v1/subscriptions"}),
+    )
+    .await;
     stripe_answers(
         &stripe,
         "GET",
@@ -446,6 +455,95 @@ async fn a_purchase_awaiting_3d_secure_is_credited_only_when_a_payment_attempt_s
     assert_eq!(purchase_status().await, "completed");
     let (_, consumed) = app.consume(&shop.token, json!({"app_id": "rec-001"})).await;
     assert_eq!(consumed["tokens_remaining"], 498, "{consumed}");
+}
+
+/// A purchase waiting for 3-D Secure whose success's delivery fails and
+/// is retried hours later, while support refunds half of it and a dispute
+/// holds the rest: each event counts once, in whatever order it comes.
+#[tokio::test]
+async fn a_refund_and_a_dispute_before_the_payments_success_reduce_what_the_success_credits() {
+    let (app, stripe) = with_stripe().await;
+    let shop = app.create_customer(None).await;
+    app.activate(&shop, "rec-001").await;
+    stripe_answers(
+        &stripe,
+        "POST",
+        "/v1/payment_intents",
+        200,
+        payment_intent("pi_late", "requires_action"),
+    )
+    .await;
+    let (status, body) = purchase_tokens(&app, &shop, 1000, "pm_card_threeDSecure2Required").await;
+    assert_eq!((status, &body["credited"]), (200, &json!(false)), "{body}");
+    let now = Utc::now().timestamp();
+    let charge = json!({"id": "ch_late", "object": "charge", "payment_intent": "pi_late",
+                        "amount": 500, "amount_refunded": 250});
+    let (_, refunded) = app
+        .stripe_event("evt_late_refund", "charge.refunded", now, charge)
+        .await;
+    assert_eq!(refunded["outcome"], "applied", "{refunded}");
+    let dispute = |status: &str| {
+        json!({"id": "dp_late", "object": "dispute", "amount": 100, "charge": "ch_late",
+               "payment_intent": "pi_late", "status": status})
+    };
+    let (_, disputed) = app
+        .stripe_event(
+            "evt_late_dispute",
+            "charge.dispute.created",
+            now,
+            dispute("needs_response"),
+        )
+        .await;
+    assert_eq!(disputed["outcome"], "applied", "{disputed}");
+
+    let intent = json!({"id": "pi_late", "amount": 500, "amount_received": 500,
+        "metadata": {"customer_id": shop.id.to_string(), "tokens": "1000"}});
+    app.stripe_event(
+        "evt_late_ok",
+        "payment_intent.succeeded",
+        now + 3600,
+        intent.clone(),
+    )
+    .await;
+    app.stripe_event(
+        "evt_late_ok_again",
+        "payment_intent.succeeded",
+        now + 3601,
+        intent,
+    )
+    .await;
+
+    let (_, consumed) = app.consume(&shop.token, json!({"app_id": "rec-001"})).await;
+    assert_eq!(
+        consumed["tokens_remaining"], 298,
+        "1,000 bought, 500 refunded, 200 held by the dispute: {consumed}"
+    );
+    app.stripe_event(
+        "evt_late_won",
+        "charge.dispute.closed",
+        now + 7200,
+        dispute("won"),
+    )
+    .await;
+    let (_, consumed) = app.consume(&shop.token, json!({"app_id": "rec-001"})).await;
+    assert_eq!(
+        consumed["tokens_remaining"], 496,
+        "the dispute's 200 given back"
+    );
+    let credited: i64 =
+        sqlx::query_scalar("SELECT purchased_tokens_credited FROM customers WHERE id = $1")
+            .bind(shop.id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(credited, 500, "the ledger agrees");
+    assert_eq!(app.drain_usage().await, 2);
+    let used: i64 = sqlx::query_scalar("SELECT purchased_tokens_used FROM customers WHERE id = $1")
+        .bind(shop.id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(used, 4);
 }
 
 /// Stripe's idempotency as Stripe keeps it: a key seen before is answered

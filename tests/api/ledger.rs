@@ -206,6 +206,7 @@ async fn retention_drops_raw_usage_months_past_the_period_and_keeps_the_aggregat
         app.state.subscriptions.clone(),
         3,
         400,
+        Default::default(),
     );
     let kept = scheduler
         .apply_retention(Utc.with_ymd_and_hms(2025, 3, 6, 3, 0, 0).unwrap())

@@ -210,6 +210,7 @@ async fn the_business_gauges_are_read_from_the_ledger() {
         app.state.subscriptions.clone(),
         3,
         400,
+        Default::default(),
     );
     assert!(scheduler.refresh_gauges().await.unwrap());
     let text = app.metrics_text().await;

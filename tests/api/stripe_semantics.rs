@@ -444,8 +444,11 @@ async fn usage_after_several_missed_boundaries_counts_in_the_period_it_falls_in(
 
     let (status, body) = spend(&app, &shop, 2).await;
     assert_eq!((status, &body["tokens_remaining"]), (200, &json!(998)));
-    let periods =
-        connected_apps::domain::billing::Periods::new(app.db.clone(), app.state.hot.clone());
+    let periods = connected_apps::domain::billing::Periods::new(
+        app.db.clone(),
+        app.state.hot.clone(),
+        Default::default(),
+    );
     assert_eq!(periods.roll_ended(Utc::now()).await.unwrap(), 1);
 
     assert_eq!(

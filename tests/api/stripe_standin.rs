@@ -50,27 +50,32 @@ pub const ENTERPRISE: &str = "price_enterprise_monthly";
 
 /// What Stripe holds.
 #[derive(Default)]
-struct World {
-    next: u32,
-    customers: Vec<Value>,
+pub(crate) struct World {
+    pub(crate) next: u32,
+    pub(crate) customers: Vec<Value>,
     /// Customer id -> its default card.
-    default_card: HashMap<String, String>,
-    subscriptions: HashMap<String, Value>,
-    payment_intents: HashMap<String, Value>,
+    pub(crate) default_card: HashMap<String, String>,
+    pub(crate) subscriptions: HashMap<String, Value>,
+    pub(crate) payment_intents: HashMap<String, Value>,
     /// Invoice id -> its payment intent.
-    invoice_payments: HashMap<String, String>,
+    pub(crate) invoice_payments: HashMap<String, String>,
     /// Idempotency key -> the parameters sent with it and the reply.
-    keys: HashMap<String, (String, u16, Value)>,
+    pub(crate) keys: HashMap<String, (String, u16, Value)>,
     /// Every request: method, path, form body.
-    calls: Vec<(String, String, String)>,
+    pub(crate) calls: Vec<(String, String, String)>,
     /// How long subscription calls take.
-    subscription_delay: Duration,
+    pub(crate) subscription_delay: Duration,
     /// Every customer's default card from now on, when set.
-    card_override: Option<String>,
+    pub(crate) card_override: Option<String>,
+    /// Whether `POST /v1/subscriptions` does its work and answers 500.
+    pub(crate) lose_replies: bool,
+    /// The test clock (`stripe_clock`): periods' length and the events
+    /// waiting to be delivered, when one is on.
+    pub(crate) clock: Option<crate::stripe_clock::Clock>,
 }
 
 impl World {
-    fn id(&mut self, prefix: &str) -> String {
+    pub(crate) fn id(&mut self, prefix: &str) -> String {
         self.next += 1;
         format!("{prefix}_standin{}", self.next)
     }
@@ -79,7 +84,7 @@ impl World {
 #[derive(Clone)]
 pub struct StandIn {
     pub server: Arc<MockServer>,
-    world: Arc<Mutex<World>>,
+    pub(crate) world: Arc<Mutex<World>>,
 }
 
 fn form(request: &Request) -> HashMap<String, String> {
@@ -164,6 +169,28 @@ impl StandIn {
     /// A subscription as Stripe holds it now.
     pub fn subscription(&self, id: &str) -> Value {
         self.world.lock().unwrap().subscriptions[id].clone()
+    }
+
+    /// Creates a subscription at Stripe without telling anyone (in
+    /// Stripe's dashboard, or by a call whose reply was lost): returns it.
+    pub fn subscribe_behind_our_back(
+        &self,
+        stripe_customer: &str,
+        price: &str,
+        ours: &str,
+    ) -> Value {
+        let mut world = self.world.lock().unwrap();
+        let id = world.id("sub");
+        let sub = subscription(&id, stripe_customer, price, ours);
+        world.subscriptions.insert(id, sub.clone());
+        sub
+    }
+
+    /// Makes every subscription call fail from now on as a timeout would
+    /// look to the caller: Stripe does the work, the reply is lost (a 500
+    /// after the change, which the client reports as Stripe failing).
+    pub fn lose_subscription_replies(&self, lose: bool) {
+        self.world.lock().unwrap().lose_replies = lose;
     }
 
     /// Changes a subscription at Stripe without telling anyone (a change
@@ -259,8 +286,41 @@ impl StandIn {
                         .unwrap_or(""),
                     &customer_id,
                 );
+                let sub = crate::stripe_clock::created(world, sub);
                 world.subscriptions.insert(id, sub.clone());
+                if world.lose_replies {
+                    return (
+                        500,
+                        json!({"error": {"type": "api_error", "message": "the reply was lost"}}),
+                    );
+                }
                 (200, sub)
+            }
+            ("GET", ["subscriptions"]) => {
+                // Stripe's list: newest first, canceled ones only when asked.
+                let query: HashMap<String, String> =
+                    request.url.query_pairs().into_owned().collect();
+                let status = query.get("status").map(String::as_str);
+                let mut data: Vec<Value> = world
+                    .subscriptions
+                    .values()
+                    .filter(|s| {
+                        query
+                            .get("customer")
+                            .is_none_or(|c| s["customer"] == json!(c))
+                    })
+                    .filter(|s| match status {
+                        Some("all") => true,
+                        Some(wanted) => s["status"] == json!(wanted),
+                        None => s["status"] != json!("canceled"),
+                    })
+                    .cloned()
+                    .collect();
+                data.sort_by_key(|s| std::cmp::Reverse(sequence(&s["id"])));
+                (
+                    200,
+                    json!({"object": "list", "data": data, "has_more": false, "url": "/v1/subscriptions"}),
+                )
             }
             ("GET", ["subscriptions", id]) => match world.subscriptions.get(*id) {
                 Some(sub) => (200, sub.clone()),
@@ -277,7 +337,9 @@ impl StandIn {
                     );
                 };
                 sub["status"] = json!("canceled");
-                (200, sub.clone())
+                let sub = sub.clone();
+                crate::stripe_clock::emit(world, "customer.subscription.deleted", &sub);
+                (200, sub)
             }
             ("POST", ["subscriptions", id]) => self.update_subscription(world, id, &params),
             ("GET", ["invoice_payments"]) => {
@@ -297,6 +359,7 @@ impl StandIn {
                     json!({"object": "list", "data": data, "has_more": false, "url": "/v1/invoice_payments"}),
                 )
             }
+            ("POST", ["payment_intents"]) => crate::stripe_clock::pay(world, &params),
             ("GET", ["payment_intents", id]) => match world.payment_intents.get(*id) {
                 Some(pi) => (200, pi.clone()),
                 None => (
@@ -385,6 +448,7 @@ impl StandIn {
             }
         }
         world.subscriptions.insert(id.to_owned(), sub.clone());
+        crate::stripe_clock::emit(world, "customer.subscription.updated", &sub);
         (200, sub)
     }
 }
@@ -415,8 +479,14 @@ impl Respond for StandIn {
                 json!({"error": {"type": "idempotency_error",
                                   "message": "Keys for idempotent requests can only be used with the same parameters they were first used with."}}),
             ),
+            None if method != "GET" && crate::stripe_clock::fails_before(&mut world) => (
+                500,
+                json!({"error": {"type": "api_error", "message": "an error occurred"}}),
+            ),
             None => {
                 let (status, reply) = self.route(&mut world, &method, &path, request);
+                let (status, reply) =
+                    crate::stripe_clock::after(&mut world, &method, status, reply);
                 if let Some(key) = key {
                     world.keys.insert(key, (body, status, reply.clone()));
                 }
@@ -427,6 +497,14 @@ impl Respond for StandIn {
             .set_body_json(reply)
             .set_delay(delay)
     }
+}
+
+/// The creation order of a stand-in object, from its id (`sub_standin7`).
+pub(crate) fn sequence(id: &Value) -> u32 {
+    id.as_str()
+        .and_then(|id| id.rsplit("standin").next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 /// A subscription of `customer` on `price`, active, in a month-long period
@@ -441,6 +519,7 @@ pub fn subscription(id: &str, stripe_customer: &str, price: &str, ours: &str) ->
     sub["pending_update"] = Value::Null;
     sub["latest_invoice"] = Value::Null;
     sub["cancel_at_period_end"] = json!(false);
+    sub["created"] = json!(now);
     let item = &mut sub["items"]["data"][0];
     item["price"]["id"] = json!(price);
     item["current_period_start"] = json!(now);

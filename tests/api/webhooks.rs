@@ -595,7 +595,7 @@ async fn a_credit_whose_commit_fails_is_undone_in_redis_and_done_once_by_the_ret
 }
 
 #[tokio::test]
-async fn a_switch_from_an_operators_subscription_to_stripe_mid_period_follows_stripes_period() {
+async fn a_switch_from_an_operators_plan_to_stripe_mid_period_starts_a_period_at_the_switch() {
     use fred::prelude::*;
     let app = spawn_app().await;
     let shop = app.create_customer(Some("starter")).await;
@@ -642,16 +642,34 @@ async fn a_switch_from_an_operators_subscription_to_stripe_mid_period_follows_st
     .await
     .unwrap();
     assert_eq!((anchor.timestamp(), ends.timestamp()), (start, end));
+    let hot_start: i64 = app
+        .redis
+        .hget(app.state.hot.keys().account(shop.id), "period_start")
+        .await
+        .unwrap();
+    assert!(
+        starts > our_start,
+        "a new subscription's period begins at the switch"
+    );
     assert_eq!(
-        starts, our_start,
+        starts.timestamp_millis(),
+        hot_start,
         "this period's usage is counted over the hot state's window"
     );
     let (status, body) = consume(&app, &shop, 2).await;
     assert_eq!(
         (status, &body["tokens_remaining"]),
-        (200, &json!(10_000 - 102)),
-        "Professional at once, this period's use kept"
+        (200, &json!(10_000 - 2)),
+        "Professional at once, from zero: the operator's plan's use was the operator's"
     );
+    app.drain_usage().await;
+    let used: i64 =
+        sqlx::query_scalar("SELECT tokens_used FROM customer_billing WHERE customer_id = $1")
+            .bind(shop.id)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert_eq!(used, 2, "the ledger counts the same window");
 }
 
 #[tokio::test]

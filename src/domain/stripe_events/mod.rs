@@ -35,6 +35,7 @@ use uuid::Uuid;
 
 pub use subscription::{apply_subscription, is_smaller, Facts, SubscriptionFacts};
 
+use super::subscriptions::write_over;
 use crate::{
     domain::accounts::Accounts,
     error::ApiError,
@@ -43,6 +44,7 @@ use crate::{
         billing,
         sealed::{stripe_customer_place, Sealer},
     },
+    stripe::Stripe,
 };
 
 /// The parts of a Stripe event every handler reads.
@@ -71,6 +73,9 @@ pub enum Outcome {
     /// not the customer's, of a type we do not act on, or about a customer
     /// we do not know: recorded, nothing changed.
     Ignored,
+    /// About a subscription another customer holds: recorded, nothing
+    /// changed, a warning logged for a person to look at.
+    Conflicting,
 }
 
 impl Outcome {
@@ -79,11 +84,13 @@ impl Outcome {
             Outcome::Applied => "applied",
             Outcome::Duplicate => "duplicate",
             Outcome::Ignored => "ignored",
+            Outcome::Conflicting => "conflicting",
         }
     }
 }
 
 pub struct StripeEvents {
+    stripe: Arc<Stripe>,
     accounts: Arc<Accounts>,
     sealer: Arc<Sealer>,
     hot: HotStore,
@@ -117,6 +124,7 @@ fn ignored() -> Applied {
 
 impl StripeEvents {
     pub fn new(
+        stripe: Arc<Stripe>,
         accounts: Arc<Accounts>,
         sealer: Arc<Sealer>,
         hot: HotStore,
@@ -124,6 +132,7 @@ impl StripeEvents {
         grace: std::time::Duration,
     ) -> Self {
         Self {
+            stripe,
             accounts,
             sealer,
             hot,
@@ -137,7 +146,16 @@ impl StripeEvents {
             return self.acknowledge(&event).await;
         };
         let (id, kind, created) = (event.id.clone(), event.kind.clone(), event.created);
+        let stripe_customer = str_at(&event.data.object, &["customer"])
+            .filter(|c| c.starts_with("cus_"))
+            .map(str::to_owned);
         match self.apply_to(customer, event).await {
+            Ok(Outcome::Applied) if kind == "customer.subscription.deleted" => {
+                if let Some(stripe_customer) = stripe_customer {
+                    self.adopt_live(customer, &stripe_customer).await;
+                }
+                Ok(Outcome::Applied)
+            }
             Err(ApiError::NotFound("customer")) => {
                 tracing::warn!(%id, %kind, %customer, "stripe event for a customer we do not have");
                 self.acknowledge(&Event {
@@ -151,6 +169,50 @@ impl StripeEvents {
                 .await
             }
             other => other,
+        }
+    }
+
+    /// After the customer's subscription ended: another subscription of
+    /// the same Stripe customer still live (made beside it, by a retry or
+    /// in Stripe's dashboard) is the one the merchant pays for, and
+    /// becomes ours, the newest first. Stripe not answering leaves it to
+    /// the reconciliation, which looks for the same.
+    async fn adopt_live(&self, customer: Uuid, stripe_customer: &str) {
+        let adopted = async {
+            let Some(newest) = self
+                .stripe
+                .live_subscriptions(stripe_customer)
+                .await?
+                .into_iter()
+                .next()
+            else {
+                return Ok(None);
+            };
+            let id = newest.id.clone();
+            let sealed = self
+                .sealer
+                .seal(stripe_customer, &stripe_customer_place(customer));
+            write_over(
+                &self.accounts,
+                &self.hot,
+                self.grace,
+                customer,
+                newest,
+                Some(sealed),
+            )
+            .await?;
+            Ok::<_, ApiError>(Some(id))
+        }
+        .await;
+        match adopted {
+            Ok(Some(subscription)) => {
+                metrics::counter!("billing_subscriptions_adopted_total").increment(1);
+                tracing::warn!(%customer, %subscription, "the subscription ended while another was live; adopted it");
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(%customer, error = %crate::telemetry::chain(&e), "could not look for another live subscription; the reconciliation will")
+            }
         }
     }
 
@@ -170,6 +232,7 @@ impl StripeEvents {
     async fn apply_to(&self, customer: Uuid, event: Event) -> Result<Outcome, ApiError> {
         let hot = self.hot.clone();
         let grace = self.grace;
+        let cadence = self.accounts.cadence();
         // Sealed before the transaction: the key work needs no lock.
         let stripe_customer = str_at(&event.data.object, &["customer"])
             .filter(|c| c.starts_with("cus_"))
@@ -190,11 +253,12 @@ impl StripeEvents {
                             let facts = Facts {
                                 event_at: Some(created),
                                 grace,
+                                cadence,
                                 stripe_customer,
                             };
                             apply_subscription(tx, &hot, customer, &sub, facts).await
                         }
-                        "invoice.paid" => invoices::paid(tx, &hot, customer, object).await,
+                        "invoice.paid" => invoices::paid(tx, &hot, customer, object, cadence).await,
                         "invoice.payment_failed" => {
                             invoices::failed(tx, customer, object, created, grace).await
                         }

@@ -2,6 +2,13 @@
 //! dispute takes back the purchase's tokens as far as they are unspent,
 //! decided in Redis atomically with the consumes spending them; a dispute
 //! the merchant wins gives back what it took.
+//!
+//! Stripe's events for one payment come in any order: a refund or a
+//! dispute may come while our purchase still waits for its success (the
+//! success's delivery failing and retried for hours). It is recorded on
+//! the pending purchase, which then credits only what was neither
+//! refunded nor held by an open dispute, so each event counts once
+//! whatever the order.
 
 use serde_json::Value;
 use uuid::Uuid;
@@ -79,13 +86,20 @@ pub(super) async fn refunded(
     let Some(purchase) = billing::lock_purchase(tx, pi).await? else {
         return ignored();
     };
-    if purchase.status == "pending" || purchase.customer_id != customer {
+    if purchase.customer_id != customer {
         return ignored();
     }
     let share = (i64::from(purchase.tokens_purchased) * refunded / amount) as i32;
     let more = i64::from(share - purchase.tokens_refunded);
     if more <= 0 {
         return Ok((Outcome::Duplicate, Vec::new()));
+    }
+    if !purchase.is_credited() {
+        // Its success is still to come (a delivery failing and retried
+        // for hours): nothing to take back now, and the success credits
+        // only what was not refunded (`complete_purchase`).
+        billing::record_refund(tx, pi, share, refunded >= amount, customer, 0).await?;
+        return Ok((Outcome::Applied, Vec::new()));
     }
     // The live balance decides what is unspent, atomically with the
     // consumes spending it; the ledger records exactly what was taken.
@@ -135,7 +149,7 @@ pub(super) async fn disputed(
     let Some(purchase) = billing::lock_purchase(tx, pi).await? else {
         return ignored();
     };
-    if purchase.status == "pending" || purchase.customer_id != customer {
+    if purchase.customer_id != customer {
         return ignored();
     }
     let share = (i64::from(purchase.tokens_purchased)
@@ -147,9 +161,15 @@ pub(super) async fn disputed(
     if share <= 0 || purchase.tokens_disputed > 0 {
         return Ok((Outcome::Duplicate, Vec::new()));
     }
+    if !purchase.is_credited() {
+        // Held back from the credit its success will make, until the
+        // dispute closes.
+        billing::record_dispute(tx, pi, customer, share, 0).await?;
+        return Ok((Outcome::Applied, Vec::new()));
+    }
     let once = Once::dispute(dispute);
     let taken = take_unspent(tx, hot, customer, &once, share).await?;
-    billing::record_dispute(tx, pi, customer, taken).await?;
+    billing::record_dispute(tx, pi, customer, taken, taken).await?;
     Ok((
         Outcome::Applied,
         vec![AccountChange::TookPurchased {
@@ -178,7 +198,12 @@ pub(super) async fn dispute_closed(
     if purchase.customer_id != customer || purchase.tokens_disputed == 0 {
         return Ok((Outcome::Duplicate, Vec::new()));
     }
-    let given_back = billing::settle_dispute_won(tx, pi, customer).await?;
+    // Won before its success was applied: nothing was credited, so nothing
+    // is given back now; the success credits the whole purchase.
+    let given_back = billing::settle_dispute_won(tx, pi, customer, purchase.is_credited()).await?;
+    if given_back == 0 {
+        return Ok((Outcome::Applied, Vec::new()));
+    }
     Ok((
         Outcome::Applied,
         vec![AccountChange::CreditPurchased {

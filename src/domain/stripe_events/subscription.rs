@@ -10,10 +10,11 @@ use crate::{
     domain::billing::{hot_period, rollover},
     error::ApiError,
     hot::{
-        account::{AccountChange, SubscriptionStatus},
+        account::{AccountChange, RolloverOutcome, SubscriptionStatus},
         HotStore,
     },
     ledger::billing::{self, SubscriptionState},
+    period::Cadence,
 };
 
 /// A subscription as Stripe reports it: from an event's object, or from
@@ -94,6 +95,8 @@ pub struct Facts {
     /// Stripe's state as of now.
     pub event_at: Option<DateTime<Utc>>,
     pub grace: chrono::Duration,
+    /// How long a billing period lasts.
+    pub cadence: Cadence,
     /// Stripe's customer id, sealed.
     pub stripe_customer: Option<String>,
 }
@@ -123,6 +126,7 @@ pub async fn apply_subscription(
     let Facts {
         event_at,
         grace,
+        cadence,
         stripe_customer,
     } = facts;
     let (price, start, end) = (sub.price.as_str(), sub.start, sub.end);
@@ -140,6 +144,26 @@ pub async fn apply_subscription(
             false
         }
     };
+    // Canceled is final at Stripe: nothing about an ended subscription can
+    // reopen it, however its events' whole seconds compare (a stale
+    // `updated` from the second of the `deleted`).
+    if same_subscription
+        && current.as_ref().is_some_and(|c| c.status == "canceled")
+        && status != SubscriptionStatus::Canceled
+    {
+        return ignored();
+    }
+    // Another customer's subscription in our books (metadata naming the
+    // wrong customer): recorded as conflicting, never written over theirs.
+    if !same_subscription {
+        if let Some(holder) = billing::customer_of_subscription(tx, &sub.id).await? {
+            if holder != customer {
+                tracing::warn!(%customer, %holder, subscription = %sub.id,
+                    "a subscription event names a customer other than the one holding it; not applied");
+                return Ok((Outcome::Conflicting, Vec::new()));
+            }
+        }
+    }
     if same_subscription
         && event_at.is_some_and(|at| {
             current
@@ -167,7 +191,10 @@ pub async fn apply_subscription(
     // A new period begins at or after the end of ours; anything else is a
     // change within the period.
     let old_end = current.as_ref().and_then(|c| c.end);
-    let same_period = old_end.is_some_and(|old_end| start < old_end);
+    // Only the same subscription can go on in the same period: a new one
+    // (after a cancellation, or replacing an operator's plan) is paid for
+    // from its own start and begins a period with its own usage.
+    let same_period = same_subscription && old_end.is_some_and(|old_end| start < old_end);
     // Neither our period (updated) nor the one after it (renewed): periods
     // count from Stripe's start from now on, in the ledger and in the hot
     // state, or the hot state would start a period at our old end, inside
@@ -247,6 +274,7 @@ pub async fn apply_subscription(
         // A new period (or the first): started once, keyed by the old end.
         let old_end = old_end.unwrap_or(start);
         let mut new_period = rollover(
+            cadence,
             old_end.min(start),
             allowance_now,
             anchor,
@@ -254,7 +282,24 @@ pub async fn apply_subscription(
             next_allowance,
         );
         new_period.period = with_successors(new_period.period);
-        hot.rollover(customer, &new_period).await?;
+        // A subscription taking over from another (after a cancellation,
+        // or from an operator's plan): its period begins at the takeover,
+        // whatever Stripe's start says, in the hot state and the ledger
+        // alike, so no charge of the old one counts against it.
+        let takeover = !same_subscription && current.is_some();
+        new_period.new_subscription = takeover;
+        let started = hot.rollover(customer, &new_period).await?;
+        if takeover {
+            let at = match started {
+                RolloverOutcome::StartedAt(ms) => {
+                    DateTime::from_timestamp_millis(ms).unwrap_or_else(Utc::now)
+                }
+                // Not loaded: no consume can run until a rebuild, which
+                // waits for this change's row lock.
+                _ => Utc::now(),
+            };
+            billing::start_period_at(tx, customer, at.max(start)).await?;
+        }
     } else {
         // Both belong to our current period: a consume that has started
         // the next one since keeps that period's allowance and end.
@@ -267,7 +312,7 @@ pub async fn apply_subscription(
             || sub.cancel_at_period_end != current.as_ref().is_some_and(|c| c.cancel_at_period_end)
         {
             changes.push(AccountChange::SetPeriod {
-                period: with_successors(hot_period(anchor, end, next_allowance)),
+                period: with_successors(hot_period(cadence, anchor, end, next_allowance)),
                 replacing_ms: ours_ms,
             });
         }
