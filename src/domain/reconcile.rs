@@ -21,7 +21,10 @@ use super::{
 };
 use crate::{
     error::ApiError,
-    ledger::{billing, sealed::stripe_customer_place},
+    ledger::{
+        billing::{self, SubscriptionRow},
+        sealed::stripe_customer_place,
+    },
 };
 
 /// The advisory lock that lets one replica at a time reconcile.
@@ -55,7 +58,8 @@ pub struct Duplicate {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Fix {
     pub customer_id: Uuid,
-    /// `plan`, `status`, `period` and/or `cancel_at_period_end`.
+    /// `subscription` (another live one adopted), `plan`, `status`,
+    /// `period` and/or `cancel_at_period_end`.
     pub fields: Vec<&'static str>,
 }
 
@@ -154,10 +158,14 @@ impl Subscriptions {
                 subscriptions,
             });
         }
-        if let Some(ours) = live.iter().find(|s| s.id == customer.subscription_id) {
+        let Some(ours) = customer.subscription_id.as_deref() else {
+            // None in our books: a live one is the merchant's, unseen.
+            return Ok(live.into_iter().take(1).collect());
+        };
+        if let Some(ours) = live.iter().find(|s| s.id == ours) {
             return Ok(vec![ours.clone()]);
         }
-        let ours = self.stripe.subscription(&customer.subscription_id).await?;
+        let ours = self.stripe.subscription(ours).await?;
         Ok([ours].into_iter().chain(live.into_iter().next()).collect())
     }
 
@@ -183,6 +191,12 @@ impl Subscriptions {
                         apply_subscription(tx, &hot, customer, &facts, facts_of).await?;
                     let after = billing::subscription(tx, customer).await?;
                     let mut fields = Vec::new();
+                    let subscription_of = |row: &Option<SubscriptionRow>| {
+                        row.as_ref().and_then(|r| r.stripe_subscription_id.clone())
+                    };
+                    if subscription_of(&before) != subscription_of(&after) {
+                        fields.push("subscription");
+                    }
                     if let (Some(before), Some(after)) = (&before, &after) {
                         if before.plan_id != after.plan_id
                             || before.pending_plan_id != after.pending_plan_id

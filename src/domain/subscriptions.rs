@@ -210,10 +210,21 @@ impl Subscriptions {
             let follows = current
                 .as_ref()
                 .and_then(|c| c.stripe_subscription_id.as_deref());
-            let sub = self
+            let made = self
                 .stripe
                 .subscribe(customer, &stripe_customer, &price, payment_method, follows)
-                .await?;
+                .await;
+            let sub = match made {
+                Ok(sub) => sub,
+                // Its reply lost: the subscription Stripe made, if it did.
+                Err(e @ ApiError::Unavailable(_)) => {
+                    match self.stripe.live_subscriptions(&stripe_customer).await {
+                        Ok(live) => live.into_iter().next().ok_or(e)?,
+                        Err(_) => return Err(e),
+                    }
+                }
+                Err(e) => return Err(e),
+            };
             self.record(customer, sub, Some(sealed)).await
         })
         .await
@@ -234,9 +245,13 @@ impl Subscriptions {
             let (sub, current_allowance) = stripe_subscription(&mut conn, customer).await?;
             drop(conn);
             let upgrade = !is_smaller(plan.tokens_per_month, current_allowance);
-            match self.stripe.change_price(&sub, &price, upgrade).await? {
-                PlanChange::Done(facts) => self.record(customer, facts, None).await,
-                PlanChange::Unpaid(payment) => Err(unpaid_upgrade(payment)),
+            match self.stripe.change_price(&sub, &price, upgrade).await {
+                Ok(PlanChange::Done(facts)) => self.record(customer, facts, None).await,
+                Ok(PlanChange::Unpaid(payment)) => Err(unpaid_upgrade(payment)),
+                Err(e) => {
+                    let done = |facts: &SubscriptionFacts| facts.price == price;
+                    self.read_back(customer, &sub, e, done).await
+                }
             }
         })
         .await
@@ -252,10 +267,46 @@ impl Subscriptions {
             let mut conn = self.db.acquire().await?;
             let (sub, _) = stripe_subscription(&mut conn, customer).await?;
             drop(conn);
-            let facts = self.stripe.cancel(&sub, immediately).await?;
-            self.record(customer, facts, None).await
+            match self.stripe.cancel(&sub, immediately).await {
+                Ok(facts) => self.record(customer, facts, None).await,
+                Err(e) => {
+                    let done = |facts: &SubscriptionFacts| match immediately {
+                        true => facts.status == "canceled",
+                        false => facts.cancel_at_period_end,
+                    };
+                    self.read_back(customer, &sub, e, done).await
+                }
+            }
         })
         .await
+    }
+
+    /// After a change whose outcome Stripe did not tell us (its reply lost
+    /// to a timeout or a 5xx: Stripe may have done it), reads the
+    /// subscription back and records it as it is: answered as done when
+    /// `done` says it is, else with the first error. Without this, a
+    /// cancellation Stripe made would go unseen until its webhook or the
+    /// reconciliation, and the merchant served meanwhile.
+    async fn read_back(
+        &self,
+        customer: Uuid,
+        subscription: &str,
+        error: ApiError,
+        done: impl Fn(&SubscriptionFacts) -> bool,
+    ) -> Result<SubscriptionRow, ApiError> {
+        if !matches!(error, ApiError::Unavailable(_)) {
+            return Err(error);
+        }
+        let Ok(facts) = self.stripe.subscription(subscription).await else {
+            return Err(error);
+        };
+        let finished = done(&facts);
+        let row = self.record(customer, facts, None).await?;
+        if finished {
+            Ok(row)
+        } else {
+            Err(error)
+        }
     }
 
     /// Applies what Stripe answered, as its webhook will be applied, under

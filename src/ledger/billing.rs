@@ -622,22 +622,26 @@ pub async fn subscription(
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct StripeBilled {
     pub customer_id: Uuid,
-    pub subscription_id: String,
+    /// `None` for a Stripe customer with no subscription in our books
+    /// (a subscribe whose reply was lost, say).
+    pub subscription_id: Option<String>,
     /// Stripe's customer id, sealed (`ledger::sealed`), when we have it.
     pub stripe_customer_id: Option<String>,
 }
 
 /// Customers billed through Stripe whose subscription is live or ended
-/// less than a period ago: what the reconciliation compares.
+/// less than a period ago, and every customer with a Stripe customer and
+/// no Stripe subscription in our books: what the reconciliation compares.
 #[tracing::instrument(name = "postgres billing.stripe_billed", level = "debug", skip_all)]
 pub async fn stripe_billed(conn: &mut PgConnection) -> sqlx::Result<Vec<StripeBilled>> {
     sqlx::query_as(
-        "SELECT b.customer_id, b.stripe_subscription_id AS subscription_id, \
+        "SELECT c.id AS customer_id, b.stripe_subscription_id AS subscription_id, \
                 COALESCE(b.stripe_customer_id, c.stripe_customer_id) AS stripe_customer_id \
-         FROM customer_billing b JOIN customers c ON c.id = b.customer_id \
-         WHERE b.stripe_subscription_id IS NOT NULL \
-           AND (b.status <> 'canceled' OR b.billing_cycle_end > NOW() - INTERVAL '31 days') \
-         ORDER BY b.customer_id",
+         FROM customers c LEFT JOIN customer_billing b ON b.customer_id = c.id \
+         WHERE (b.stripe_subscription_id IS NOT NULL \
+                AND (b.status <> 'canceled' OR b.billing_cycle_end > NOW() - INTERVAL '31 days')) \
+            OR (c.stripe_customer_id IS NOT NULL AND b.stripe_subscription_id IS NULL) \
+         ORDER BY c.id",
     )
     .fetch_all(conn)
     .await

@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 
 use crate::{
     helpers::{spawn_app, Customer, TestApp},
+    stripe_clock::Failure,
     stripe_semantics::with_standin,
     stripe_standin::{PROFESSIONAL, STARTER},
     webhooks::{deliver_applied, now, subscribed, subscription},
@@ -191,6 +192,50 @@ async fn a_subscribe_retried_after_its_reply_was_lost_adopts_the_subscription_st
     assert_eq!(
         billing_of(&app, &shop).await.2.as_deref(),
         body["stripe_subscription_id"].as_str()
+    );
+}
+
+#[tokio::test]
+async fn a_change_whose_reply_was_lost_is_read_back_from_stripe() {
+    let (app, stripe) = with_standin().await;
+    stripe.with_clock(30 * 86_400);
+    let shop = app.create_customer(None).await;
+    app.activate(&shop, "rec-001").await;
+    assert_eq!(
+        subscribe(&app, &shop, "starter", "pm_card_visa").await.0,
+        201
+    );
+    stripe.fail_next(Failure::LoseReply);
+    let (status, body) = app
+        .patch_json(
+            "/api/v1/customer/billing/subscription",
+            &shop.token,
+            json!({"plan_id": "professional"}),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["plan_id"]),
+        (200, &json!("professional")),
+        "the upgrade Stripe made: {body}"
+    );
+
+    stripe.fail_next(Failure::LoseReply);
+    let (status, body) = app
+        .delete_json(
+            "/api/v1/customer/billing/subscription?immediately=true",
+            &shop.token,
+        )
+        .await;
+
+    assert_eq!(
+        (status, &body["status"]),
+        (200, &json!("canceled")),
+        "{body}"
+    );
+    assert_eq!(
+        spend(&app, &shop, 1).await.1["error"]["code"],
+        "subscription_inactive",
+        "not served once Stripe cancelled"
     );
 }
 
@@ -380,4 +425,53 @@ async fn a_burst_of_billing_changes_leaves_every_other_route_answering() {
         "one change at a time, the rest 409 at once: {changes:?}"
     );
     assert!(changes.iter().any(|(s, _)| *s == 200), "{changes:?}");
+}
+
+// Found by the simulation: a renewal's `updated` delivered after the
+// `invoice.paid` of a later period rewound the period.
+
+#[tokio::test]
+async fn an_update_of_an_older_period_after_a_later_renewal_was_paid_is_history() {
+    let app = spawn_app().await;
+    let shop = subscribed(&app, STARTER).await;
+    let (start, end) = crate::webhooks::current_period();
+    let next_end = end + 30 * 86_400;
+    deliver_applied(
+        &app,
+        "evt_renewal_paid",
+        "invoice.paid",
+        crate::webhooks::invoice(shop.id, "in_renewal", end, next_end),
+    )
+    .await;
+
+    let mut stale = subscription(shop.id, STARTER, "active");
+    stale["items"]["data"][0]["current_period_start"] = json!(start);
+    stale["items"]["data"][0]["current_period_end"] = json!(end);
+    let (status, body) = app
+        .stripe_event(
+            "evt_stale_period",
+            "customer.subscription.updated",
+            now() + 60,
+            stale,
+        )
+        .await;
+
+    assert_eq!(
+        (status, &body["outcome"]),
+        (200, &json!("ignored")),
+        "{body}"
+    );
+    let (period_start, period_end): (chrono::DateTime<Utc>, chrono::DateTime<Utc>) =
+        sqlx::query_as(
+            "SELECT billing_cycle_start, billing_cycle_end FROM customer_billing WHERE customer_id = $1",
+        )
+        .bind(shop.id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(
+        (period_start.timestamp(), period_end.timestamp()),
+        (end, next_end),
+        "the renewed period stands"
+    );
 }

@@ -337,6 +337,31 @@ impl StandIn {
         );
     }
 
+    /// A payment intent as Stripe holds it (null when there is none).
+    pub fn payment_intent(&self, id: &str) -> Value {
+        self.world
+            .lock()
+            .unwrap()
+            .payment_intents
+            .get(id)
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
+    /// Our customer's payment intents, oldest first: what Stripe was asked
+    /// to charge, whether or not the service heard the answer.
+    pub fn payment_intents_of(&self, ours: &str) -> Vec<Value> {
+        let world = self.world.lock().unwrap();
+        let mut intents: Vec<Value> = world
+            .payment_intents
+            .values()
+            .filter(|pi| pi["metadata"]["customer_id"] == json!(ours))
+            .cloned()
+            .collect();
+        intents.sort_by_key(|pi| sequence(&pi["id"]));
+        intents
+    }
+
     /// The customer's live subscription at Stripe (newest), if any: what
     /// the merchant pays for.
     pub fn live_subscription_of(&self, ours: &str) -> Option<Value> {

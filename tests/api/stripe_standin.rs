@@ -188,7 +188,8 @@ impl StandIn {
 
     /// Makes every subscription call fail from now on as a timeout would
     /// look to the caller: Stripe does the work, the reply is lost (a 500
-    /// after the change, which the client reports as Stripe failing).
+    /// after the change, which the client reports as Stripe failing), and
+    /// listing subscriptions fails too.
     pub fn lose_subscription_replies(&self, lose: bool) {
         self.world.lock().unwrap().lose_replies = lose;
     }
@@ -296,6 +297,10 @@ impl StandIn {
                 }
                 (200, sub)
             }
+            ("GET", ["subscriptions"]) if world.lose_replies => (
+                500,
+                json!({"error": {"type": "api_error", "message": "an error occurred"}}),
+            ),
             ("GET", ["subscriptions"]) => {
                 // Stripe's list: newest first, canceled ones only when asked.
                 let query: HashMap<String, String> =

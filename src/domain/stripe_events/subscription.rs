@@ -174,6 +174,18 @@ pub async fn apply_subscription(
     {
         return ignored();
     }
+    // Stripe's periods only move on: a state of the same subscription in a
+    // period that ended before ours (an `updated` of a renewal delivered
+    // after the `invoice.paid` of a later one) is history, whatever its
+    // `created` says against the other subscription events.
+    if same_subscription
+        && current
+            .as_ref()
+            .and_then(|c| c.end)
+            .is_some_and(|ours| end < ours)
+    {
+        return ignored();
+    }
     let Some(plan) = billing::plan_by_price(tx, price).await? else {
         tracing::warn!(%price, "subscription on a price no plan has; not applied");
         return ignored();
