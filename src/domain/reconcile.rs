@@ -3,12 +3,17 @@
 //!
 //! Once a day (and on an operator's demand, `POST
 //! /api/v1/admin/billing/reconcile`), every customer billed through Stripe
-//! whose subscription has not long ended is compared with Stripe's
-//! subscription as it is now: plan, status, period and cancellation.
-//! Where ours differs, Stripe's state is applied as its webhook would be
-//! ([`apply_subscription`], with its rules: an unpaid upgrade still waits),
-//! under the customer's row lock, and counted in
-//! `billing_reconciliation_fixes_total{field}`. One replica at a time
+//! whose subscription has not long ended, and every customer with a Stripe
+//! customer and no subscription in our books, is compared with the Stripe
+//! customer's live subscriptions as they are now: ours (plan, status,
+//! period and cancellation) while it is live; the newest live one, adopted,
+//! when ours has ended or there is none. Where ours differs, Stripe's
+//! state is applied as its webhook would be ([`apply_subscription`], with
+//! its rules: an unpaid upgrade still waits), under the customer's row
+//! lock, and counted in `billing_reconciliation_fixes_total{field}`. More
+//! than one live subscription is a duplicate, reported for a person
+//! (`billing_duplicate_subscriptions`): the service never cancels or
+//! refunds one by itself. One replica at a time
 //! (a Postgres advisory lock); customers one after the other, so Stripe
 //! sees a trickle, not a burst.
 

@@ -162,11 +162,11 @@ fn payment_method(id: &str) -> Result<(), ApiError> {
 
 #[utoipa::path(post, path = "/api/v1/customer/billing/subscribe", tag = "billing",
     request_body = SubscribeBody,
-    responses((status = 201, description = "Subscribed; the plan's allowance is open at once", body = Subscription),
+    responses((status = 201, description = "Subscribed; the plan's allowance is open at once. Also the answer when Stripe already holds a live subscription to this plan that our books did not show (an earlier attempt whose reply was lost): it is adopted, never doubled", body = Subscription),
               (status = 404, description = "Unknown plan", body = crate::error::ErrorBody),
-              (status = 409, description = "Already subscribed", body = crate::error::ErrorBody),
+              (status = 409, description = "Already subscribed; a subscription to another plan was found live at Stripe (adopted: change the plan instead); or another billing change of this customer is under way", body = crate::error::ErrorBody),
               (status = 422, description = "Bad `plan_id` or `payment_method_id`, or the card was refused", body = crate::error::ErrorBody),
-              (status = 503, description = "Stripe unreachable; nothing subscribed", body = crate::error::ErrorBody)),
+              (status = 503, description = "Stripe unreachable, and what it did could not be read back; retry (a subscription Stripe made is adopted then)", body = crate::error::ErrorBody)),
     security(("bearer" = ["billing:manage"])))]
 pub async fn subscribe(
     State(state): State<Shared>,
@@ -209,7 +209,8 @@ pub struct ChangePlan {
     responses((status = 200, description = "An upgrade is invoiced at once, prorated, and takes effect when that invoice is paid (at once with a card that pays: the new allowance less this period's usage); a downgrade at the period's end (`pending_plan_id`)", body = Subscription),
               (status = 402, description = "`payment_failed`: the upgrade's invoice was not paid (the card's decline in `message`, or `client_secret` when the customer must confirm with 3-D Secure); the plan is unchanged, and Stripe applies the upgrade if the invoice is paid later", body = crate::error::ErrorBody),
               (status = 404, description = "No Stripe subscription, or no such plan", body = crate::error::ErrorBody),
-              (status = 503, description = "Stripe unreachable; nothing changed", body = crate::error::ErrorBody)),
+              (status = 409, description = "Another billing change of this customer is under way", body = crate::error::ErrorBody),
+              (status = 503, description = "Stripe unreachable, and what it did could not be read back; nothing changed here", body = crate::error::ErrorBody)),
     security(("bearer" = ["billing:manage"])))]
 pub async fn change_plan(
     State(state): State<Shared>,
@@ -235,7 +236,9 @@ pub struct CancelQuery {
 #[utoipa::path(delete, path = "/api/v1/customer/billing/subscription", tag = "billing",
     params(CancelQuery),
     responses((status = 200, description = "`cancel_at_period_end: true`, or `status: canceled` when immediately", body = Subscription),
-              (status = 404, description = "No Stripe subscription", body = crate::error::ErrorBody)),
+              (status = 404, description = "No Stripe subscription", body = crate::error::ErrorBody),
+              (status = 409, description = "Another billing change of this customer is under way", body = crate::error::ErrorBody),
+              (status = 503, description = "Stripe unreachable, and what it did could not be read back; retry", body = crate::error::ErrorBody)),
     security(("bearer" = ["billing:manage"])))]
 pub async fn cancel(
     State(state): State<Shared>,
