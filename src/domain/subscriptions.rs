@@ -120,13 +120,17 @@ impl Subscriptions {
                 "another billing change of this customer is under way; try again shortly".into(),
             ));
         }
-        // Given back however the work ends, a dropped request included.
-        let _lease = Lease {
+        let mut lease = Lease {
             db: self.db.clone(),
             customer,
             holder,
+            held: true,
         };
-        work.await
+        let result = work.await;
+        // Given back before the answer, so a retry right after it (another
+        // card after a decline) finds it free.
+        lease.give_back().await;
+        result
     }
 
     /// The customer's Stripe customer: the one we stored, else one Stripe
@@ -474,25 +478,38 @@ async fn stripe_plan(
 /// lease expires only when its holder died.
 const BILLING_LEASE: std::time::Duration = std::time::Duration::from_secs(120);
 
-/// A taken lease, given back when dropped.
+/// A taken lease: given back when the work ends, or by a task of its own
+/// when the work is dropped midway (its request cut short).
 struct Lease {
     db: sqlx::PgPool,
     customer: Uuid,
     holder: Uuid,
+    held: bool,
+}
+
+impl Lease {
+    async fn give_back(&mut self) {
+        self.held = false;
+        give_back(&self.db, self.customer, self.holder).await;
+    }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let (db, customer, holder) = (self.db.clone(), self.customer, self.holder);
-        tokio::spawn(async move {
-            let given_back = match db.acquire().await {
-                Ok(mut conn) => leases::give_back(&mut conn, customer, holder).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = given_back {
-                tracing::warn!(%customer, error = %e, "could not give the billing lease back; it expires by itself");
-            }
-        });
+        if self.held {
+            let (db, customer, holder) = (self.db.clone(), self.customer, self.holder);
+            tokio::spawn(async move { give_back(&db, customer, holder).await });
+        }
+    }
+}
+
+async fn give_back(db: &sqlx::PgPool, customer: Uuid, holder: Uuid) {
+    let given_back = match db.acquire().await {
+        Ok(mut conn) => leases::give_back(&mut conn, customer, holder).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = given_back {
+        tracing::warn!(%customer, error = %e, "could not give the billing lease back; it expires by itself");
     }
 }
 

@@ -123,6 +123,11 @@ pub enum Step {
     StripeFails {
         lose_reply: bool,
     },
+    /// Stripe answers subscription calls this slowly until the next such
+    /// step (0: at once again).
+    StripeSlow {
+        millis: u64,
+    },
 }
 
 const PLANS: [&str; 3] = ["starter", "professional", "enterprise"];
@@ -204,8 +209,11 @@ fn step(rng: &mut StdRng) -> Step {
         84..=86 => Step::WipeAccount {
             shop: rng.gen_range(0..SHOPS),
         },
-        87..=95 => Step::Flush {
+        87..=94 => Step::Flush {
             killed: rng.gen_bool(0.3),
+        },
+        95 => Step::StripeSlow {
+            millis: [0, 0, 300, 1_500][rng.gen_range(0..4)],
         },
         _ => Step::StripeFails {
             lose_reply: rng.gen_bool(0.5),

@@ -418,6 +418,11 @@ impl World {
             }
             Step::WipeAccount { shop } => self.wipe(shop).await,
             Step::Flush { killed } => self.flush(killed).await,
+            Step::StripeSlow { millis } => {
+                self.stripe
+                    .slow_subscriptions(Duration::from_millis(millis));
+                Ok(())
+            }
             Step::StripeFails { lose_reply } => {
                 self.stripe.fail_next(if lose_reply {
                     Failure::LoseReply
