@@ -19,7 +19,8 @@ them may come late, twice or at once.
     period the account is in; the subscription paid for its own.
 
 KEYS  1  account hash (src/hot/keys.rs)
-ARGV  1  start: epoch ms, the old period's end
+ARGV  1  start: epoch ms, the new period's start (the old period's end,
+         or a later boundary when the periods between went unseen)
       2  end: epoch ms, the new period's end (> start)
       3  next_ends: the ends of the periods after it, epoch ms,
          comma-separated, ascending; "" when none follows

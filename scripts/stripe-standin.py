@@ -153,6 +153,9 @@ def update_subscription(world, sub_id, params):
     payment_behavior says. A cancellation at the period's end."""
     if sub_id not in world.subscriptions:
         return error(404, "No such subscription")
+    if world.subscriptions[sub_id]["status"] == "canceled":
+        return error(400, "A canceled subscription can only update its cancellation_details "
+                     "and metadata.")
     sub = copy.deepcopy(world.subscriptions[sub_id])
     if "cancel_at_period_end" in params:
         sub["cancel_at_period_end"] = params["cancel_at_period_end"] == "true"

@@ -21,6 +21,19 @@ pub enum Cadence {
 }
 
 impl Cadence {
+    /// How many period ends the hot state knows ahead. The consume script
+    /// starts each in turn without waiting for a rollover, so usage after
+    /// a boundary always counts against its own period, however late the
+    /// scheduler or Stripe's events are, for this long (every rollover
+    /// renews the list): a year of months; twenty minutes of two-second
+    /// periods.
+    pub fn ends_ahead(self) -> usize {
+        match self {
+            Cadence::Monthly => 12,
+            Cadence::Seconds(_) => 600,
+        }
+    }
+
     /// The end of the period that follows the one ending at `end`: the
     /// first `anchor + n periods` after `end`. Counting from the anchor
     /// keeps a monthly period that began on the 31st ending on the last

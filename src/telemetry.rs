@@ -496,6 +496,10 @@ fn describe_metrics() {
         "Stripe customers of ours with more than one live subscription, at the last reconciliation"
     );
     describe_counter!(
+        "stripe_webhook_events_read_anew_total",
+        "Subscription events too close to our own read of Stripe to be ordered, applied as Stripe's state read anew"
+    );
+    describe_counter!(
         "billing_subscriptions_adopted_total",
         "Live Stripe subscriptions taken into our books after the customer's own ended"
     );

@@ -116,6 +116,9 @@ async fn no_sequence_of_billing_events_loses_or_invents_money() {
         failures.len()
     );
 
+    for (seed, _, (at, Violation(what))) in &failures {
+        eprintln!("simulation: seed {seed} failed after step {at}: {what}");
+    }
     if let Some((seed, steps, (at, Violation(what)))) = failures.into_iter().next() {
         eprintln!("simulation: seed {seed} failed after step {at}: {what}; shrinking");
         let shrunk = shrink(seed, steps[..=at.min(steps.len() - 1)].to_vec()).await;

@@ -104,12 +104,6 @@ impl Periods {
     }
 }
 
-/// Period ends the hot state knows ahead: a year. The consume script
-/// starts each in turn without waiting for a rollover, so usage after a
-/// boundary always counts against its own period, however late the
-/// scheduler or Stripe's events are (every rollover renews the list).
-const ENDS_AHEAD: usize = 12;
-
 /// The hot state's view of the period ending at `end`: the periods after
 /// it counted from `anchor`, with `next_allowance`.
 pub fn hot_period(
@@ -118,9 +112,10 @@ pub fn hot_period(
     end: DateTime<Utc>,
     next_allowance: i64,
 ) -> Period {
-    let mut next_ends_ms = Vec::with_capacity(ENDS_AHEAD);
+    let ahead = cadence.ends_ahead();
+    let mut next_ends_ms = Vec::with_capacity(ahead);
     let mut last = end;
-    for _ in 0..ENDS_AHEAD {
+    for _ in 0..ahead {
         last = cadence.after(anchor, last);
         next_ends_ms.push(last.timestamp_millis());
     }

@@ -285,10 +285,12 @@ impl Subscriptions {
         .await
     }
 
-    /// After a change whose outcome Stripe did not tell us (its reply lost
-    /// to a timeout or a 5xx: Stripe may have done it), reads the
-    /// subscription back and records it as it is: answered as done when
-    /// `done` says it is, else with the first error. Without this, a
+    /// After a change Stripe did not confirm, reads the subscription back
+    /// and records it as it is: when the reply was lost (a timeout or a
+    /// 5xx: Stripe may have done it), answered as done when `done` says
+    /// it is; when Stripe refused it (a 4xx: the subscription ended there
+    /// while its `deleted` event is still on its way), 404 once our books
+    /// show the end too. Else the first error. Without this, a
     /// cancellation Stripe made would go unseen until its webhook or the
     /// reconciliation, and the merchant served meanwhile.
     async fn read_back(
@@ -298,18 +300,19 @@ impl Subscriptions {
         error: ApiError,
         done: impl Fn(&SubscriptionFacts) -> bool,
     ) -> Result<SubscriptionRow, ApiError> {
-        if !matches!(error, ApiError::Unavailable(_)) {
+        let refused = matches!(error, ApiError::Validation(_));
+        if !refused && !matches!(error, ApiError::Unavailable(_)) {
             return Err(error);
         }
         let Ok(facts) = self.stripe.subscription(subscription).await else {
             return Err(error);
         };
-        let finished = done(&facts);
+        let (finished, ended) = (done(&facts), facts.status == "canceled");
         let row = self.record(customer, facts, None).await?;
-        if finished {
-            Ok(row)
-        } else {
-            Err(error)
+        match (refused, finished, ended) {
+            (false, true, _) => Ok(row),
+            (true, _, true) => Err(ApiError::NotFound("subscription")),
+            _ => Err(error),
         }
     }
 

@@ -272,6 +272,9 @@ pub async fn write_subscription(
                                  ELSE customer_billing.paid_through END, \
              past_due_until_paid = CASE WHEN $5 = 'past_due' AND customer_billing.stripe_subscription_id = $4 \
                                         THEN customer_billing.past_due_until_paid END, \
+             stripe_read_at = CASE WHEN $10 IS NULL THEN NOW() \
+                                   WHEN customer_billing.stripe_subscription_id IS DISTINCT FROM $4 THEN NULL \
+                                   ELSE customer_billing.stripe_read_at END, \
              updated_at = NOW(), \
              stripe_customer_id = COALESCE($11, customer_billing.stripe_customer_id)",
     )
@@ -589,6 +592,21 @@ pub async fn reseal_stripe_customers(
     Ok(resealed)
 }
 
+/// The customer's Stripe subscription and when its state was last read
+/// from Stripe itself (see `stripe_read_at`'s migration), unlocked.
+#[tracing::instrument(name = "postgres billing.stripe_read_at", level = "debug", skip_all)]
+pub async fn stripe_read_at(
+    conn: &mut PgConnection,
+    customer: Uuid,
+) -> sqlx::Result<Option<(Option<String>, Option<DateTime<Utc>>)>> {
+    sqlx::query_as(
+        "SELECT stripe_subscription_id, stripe_read_at FROM customer_billing WHERE customer_id = $1",
+    )
+    .bind(customer)
+    .fetch_optional(conn)
+    .await
+}
+
 /// The customer's subscription as the API shows it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct SubscriptionRow {
@@ -647,8 +665,8 @@ pub async fn stripe_billed(conn: &mut PgConnection) -> sqlx::Result<Vec<StripeBi
     .await
 }
 
-/// The customer's Stripe subscription id (if any) and its plan's
-/// allowance, unlocked.
+/// The customer's live Stripe subscription id (if any) and its plan's
+/// allowance, unlocked: an ended one can be neither changed nor cancelled.
 #[tracing::instrument(name = "postgres billing.current_plan", level = "debug", skip_all)]
 pub async fn current_plan(
     conn: &mut PgConnection,
@@ -656,7 +674,7 @@ pub async fn current_plan(
 ) -> sqlx::Result<Option<(Option<String>, i32)>> {
     sqlx::query_as(
         "SELECT b.stripe_subscription_id, p.tokens_per_month FROM customer_billing b \
-         JOIN billing_plans p ON p.id = b.plan_id WHERE b.customer_id = $1",
+         JOIN billing_plans p ON p.id = b.plan_id WHERE b.customer_id = $1 AND b.status <> 'canceled'",
     )
     .bind(customer)
     .fetch_optional(conn)

@@ -427,6 +427,45 @@ async fn a_burst_of_billing_changes_leaves_every_other_route_answering() {
     assert!(changes.iter().any(|(s, _)| *s == 200), "{changes:?}");
 }
 
+// Found by the simulation: the `created` event of a subscription,
+// delivered after our reply to its cancellation, reopened it.
+
+#[tokio::test]
+async fn a_stale_created_event_after_our_cancellation_does_not_undo_it() {
+    let (app, stripe) = with_standin().await;
+    let shop = app.create_customer(None).await;
+    app.activate(&shop, "rec-001").await;
+    assert_eq!(
+        subscribe(&app, &shop, "starter", "pm_card_visa").await.0,
+        201
+    );
+    let id = billing_of(&app, &shop).await.2.unwrap();
+    let created = stripe.subscription(&id);
+    let (status, _) = app
+        .delete_json("/api/v1/customer/billing/subscription", &shop.token)
+        .await;
+    assert_eq!(status, 200);
+
+    let (status, body) = app
+        .stripe_event(
+            "evt_created_late",
+            "customer.subscription.created",
+            now(),
+            created,
+        )
+        .await;
+
+    assert_eq!(status, 200, "{body}");
+    let cancelling: bool = sqlx::query_scalar(
+        "SELECT cancel_at_period_end FROM customer_billing WHERE customer_id = $1",
+    )
+    .bind(shop.id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert!(cancelling, "the cancellation Stripe holds stands");
+}
+
 // Found by the simulation: a renewal's `updated` delivered after the
 // `invoice.paid` of a later period rewound the period.
 

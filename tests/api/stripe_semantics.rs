@@ -334,9 +334,10 @@ async fn a_late_event_of_a_replaced_subscription_changes_nothing() {
 }
 
 #[tokio::test]
-async fn an_event_of_the_same_second_as_our_own_call_is_applied() {
-    // Our call's reply does not move the events' order: only Stripe's
-    // `created` of an applied event does (our clock is finer, and ahead).
+async fn an_event_of_the_same_second_as_our_own_call_is_applied_as_stripe_reads_now() {
+    // An event this close to our call's reply cannot be ordered against
+    // it (whole seconds, two clocks): Stripe's state is read anew, and
+    // the change the event reports is in it.
     let (app, stripe) = with_standin().await;
     let shop = app.create_customer(None).await;
     assert_eq!(
@@ -344,8 +345,8 @@ async fn an_event_of_the_same_second_as_our_own_call_is_applied() {
         201
     );
     let sub = sub_of(&app, &shop).await;
-    let mut cancelling = stripe.subscription(&sub);
-    cancelling["cancel_at_period_end"] = json!(true);
+    stripe.edit_subscription(&sub, |s| s["cancel_at_period_end"] = json!(true));
+    let cancelling = stripe.subscription(&sub);
 
     let body = event(
         &app,

@@ -194,6 +194,12 @@ impl StandIn {
         self.world.lock().unwrap().lose_replies = lose;
     }
 
+    /// Edits a subscription at Stripe without telling anyone.
+    pub fn edit_subscription(&self, id: &str, edit: impl FnOnce(&mut Value)) {
+        let mut world = self.world.lock().unwrap();
+        edit(world.subscriptions.get_mut(id).unwrap());
+    }
+
     /// Changes a subscription at Stripe without telling anyone (a change
     /// in the dashboard whose webhook never arrived).
     pub fn change_behind_our_back(&self, id: &str, price: &str, status: &str) {
@@ -395,6 +401,13 @@ impl StandIn {
                 json!({"error": {"type": "invalid_request_error", "message": "No such subscription"}}),
             );
         };
+        if sub["status"] == json!("canceled") {
+            return (
+                400,
+                json!({"error": {"type": "invalid_request_error",
+                                  "message": "A canceled subscription can only update its cancellation_details and metadata."}}),
+            );
+        }
         if let Some(cancel) = params.get("cancel_at_period_end") {
             sub["cancel_at_period_end"] = json!(cancel == "true");
         }

@@ -774,14 +774,23 @@ impl World {
     /// asked; then the books are checked.
     async fn flush(&mut self, killed: bool) -> Checked {
         if killed {
-            let mut flusher = self
-                .app
-                .flusher_named(&format!("sim-killed-{}", self.step), 100)
-                .await;
+            // A process of its own: its connections die with it, as a
+            // killed process's do.
+            let pool = connected_apps::ledger::pool(&self.app.settings.database).unwrap();
+            let mut settings = self.app.settings.flusher.clone();
+            settings.consumer_name = format!("sim-killed-{}", self.step);
+            let mut flusher = connected_apps::workers::flusher::Flusher::connect(
+                &self.app.settings.redis,
+                pool.clone(),
+                settings,
+            )
+            .await
+            .unwrap();
             let step = tokio::spawn(async move { flusher.step().await });
             tokio::time::sleep(Duration::from_millis(self.step % 7)).await;
             step.abort();
             let _ = step.await;
+            pool.close().await;
         }
         self.drain().await?;
         self.check_books().await
@@ -888,8 +897,44 @@ impl World {
             .check()
             .await
             .map_err(|e| Violation(format!("the drift check failed: {e}")))?;
-        if !drift.drifted.is_empty() {
-            return broken(format!("hot state and ledger differ: {:?}", drift.drifted));
+        if let Some((customer, _, _)) = drift.drifted.first() {
+            let hot: HashMap<String, String> = self
+                .app
+                .redis
+                .hgetall(self.app.state.hot.keys().account(*customer))
+                .await
+                .unwrap();
+            let hot: Vec<_> = [
+                "used",
+                "allowance",
+                "period_start",
+                "period_end",
+                "next_ends",
+            ]
+            .iter()
+            .map(|f| {
+                (
+                    f,
+                    hot.get(*f).map(|v| v.chars().take(40).collect::<String>()),
+                )
+            })
+            .collect();
+            let ledger: Option<(DateTime<Utc>, DateTime<Utc>, String)> = sqlx::query_as(
+                "SELECT billing_cycle_start, billing_cycle_end, status FROM customer_billing WHERE customer_id = $1",
+            )
+            .bind(customer)
+            .fetch_optional(&self.app.db)
+            .await
+            .unwrap();
+            let charges: Vec<(i64, i32)> = rows
+                .iter()
+                .filter(|r| r.1 == *customer)
+                .map(|r| (r.2.timestamp_millis(), r.3 - r.4))
+                .collect();
+            return broken(format!(
+                "hot state and ledger differ: {:?}; hot {hot:?}; ledger period {ledger:?}; charges {charges:?}",
+                drift.drifted
+            ));
         }
         self.tally.books_checked += 1;
         self.tally.periods_paid = self.shops.iter().map(|s| s.windows.len() as u64).sum();

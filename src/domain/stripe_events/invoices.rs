@@ -87,7 +87,9 @@ pub(super) async fn paid(
     if end > old_end {
         let allowance = billing::roll_to(tx, customer, start, end).await?;
         let anchor = current.anchor.unwrap_or(start);
-        let paid_for = rollover(cadence, old_end, allowance, anchor, end, allowance);
+        // The period begins at the invoice's start: past the old end when
+        // the invoices of the periods between never came.
+        let paid_for = rollover(cadence, start, allowance, anchor, end, allowance);
         hot.rollover(customer, &paid_for).await?;
     }
     let mut changes = Vec::new();

@@ -117,6 +117,10 @@ fn missing(what: &str) -> ApiError {
 
 type Applied = Result<(Outcome, Vec<AccountChange>), ApiError>;
 
+/// How long after a read of Stripe's state an event's `created` cannot be
+/// ordered against it: whole seconds, and two clocks.
+const AMBIGUOUS_SECS: i64 = 5;
+
 /// Nothing to change.
 fn ignored() -> Applied {
     Ok((Outcome::Ignored, Vec::new()))
@@ -149,7 +153,8 @@ impl StripeEvents {
         let stripe_customer = str_at(&event.data.object, &["customer"])
             .filter(|c| c.starts_with("cus_"))
             .map(str::to_owned);
-        match self.apply_to(customer, event).await {
+        let current = self.read_anew(customer, &event).await?;
+        match self.apply_to(customer, event, current).await {
             Ok(Outcome::Applied) if kind == "customer.subscription.deleted" => {
                 if let Some(stripe_customer) = stripe_customer {
                     self.adopt_live(customer, &stripe_customer).await;
@@ -170,6 +175,43 @@ impl StripeEvents {
             }
             other => other,
         }
+    }
+
+    /// A `created` or `updated` event of the customer's subscription that
+    /// may be older than the state we last read from Stripe itself (our
+    /// own call's reply, a read-back, the reconciliation): Stripe's
+    /// `created` has whole seconds and Stripe's clock is not ours, so an
+    /// event up to a few seconds after that read cannot be ordered against
+    /// it. Such an event is applied as the subscription reads now, never
+    /// as its payload: a stale `created` must not undo the cancellation our
+    /// reply recorded, and a newer change is in Stripe's state anyway.
+    /// Stripe unreachable: 503, and Stripe delivers the event again.
+    async fn read_anew(
+        &self,
+        customer: Uuid,
+        event: &Event,
+    ) -> Result<Option<SubscriptionFacts>, ApiError> {
+        if !matches!(
+            event.kind.as_str(),
+            "customer.subscription.created" | "customer.subscription.updated"
+        ) {
+            return Ok(None);
+        }
+        let Some(id) = str_at(&event.data.object, &["id"]) else {
+            return Ok(None);
+        };
+        let read = billing::stripe_read_at(&mut *self.db.acquire().await?, customer).await?;
+        let ambiguous = match read {
+            Some((Some(ours), Some(read_at))) if ours == id => {
+                time(event.created)? <= read_at + chrono::Duration::seconds(AMBIGUOUS_SECS)
+            }
+            _ => false,
+        };
+        if !ambiguous {
+            return Ok(None);
+        }
+        metrics::counter!("stripe_webhook_events_read_anew_total").increment(1);
+        Ok(Some(self.stripe.subscription(id).await?))
     }
 
     /// After the customer's subscription ended: another subscription of
@@ -229,7 +271,12 @@ impl StripeEvents {
         })
     }
 
-    async fn apply_to(&self, customer: Uuid, event: Event) -> Result<Outcome, ApiError> {
+    async fn apply_to(
+        &self,
+        customer: Uuid,
+        event: Event,
+        read_anew: Option<SubscriptionFacts>,
+    ) -> Result<Outcome, ApiError> {
         let hot = self.hot.clone();
         let grace = self.grace;
         let cadence = self.accounts.cadence();
@@ -249,9 +296,15 @@ impl StripeEvents {
                         "customer.subscription.created"
                         | "customer.subscription.updated"
                         | "customer.subscription.deleted" => {
-                            let sub = SubscriptionFacts::from_event(object, &event.kind)?;
+                            // Stripe's state as read now orders after every
+                            // event: it takes no event time.
+                            let event_at = read_anew.is_none().then_some(created);
+                            let sub = match read_anew {
+                                Some(sub) => sub,
+                                None => SubscriptionFacts::from_event(object, &event.kind)?,
+                            };
                             let facts = Facts {
-                                event_at: Some(created),
+                                event_at,
                                 grace,
                                 cadence,
                                 stripe_customer,

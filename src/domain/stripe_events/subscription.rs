@@ -283,16 +283,9 @@ pub async fn apply_subscription(
         _ => start,
     };
     if !same_period {
-        // A new period (or the first): started once, keyed by the old end.
-        let old_end = old_end.unwrap_or(start);
-        let mut new_period = rollover(
-            cadence,
-            old_end.min(start),
-            allowance_now,
-            anchor,
-            end,
-            next_allowance,
-        );
+        // A new period (or the first): started once, beginning at Stripe's
+        // start (past the old end when the periods between went unseen).
+        let mut new_period = rollover(cadence, start, allowance_now, anchor, end, next_allowance);
         new_period.period = with_successors(new_period.period);
         // A subscription taking over from another (after a cancellation,
         // or from an operator's plan): its period begins at the takeover,
