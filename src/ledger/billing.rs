@@ -593,14 +593,22 @@ pub async fn reseal_stripe_customers(
 }
 
 /// The customer's Stripe subscription and when its state was last read
-/// from Stripe itself (see `stripe_read_at`'s migration), unlocked.
+/// from Stripe itself (see `stripe_read_at`'s migration).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct StripeRead {
+    pub subscription_id: Option<String>,
+    pub read_at: Option<DateTime<Utc>>,
+}
+
+/// [`StripeRead`] of the customer, unlocked.
 #[tracing::instrument(name = "postgres billing.stripe_read_at", level = "debug", skip_all)]
 pub async fn stripe_read_at(
     conn: &mut PgConnection,
     customer: Uuid,
-) -> sqlx::Result<Option<(Option<String>, Option<DateTime<Utc>>)>> {
+) -> sqlx::Result<Option<StripeRead>> {
     sqlx::query_as(
-        "SELECT stripe_subscription_id, stripe_read_at FROM customer_billing WHERE customer_id = $1",
+        "SELECT stripe_subscription_id AS subscription_id, stripe_read_at AS read_at \
+         FROM customer_billing WHERE customer_id = $1",
     )
     .bind(customer)
     .fetch_optional(conn)

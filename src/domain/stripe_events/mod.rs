@@ -202,7 +202,10 @@ impl StripeEvents {
         };
         let read = billing::stripe_read_at(&mut *self.db.acquire().await?, customer).await?;
         let ambiguous = match read {
-            Some((Some(ours), Some(read_at))) if ours == id => {
+            Some(billing::StripeRead {
+                subscription_id: Some(ours),
+                read_at: Some(read_at),
+            }) if ours == id => {
                 time(event.created)? <= read_at + chrono::Duration::seconds(AMBIGUOUS_SECS)
             }
             _ => false,
