@@ -597,6 +597,7 @@ pub async fn reseal_stripe_customers(
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct StripeRead {
     pub subscription_id: Option<String>,
+    pub status: String,
     pub read_at: Option<DateTime<Utc>>,
 }
 
@@ -607,7 +608,7 @@ pub async fn stripe_read_at(
     customer: Uuid,
 ) -> sqlx::Result<Option<StripeRead>> {
     sqlx::query_as(
-        "SELECT stripe_subscription_id AS subscription_id, stripe_read_at AS read_at \
+        "SELECT stripe_subscription_id AS subscription_id, status, stripe_read_at AS read_at \
          FROM customer_billing WHERE customer_id = $1",
     )
     .bind(customer)

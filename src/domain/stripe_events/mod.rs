@@ -177,15 +177,17 @@ impl StripeEvents {
         }
     }
 
-    /// A `created` or `updated` event of the customer's subscription that
-    /// may be older than the state we last read from Stripe itself (our
-    /// own call's reply, a read-back, the reconciliation): Stripe's
+    /// A `created` or `updated` event whose payload may be stale, applied
+    /// as the subscription reads now instead: one of the customer's
+    /// subscription older than the state we last read from Stripe itself
+    /// (our own call's reply, a read-back, the reconciliation; Stripe's
     /// `created` has whole seconds and Stripe's clock is not ours, so an
     /// event up to a few seconds after that read cannot be ordered against
-    /// it. Such an event is applied as the subscription reads now, never
-    /// as its payload: a stale `created` must not undo the cancellation our
-    /// reply recorded, and a newer change is in Stripe's state anyway.
-    /// Stripe unreachable: 503, and Stripe delivers the event again.
+    /// it), and one of another subscription after ours ended (it would be
+    /// adopted). A stale `created` must not undo the cancellation our reply
+    /// recorded, nor reopen a subscription long cancelled; a newer change
+    /// is in Stripe's state anyway. Stripe unreachable: 503, and Stripe
+    /// delivers the event again.
     async fn read_anew(
         &self,
         customer: Uuid,
@@ -205,9 +207,17 @@ impl StripeEvents {
             Some(billing::StripeRead {
                 subscription_id: Some(ours),
                 read_at: Some(read_at),
+                ..
             }) if ours == id => {
                 time(event.created)? <= read_at + chrono::Duration::seconds(AMBIGUOUS_SECS)
             }
+            // Another subscription, ours ended: it would be adopted, and a
+            // late `created` of one long cancelled says `active`.
+            Some(billing::StripeRead {
+                subscription_id: Some(ours),
+                status,
+                ..
+            }) => ours != id && status == "canceled",
             _ => false,
         };
         if !ambiguous {
