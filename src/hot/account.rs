@@ -149,11 +149,23 @@ impl SubscriptionStatus {
 
 impl AccountState {
     fn open_until(&self) -> i64 {
-        match self.status {
-            // A subscription ending with its period: open until its end.
-            SubscriptionStatus::Active if self.closes_at_ms > 0 => self.closes_at_ms,
-            status => status.open_until(self.grace_until_ms),
-        }
+        ending_at(
+            self.status,
+            self.status.open_until(self.grace_until_ms),
+            self.closes_at_ms,
+        )
+    }
+}
+
+/// `open_until` of a subscription that ends with its period at
+/// `closes_at_ms` (0: it does not): open until that end when active, and
+/// past due, no later than its grace or its end, whichever comes first.
+pub fn ending_at(status: SubscriptionStatus, open_until: i64, closes_at_ms: i64) -> i64 {
+    match status {
+        _ if closes_at_ms <= 0 => open_until,
+        SubscriptionStatus::Active => closes_at_ms,
+        SubscriptionStatus::PastDue => open_until.min(closes_at_ms),
+        _ => open_until,
     }
 }
 

@@ -514,3 +514,38 @@ async fn an_update_of_an_older_period_after_a_later_renewal_was_paid_is_history(
         "the renewed period stands"
     );
 }
+
+// Found by the simulation: a past-due subscription cancelled at its
+// period's end was served past the end, for the rest of its grace.
+
+#[tokio::test]
+async fn a_past_due_subscription_cancelled_at_its_periods_end_closes_at_the_end() {
+    let app = spawn_app().await;
+    let shop = app.create_customer(None).await;
+    let end = now() + 2;
+    let mut sub = subscription(shop.id, STARTER, "past_due");
+    sub["items"]["data"][0]["current_period_start"] = json!(end - 30 * 86_400);
+    sub["items"]["data"][0]["current_period_end"] = json!(end);
+    sub["cancel_at_period_end"] = json!(true);
+    deliver_applied(
+        &app,
+        "evt_past_due_ending",
+        "customer.subscription.created",
+        sub,
+    )
+    .await;
+    app.activate(&shop, "rec-001").await;
+    assert_eq!(
+        spend(&app, &shop, 1).await.0,
+        200,
+        "within its grace and period"
+    );
+
+    tokio::time::sleep(Duration::from_millis(((end - now()) as u64 + 1) * 1000)).await;
+
+    assert_eq!(
+        spend(&app, &shop, 1).await.1["error"]["code"],
+        "subscription_inactive",
+        "past its period's end, whatever the grace"
+    );
+}

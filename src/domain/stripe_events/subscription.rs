@@ -10,7 +10,7 @@ use crate::{
     domain::billing::{hot_period, rollover},
     error::ApiError,
     hot::{
-        account::{AccountChange, RolloverOutcome, SubscriptionStatus},
+        account::{ending_at, AccountChange, RolloverOutcome, SubscriptionStatus},
         HotStore,
     },
     ledger::billing::{self, SubscriptionState},
@@ -263,11 +263,15 @@ pub async fn apply_subscription(
     };
     // A subscription ending with its period may be used until its end,
     // and no period follows it.
-    let open_until = if sub.cancel_at_period_end && status == SubscriptionStatus::Active {
-        end.timestamp_millis()
-    } else {
-        status.open_until(past_due_since.map_or(0, |t| (t + grace).timestamp_millis()))
-    };
+    let open_until = ending_at(
+        status,
+        status.open_until(past_due_since.map_or(0, |t| (t + grace).timestamp_millis())),
+        if sub.cancel_at_period_end {
+            end.timestamp_millis()
+        } else {
+            0
+        },
+    );
     let with_successors = |mut period: crate::hot::account::Period| {
         if sub.cancel_at_period_end {
             period.next_ends_ms.clear();
