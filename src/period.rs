@@ -38,6 +38,22 @@ impl Cadence {
     /// first `anchor + n periods` after `end`. Counting from the anchor
     /// keeps a monthly period that began on the 31st ending on the last
     /// day of short months and on the 31st again after them.
+    /// The period that contains `now`, among those after the one ending at
+    /// `end` (`now >= end`): its start and end, however many boundaries
+    /// lie between.
+    pub fn containing(
+        self,
+        anchor: DateTime<Utc>,
+        end: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> (DateTime<Utc>, DateTime<Utc>) {
+        let (mut start, mut end) = (end, self.after(anchor, end));
+        while end <= now {
+            (start, end) = (end, self.after(anchor, end));
+        }
+        (start, end)
+    }
+
     pub fn after(self, anchor: DateTime<Utc>, end: DateTime<Utc>) -> DateTime<Utc> {
         match self {
             Cadence::Monthly => month_after(anchor, end),

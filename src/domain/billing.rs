@@ -126,8 +126,9 @@ pub fn hot_period(
     }
 }
 
-/// The hot-state rollover, keyed by `start` (the old period's end), into
-/// the period ending at `end` with `allowance`.
+/// The hot-state rollover into the period `[start, end)` with `allowance`
+/// (`start`: the old period's end, or a later boundary when the periods
+/// between went unseen).
 pub fn rollover(
     cadence: Cadence,
     start: DateTime<Utc>,

@@ -26,10 +26,7 @@ use super::{
 };
 use crate::{
     error::ApiError,
-    ledger::{
-        billing::{self, SubscriptionRow},
-        sealed::stripe_customer_place,
-    },
+    ledger::billing::{self, SubscriptionRow},
 };
 
 /// The advisory lock that lets one replica at a time reconcile.
@@ -145,12 +142,8 @@ impl Subscriptions {
         let stripe_customer = customer
             .stripe_customer_id
             .as_deref()
-            .map(|sealed| {
-                self.sealer
-                    .open(sealed, &stripe_customer_place(customer.customer_id))
-            })
-            .transpose()
-            .map_err(|e| ApiError::Internal(e.into()))?;
+            .map(|sealed| self.open_stripe_customer(customer.customer_id, sealed))
+            .transpose()?;
         let live = match &stripe_customer {
             Some(stripe_customer) => self.stripe.live_subscriptions(stripe_customer).await?,
             None => Vec::new(),

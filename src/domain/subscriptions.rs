@@ -42,7 +42,7 @@ pub const PURCHASE_TOKENS: std::ops::RangeInclusive<i32> = 100..=1_000_000;
 pub struct Subscriptions {
     pub(super) stripe: Arc<Stripe>,
     pub(super) accounts: Arc<Accounts>,
-    pub(super) sealer: Arc<Sealer>,
+    sealer: Arc<Sealer>,
     pub(super) hot: HotStore,
     pub(super) db: sqlx::PgPool,
     pub(super) grace: chrono::Duration,
@@ -86,8 +86,18 @@ impl Subscriptions {
     async fn stored_stripe_customer(&self, customer: Uuid) -> Result<Option<String>, ApiError> {
         customers::stripe_customer(&mut *self.db.acquire().await?, customer)
             .await?
-            .map(|sealed| self.sealer.open(&sealed, &stripe_customer_place(customer)))
+            .map(|sealed| self.open_stripe_customer(customer, &sealed))
             .transpose()
+    }
+
+    /// A Stripe customer id as stored, sealed, opened.
+    pub(super) fn open_stripe_customer(
+        &self,
+        customer: Uuid,
+        sealed: &str,
+    ) -> Result<String, ApiError> {
+        self.sealer
+            .open(sealed, &stripe_customer_place(customer))
             .map_err(|e| ApiError::Internal(e.into()))
     }
 
@@ -141,13 +151,8 @@ impl Subscriptions {
         customer: Uuid,
         payment_method: &str,
     ) -> Result<String, ApiError> {
-        let place = stripe_customer_place(customer);
-        let stored = customers::stripe_customer(&mut *self.db.acquire().await?, customer).await?;
-        let id = match stored {
-            Some(sealed) => self
-                .sealer
-                .open(&sealed, &place)
-                .map_err(|e| ApiError::Internal(e.into()))?,
+        let id = match self.stored_stripe_customer(customer).await? {
+            Some(id) => id,
             None => {
                 let id = match self.stripe.find_customer(customer).await? {
                     Some(id) => id,
@@ -160,7 +165,7 @@ impl Subscriptions {
                             .await?
                     }
                 };
-                let sealed = self.sealer.seal(&id, &place);
+                let sealed = self.sealer.seal(&id, &stripe_customer_place(customer));
                 customers::set_stripe_customer(&mut *self.db.acquire().await?, customer, &sealed)
                     .await?;
                 id

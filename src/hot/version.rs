@@ -42,34 +42,36 @@ pub async fn check(client: &Client) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
-    let mut infos: Vec<(String, String)> = Vec::new();
     if masters.is_empty() {
-        infos.push((
-            "redis".to_owned(),
-            client.info(Some(InfoKind::Server)).await?,
-        ));
-    } else {
-        for master in masters {
-            let info: String = client
-                .with_cluster_node(&master)
-                .info(Some(InfoKind::Server))
-                .await?;
-            infos.push((master.to_string(), info));
-        }
+        return new_enough(
+            "redis",
+            &client.info::<String>(Some(InfoKind::Server)).await?,
+        );
     }
-    for (server, info) in infos {
-        let found = parse(&info)
-            .ok_or_else(|| anyhow::anyhow!("{server} did not say its version (INFO server)"))?;
-        if too_old(found) {
-            anyhow::bail!(
-                "{server} runs Redis {}.{}.{}; the service needs Redis {}.{} or newer",
-                found.0,
-                found.1,
-                found.2,
-                NEEDED.0,
-                NEEDED.1
-            );
-        }
+    for master in masters {
+        let info: String = client
+            .with_cluster_node(&master)
+            .info(Some(InfoKind::Server))
+            .await?;
+        new_enough(&master.to_string(), &info)?;
+    }
+    Ok(())
+}
+
+/// Fails when `info` (one server's `INFO server`) names a version older
+/// than [`NEEDED`], or none.
+fn new_enough(server: &str, info: &str) -> anyhow::Result<()> {
+    let found = parse(info)
+        .ok_or_else(|| anyhow::anyhow!("{server} did not say its version (INFO server)"))?;
+    if too_old(found) {
+        anyhow::bail!(
+            "{server} runs Redis {}.{}.{}; the service needs Redis {}.{} or newer",
+            found.0,
+            found.1,
+            found.2,
+            NEEDED.0,
+            NEEDED.1
+        );
     }
     Ok(())
 }

@@ -55,11 +55,7 @@ fn current_window(
     if now < end || row.cancel_at_period_end {
         return Some((start, end, false));
     }
-    let anchor = row.anchor?;
-    let (mut start, mut end) = (end, cadence.after(anchor, end));
-    while end <= now {
-        (start, end) = (end, cadence.after(anchor, end));
-    }
+    let (start, end) = cadence.containing(row.anchor?, end, now);
     Some((start, end, true))
 }
 

@@ -70,10 +70,7 @@ pub async fn roll_period(
     if end > now {
         return Ok(None);
     }
-    let (mut start, mut new_end) = (end, cadence.after(anchor, end));
-    while new_end <= now {
-        (start, new_end) = (new_end, cadence.after(anchor, new_end));
-    }
+    let (start, new_end) = cadence.containing(anchor, end, now);
     let allowance = move_period(conn, customer, start, new_end).await?;
     Ok(Some(NewPeriod {
         start,

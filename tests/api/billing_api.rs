@@ -108,6 +108,26 @@ async fn purchase_tokens(
     post(app, shop, "/api/v1/customer/billing/tokens/purchase", body).await
 }
 
+/// Buys `tokens` with a card that needs 3-D Secure: Stripe's payment
+/// intent `payment_intent_id` waits for the customer.
+async fn purchase_awaiting_3ds(
+    app: &TestApp,
+    stripe: &MockServer,
+    shop: &Customer,
+    payment_intent_id: &str,
+    tokens: i64,
+) -> (u16, Value) {
+    stripe_answers(
+        stripe,
+        "POST",
+        "/v1/payment_intents",
+        200,
+        payment_intent(payment_intent_id, "requires_action"),
+    )
+    .await;
+    purchase_tokens(app, shop, tokens, "pm_card_threeDSecure2Required").await
+}
+
 /// Subscribes `shop` to Starter with Stripe's test card.
 async fn subscribe_to_starter(app: &TestApp, shop: &Customer) -> (u16, Value) {
     let body = json!({"plan_id": "starter", "payment_method_id": "pm_card_visa"});
@@ -408,15 +428,7 @@ async fn a_purchase_awaiting_3d_secure_is_credited_only_when_a_payment_attempt_s
     let (app, stripe) = with_stripe().await;
     let shop = app.create_customer(None).await;
     app.activate(&shop, "rec-001").await;
-    stripe_answers(
-        &stripe,
-        "POST",
-        "/v1/payment_intents",
-        200,
-        payment_intent("pi_3ds", "requires_action"),
-    )
-    .await;
-    let (status, body) = purchase_tokens(&app, &shop, 500, "pm_card_threeDSecure2Required").await;
+    let (status, body) = purchase_awaiting_3ds(&app, &stripe, &shop, "pi_3ds", 500).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         (&body["credited"], &body["client_secret"]),
@@ -465,15 +477,7 @@ async fn a_refund_and_a_dispute_before_the_payments_success_reduce_what_the_succ
     let (app, stripe) = with_stripe().await;
     let shop = app.create_customer(None).await;
     app.activate(&shop, "rec-001").await;
-    stripe_answers(
-        &stripe,
-        "POST",
-        "/v1/payment_intents",
-        200,
-        payment_intent("pi_late", "requires_action"),
-    )
-    .await;
-    let (status, body) = purchase_tokens(&app, &shop, 1000, "pm_card_threeDSecure2Required").await;
+    let (status, body) = purchase_awaiting_3ds(&app, &stripe, &shop, "pi_late", 1000).await;
     assert_eq!((status, &body["credited"]), (200, &json!(false)), "{body}");
     let now = Utc::now().timestamp();
     let charge = json!({"id": "ch_late", "object": "charge", "payment_intent": "pi_late",

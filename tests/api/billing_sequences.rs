@@ -14,7 +14,7 @@ use crate::{
     helpers::{spawn_app, Customer, TestApp},
     stripe_clock::Failure,
     stripe_semantics::with_standin,
-    stripe_standin::{PROFESSIONAL, STARTER},
+    stripe_standin::{StandIn, PROFESSIONAL, STARTER},
     webhooks::{deliver_applied, now, subscribed, subscription},
 };
 
@@ -45,14 +45,20 @@ async fn billing_of(app: &TestApp, shop: &Customer) -> (String, String, Option<S
     .unwrap()
 }
 
-/// Deletes only the customer's account hash (a restart without AOF, a
-/// failover, an eviction).
-async fn lose_account_hash(app: &TestApp, shop: &Customer) {
-    let _: i64 = app
-        .redis
-        .del(app.state.hot.keys().account(shop.id))
-        .await
-        .unwrap();
+/// Subscribes `shop` to Starter through the API: the subscription and its
+/// Stripe customer, as Stripe holds them.
+async fn subscribed_to_starter(
+    app: &TestApp,
+    stripe: &StandIn,
+    shop: &Customer,
+) -> (String, String) {
+    assert_eq!(subscribe(app, shop, "starter", "pm_card_visa").await.0, 201);
+    let subscription = billing_of(app, shop).await.2.unwrap();
+    let stripe_customer = stripe.subscription(&subscription)["customer"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    (subscription, stripe_customer)
 }
 
 // 1. A rebuild after a missed period boundary.
@@ -76,7 +82,7 @@ async fn a_rebuild_after_a_missed_boundary_counts_the_usage_of_the_period_entere
     assert_eq!(spend(&app, &shop, 8_000).await.0, 200);
     app.drain_usage().await;
 
-    lose_account_hash(&app, &shop).await;
+    app.lose_account_hash(shop.id).await;
     let (status, body) = spend(&app, &shop, 2).await;
 
     assert_eq!(
@@ -243,15 +249,7 @@ async fn a_change_whose_reply_was_lost_is_read_back_from_stripe() {
 async fn when_the_subscription_ends_while_another_is_live_the_live_one_is_adopted() {
     let (app, stripe) = with_standin().await;
     let shop = app.create_customer(None).await;
-    assert_eq!(
-        subscribe(&app, &shop, "starter", "pm_card_visa").await.0,
-        201
-    );
-    let first = billing_of(&app, &shop).await.2.unwrap();
-    let stripe_customer = stripe.subscription(&first)["customer"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (first, stripe_customer) = subscribed_to_starter(&app, &stripe, &shop).await;
     let second =
         stripe.subscribe_behind_our_back(&stripe_customer, PROFESSIONAL, &shop.id.to_string());
     stripe.change_behind_our_back(&first, STARTER, "canceled");
@@ -279,15 +277,7 @@ async fn when_the_subscription_ends_while_another_is_live_the_live_one_is_adopte
 async fn the_reconciliation_reports_every_customer_with_two_live_subscriptions() {
     let (app, stripe) = with_standin().await;
     let shop = app.create_customer(None).await;
-    assert_eq!(
-        subscribe(&app, &shop, "starter", "pm_card_visa").await.0,
-        201
-    );
-    let first = billing_of(&app, &shop).await.2.unwrap();
-    let stripe_customer = stripe.subscription(&first)["customer"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (first, stripe_customer) = subscribed_to_starter(&app, &stripe, &shop).await;
     let second = stripe.subscribe_behind_our_back(&stripe_customer, STARTER, &shop.id.to_string());
 
     let (status, report) = app

@@ -416,6 +416,17 @@ impl TestApp {
         Some((fields[0]?, fields[1]?))
     }
 
+    /// Deletes only the customer's account hash, as an eviction, a restart
+    /// without AOF or an operator's `DEL` would: its usage stream keeps the
+    /// unflushed charges.
+    pub async fn lose_account_hash(&self, customer: Uuid) {
+        let _: i64 = self
+            .redis
+            .del(self.state.hot.keys().account(customer))
+            .await
+            .unwrap();
+    }
+
     /// Deletes every Redis key of this instance, as a Redis restart without
     /// persistence would.
     pub async fn wipe_redis(&self) {

@@ -3,19 +3,7 @@
 use futures::future::join_all;
 use serde_json::json;
 
-use fred::prelude::*;
-
 use crate::helpers::{spawn_app, spawn_app_with, Customer, TestApp};
-
-/// Deletes only the customer's account hash, as an eviction or an
-/// operator's `DEL` would: its usage stream keeps the unflushed charges.
-async fn lose_account_hash(app: &TestApp, shop: &Customer) {
-    let _: i64 = app
-        .redis
-        .del(app.state.hot.keys().account(shop.id))
-        .await
-        .unwrap();
-}
 
 async fn consume_times(app: &TestApp, shop: &Customer, app_id: &str, times: usize) {
     for _ in 0..times {
@@ -160,7 +148,7 @@ async fn a_lost_account_hash_is_rebuilt_counting_the_charges_still_in_the_stream
     flusher.write(&batch).await.unwrap();
     consume_times(&app, &shop, "vto-001", 2).await;
 
-    lose_account_hash(&app, &shop).await;
+    app.lose_account_hash(shop.id).await;
     let (status, body) = app.consume(&shop.token, json!({"app_id": "vto-001"})).await;
 
     assert_eq!(status, 200, "{body}");
@@ -180,7 +168,7 @@ async fn purchased_tokens_spent_by_unflushed_charges_cannot_be_spent_again_after
     app.grant(shop.id, 5).await;
     consume_times(&app, &shop, "rec-001", 2).await;
 
-    lose_account_hash(&app, &shop).await;
+    app.lose_account_hash(shop.id).await;
     let (status, body) = app.consume(&shop.token, json!({"app_id": "rec-001"})).await;
 
     assert_eq!(status, 402, "{body}");
@@ -192,7 +180,7 @@ async fn a_rebuild_waits_with_a_503_while_the_backlog_is_longer_than_it_reads() 
     let app = spawn_app_with(&[("REBUILD_MAX_BACKLOG", "5")]).await;
     let shop = app.customer_with_apps("professional", &["vto-001"]).await;
     consume_times(&app, &shop, "vto-001", 8).await;
-    lose_account_hash(&app, &shop).await;
+    app.lose_account_hash(shop.id).await;
 
     let (status, body) = app.consume(&shop.token, json!({"app_id": "vto-001"})).await;
     assert_eq!(status, 503, "{body}");

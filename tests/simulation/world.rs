@@ -728,18 +728,9 @@ impl World {
             .app
             .get_json("/api/v1/customer/tokens/usage", &token)
             .await;
-        let _: i64 = self
-            .app
-            .redis
-            .del(
-                self.app
-                    .state
-                    .hot
-                    .keys()
-                    .account(self.shops[shop].customer.id),
-            )
-            .await
-            .unwrap();
+        self.app
+            .lose_account_hash(self.shops[shop].customer.id)
+            .await;
         let (status, after) = self
             .app
             .get_json("/api/v1/customer/tokens/usage", &token)

@@ -102,6 +102,11 @@ fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     path.iter().try_fold(v, |v, k| v.get(k))?.as_str()
 }
 
+/// The Stripe customer an event's object belongs to, when it names one.
+fn stripe_customer_of(object: &Value) -> Option<&str> {
+    str_at(object, &["customer"]).filter(|c| c.starts_with("cus_"))
+}
+
 fn int_at(v: &Value, path: &[&str]) -> Option<i64> {
     path.iter().try_fold(v, |v, k| v.get(k))?.as_i64()
 }
@@ -150,9 +155,7 @@ impl StripeEvents {
             return self.acknowledge(&event).await;
         };
         let (id, kind, created) = (event.id.clone(), event.kind.clone(), event.created);
-        let stripe_customer = str_at(&event.data.object, &["customer"])
-            .filter(|c| c.starts_with("cus_"))
-            .map(str::to_owned);
+        let stripe_customer = stripe_customer_of(&event.data.object).map(str::to_owned);
         let current = self.read_anew(customer, &event).await?;
         match self.apply_to(customer, event, current).await {
             Ok(Outcome::Applied) if kind == "customer.subscription.deleted" => {
@@ -294,8 +297,7 @@ impl StripeEvents {
         let grace = self.grace;
         let cadence = self.accounts.cadence();
         // Sealed before the transaction: the key work needs no lock.
-        let stripe_customer = str_at(&event.data.object, &["customer"])
-            .filter(|c| c.starts_with("cus_"))
+        let stripe_customer = stripe_customer_of(&event.data.object)
             .map(|c| self.sealer.seal(c, &stripe_customer_place(customer)));
         self.accounts
             .change(customer, move |tx| {
