@@ -337,17 +337,6 @@ impl StandIn {
         );
     }
 
-    /// A payment intent as Stripe holds it (null when there is none).
-    pub fn payment_intent(&self, id: &str) -> Value {
-        self.world
-            .lock()
-            .unwrap()
-            .payment_intents
-            .get(id)
-            .cloned()
-            .unwrap_or(Value::Null)
-    }
-
     /// Our customer's payment intents, oldest first: what Stripe was asked
     /// to charge, whether or not the service heard the answer.
     pub fn payment_intents_of(&self, ours: &str) -> Vec<Value> {
