@@ -480,7 +480,10 @@ impl Settings {
             )?,
         };
         let log_level = env.get("LOG_LEVEL").unwrap_or("info").to_ascii_lowercase();
-        if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+        // ASCII first: tracing-subscriber's parser slices filters by bytes
+        // and panics inside a multi-byte character, and no target or
+        // level is named outside ASCII.
+        if !log_level.is_ascii() || tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
             return Err(ConfigError::new(
                 "LOG_LEVEL",
                 "must be a level (error, warn, info, debug, trace) or a tracing filter",
@@ -879,6 +882,8 @@ mod tests {
             ("APP_ENV", "prod"),
             ("LOG_FORMAT", "pretty"),
             ("LOG_LEVEL", "loud[="),
+            // Found by the fuzzer: the filter parser panicked inside 'ݖ'.
+            ("LOG_LEVEL", "\u{b}ɒݖꖖjso=go%9"),
             ("CORS_ORIGINS", "https://shop.example/path"),
             ("STRIPE_API_BASE", "api.stripe.com"),
             ("FLUSHER_CONSUMER", "two words"),

@@ -10,7 +10,7 @@ use libfuzzer_sys::fuzz_target;
 
 /// The variables the service reads; the fuzzer picks among them and
 /// writes any values.
-const NAMES: [&str; 40] = [
+const NAMES: [&str; 43] = [
     "APP_ENV",
     "PORT",
     "BIND_ADDRESS",
@@ -51,6 +51,9 @@ const NAMES: [&str; 40] = [
     "HTTP_BODY_TIMEOUT_SECS",
     "HTTP_REQUEST_TIMEOUT_SECS",
     "REBUILD_MAX_BACKLOG",
+    "BILLING_PERIOD_SECONDS",
+    "SENTRY_DSN",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
 ];
 
 #[derive(Arbitrary, Debug)]
