@@ -107,6 +107,7 @@ pub struct Settings {
     /// `USAGE_ALERT_RETRY_BASE_MS` (30000): the first wait before a failed
     /// alert delivery is tried again; it doubles each time, up to an hour.
     pub usage_alert_retry_base: Duration,
+    pub webhooks: WebhookSettings,
     pub log_level: String,
     pub log_json: bool,
     /// `SENTRY_DSN`: errors and panics reported to Sentry, when set.
@@ -117,6 +118,21 @@ pub struct Settings {
     pub http: HttpSettings,
     /// True when some setting fell back to a development default.
     pub uses_dev_defaults: bool,
+}
+
+/// Merchants' webhooks (usage alerts) and what they may reach
+/// (`egress`).
+#[derive(Debug, Clone)]
+pub struct WebhookSettings {
+    /// `ALERT_WEBHOOK_ALLOW_CIDRS` (empty): ranges a webhook may reach
+    /// although they are internal, for on-premises receivers.
+    pub allow_cidrs: Vec<ipnet::IpNet>,
+    /// `ALERT_SECRET_OVERLAP_HOURS` (24): after a rotation, deliveries
+    /// are signed with the old secret too for this long.
+    pub secret_overlap: Duration,
+    /// `ALERT_ENDPOINT_DISABLE_AFTER_HOURS` (24): an endpoint that failed
+    /// every attempt for this long is disabled.
+    pub disable_after: Duration,
 }
 
 /// How long a client may take to send a request. Defaults are a reverse
@@ -533,6 +549,33 @@ impl Settings {
             }
             cors_origins.push(origin.to_owned());
         }
+        let mut allow_cidrs = Vec::new();
+        for cidr in env
+            .get("ALERT_WEBHOOK_ALLOW_CIDRS")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+        {
+            match cidr.parse::<ipnet::IpNet>() {
+                Ok(net) => allow_cidrs.push(net.trunc()),
+                Err(_) => {
+                    return Err(ConfigError::new(
+                        "ALERT_WEBHOOK_ALLOW_CIDRS",
+                        &format!("holds `{cidr}`, which is not a CIDR range (10.20.0.0/16)"),
+                    ))
+                }
+            }
+        }
+        let webhooks = WebhookSettings {
+            allow_cidrs,
+            secret_overlap: Duration::from_secs(
+                3600 * env.ranged("ALERT_SECRET_OVERLAP_HOURS", 24, 0..=720)?,
+            ),
+            disable_after: Duration::from_secs(
+                3600 * env.ranged("ALERT_ENDPOINT_DISABLE_AFTER_HOURS", 24, 1..=720)?,
+            ),
+        };
         let consumer_name = match env.get("FLUSHER_CONSUMER") {
             Some(name) if name.is_empty() || name.contains(char::is_whitespace) => {
                 return Err(ConfigError::new(
@@ -626,6 +669,7 @@ impl Settings {
                 30_000,
                 1..=3_600_000,
             )?),
+            webhooks,
             log_level,
             log_json,
             sentry_dsn,
@@ -887,6 +931,8 @@ mod tests {
             ("CORS_ORIGINS", "https://shop.example/path"),
             ("STRIPE_API_BASE", "api.stripe.com"),
             ("FLUSHER_CONSUMER", "two words"),
+            ("ALERT_WEBHOOK_ALLOW_CIDRS", "10.0.0.0/33"),
+            ("ALERT_SECRET_OVERLAP_HOURS", "1000"),
             ("SENTRY_DSN", "sentry.example/42"),
             ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
         ] {

@@ -12,6 +12,8 @@
 //! - [`ledger`]: Postgres, the durable record.
 //! - [`workers`]: the flusher (Redis streams into the ledger) and the
 //!   scheduled jobs.
+//! - [`egress`]: requests to merchants' servers (webhooks), kept off
+//!   the service's own network.
 //! - [`period`]: billing periods' arithmetic, below every layer that
 //!   needs it.
 //! - [`startup`], [`config`], [`telemetry`]: wiring, settings, logs and
@@ -20,6 +22,7 @@
 pub mod auth;
 pub mod config;
 pub mod domain;
+pub mod egress;
 pub mod error;
 pub mod hot;
 pub mod http;

@@ -19,6 +19,7 @@ use crate::{
         accounts::Accounts, alerts::UsageAlerts, catalog::Catalog, consume::Metering,
         stripe_events::StripeEvents, subscriptions::Subscriptions,
     },
+    egress::{AddressPolicy, Egress, Resolve, SystemResolver},
     hot::{rate_limit::RateLimiter, HotStore},
     ledger,
     ledger::sealed::Sealer,
@@ -41,6 +42,16 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings, roles: Roles) -> anyhow::Result<Self> {
+        Self::build_with_resolver(settings, roles, Arc::new(SystemResolver)).await
+    }
+
+    /// As [`Self::build`], resolving webhooks' names with `resolver` (tests
+    /// give a stub, to name addresses without DNS).
+    pub async fn build_with_resolver(
+        settings: Settings,
+        roles: Roles,
+        resolver: Arc<dyn Resolve>,
+    ) -> anyhow::Result<Self> {
         let settings = Arc::new(settings);
         // First, so every metric handle registered below records.
         let metrics = telemetry::metrics_handle();
@@ -95,11 +106,20 @@ impl Application {
             settings.consume.grace_period,
             settings.stripe.cents_per_1000_tokens,
         ));
+        let egress = Arc::new(Egress::new(
+            AddressPolicy {
+                allow_loopback: !settings.production,
+                allow: settings.webhooks.allow_cidrs.clone(),
+            },
+            resolver,
+            settings.production,
+        ));
         let alerts = UsageAlerts::new(
             accounts.clone(),
             sealer.clone(),
             db.clone(),
-            settings.production,
+            egress.clone(),
+            settings.webhooks.secret_overlap,
         );
         let state = Arc::new(AppState {
             jwt: JwtKeys::new(&settings.auth),
@@ -114,6 +134,7 @@ impl Application {
             stripe_events,
             subscriptions,
             alerts,
+            egress,
             sealer,
             metrics,
         });
@@ -159,8 +180,10 @@ impl Application {
             );
             let deliveries = AlertDeliveries::new(
                 state.db.clone(),
+                state.egress.clone(),
                 state.sealer.clone(),
                 state.settings.usage_alert_retry_base,
+                state.settings.webhooks.disable_after,
             );
             workers.spawn(deliveries.run(workers_stop.clone()));
             let stop = workers_stop.clone();

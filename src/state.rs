@@ -13,6 +13,7 @@ use crate::{
         accounts::Accounts, alerts::UsageAlerts, catalog::Catalog, consume::Metering,
         stripe_events::StripeEvents, subscriptions::Subscriptions,
     },
+    egress::Egress,
     hot::{rate_limit::RateLimiter, HotStore},
     ledger::sealed::Sealer,
 };
@@ -32,6 +33,8 @@ pub struct AppState {
     pub subscriptions: Arc<Subscriptions>,
     /// Merchants' usage alert settings.
     pub alerts: UsageAlerts,
+    /// The way out to merchants' webhooks (the worker sends through it).
+    pub egress: Arc<Egress>,
     /// Seals secrets at rest (`DATA_ENCRYPTION_KEYS`).
     pub sealer: Arc<Sealer>,
     pub metrics: PrometheusHandle,

@@ -64,6 +64,23 @@ fn ours(customer: Uuid) -> HashMap<String, String> {
     HashMap::from([("customer_id".to_owned(), customer.to_string())])
 }
 
+/// Every Stripe call by its `billing_sync_total{operation}` name.
+pub const OPERATIONS: [&str; 13] = [
+    "attach",
+    "cancel",
+    "change_price",
+    "create_customer",
+    "find_customer",
+    "invoice_payments",
+    "list_subscriptions",
+    "pay",
+    "retrieve_payment",
+    "retrieve_subscription",
+    "set_default_card",
+    "setup_intent",
+    "subscribe",
+];
+
 /// A call to Stripe's answer, counted (`billing_sync_total{operation,
 /// outcome}`: `ok`; `refused` for the caller's reasons, a declined card
 /// say; `error` when Stripe could not be reached or failed), its error

@@ -361,7 +361,10 @@ pub fn metrics_handle() -> PrometheusHandle {
                 )
                 .expect("bucket list is not empty")
                 .install_recorder()
-                .inspect(|_| describe_metrics())
+                .inspect(|_| {
+                    describe_metrics();
+                    counters_at_zero();
+                })
                 .expect("the metrics recorder is installed once")
         })
         .clone()
@@ -369,6 +372,92 @@ pub fn metrics_handle() -> PrometheusHandle {
 
 /// Every series the service exports, with its unit and meaning (the HELP
 /// line Prometheus shows; the README's Operating section lists them too).
+/// Every counter, with each of its known label values, exported at 0
+/// from the start: a rate or an increase over a process that has not
+/// counted one yet is 0, and an `absent()` alert or a dashboard panel
+/// finds the series. Counters whose labels are open (a route, an app)
+/// appear with their first count; `tests/api/metrics.rs` checks every
+/// other counter the code increments is here.
+fn counters_at_zero() {
+    use crate::{domain::stripe_events::Outcome, hot::rate_limit::RouteGroup};
+    for name in [
+        "billing_periods_rolled_total",
+        "billing_reconciliation_runs_total",
+        "billing_subscriptions_adopted_total",
+        "consume_outcome_unknown_total",
+        "consume_settled_after_timeout_total",
+        "flusher_dead_letters_total",
+        "flusher_details_set_aside_total",
+        "flusher_entries_claimed_total",
+        "flusher_entries_retried_total",
+        "flusher_errors_total",
+        "flusher_events_duplicate_total",
+        "flusher_events_persisted_total",
+        "hot_state_rebuilds_total",
+        "stripe_webhook_events_read_anew_total",
+        "usage_events_possibly_lost_total",
+        "usage_stream_groups_lost_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    let labelled: [(&'static str, &'static str, &[&'static str]); 6] = [
+        (
+            "activations_total",
+            "outcome",
+            &["activated", "refused", "invalid", "error"],
+        ),
+        (
+            "billing_reconciliation_fixes_total",
+            "field",
+            &crate::domain::reconcile::FIELDS,
+        ),
+        (
+            "consume_requests_total",
+            "outcome",
+            &crate::domain::consume::OUTCOMES,
+        ),
+        (
+            "log_events_suppressed_total",
+            "level",
+            &["error", "warn", "info", "debug", "trace"],
+        ),
+        (
+            "usage_alert_deliveries_total",
+            "outcome",
+            &["delivered", "retried", "failed"],
+        ),
+        // The default thresholds (API.md); others appear when crossed.
+        ("usage_alerts_total", "threshold", &["80", "100"]),
+    ];
+    for (name, label, values) in labelled {
+        for value in values {
+            metrics::counter!(name, label => *value).increment(0);
+        }
+    }
+    for group in RouteGroup::ALL {
+        metrics::counter!("rate_limited_total", "group" => group.name()).increment(0);
+        metrics::counter!("rate_limit_errors_total", "group" => group.name()).increment(0);
+    }
+    for operation in crate::stripe::OPERATIONS {
+        for outcome in ["ok", "refused", "error"] {
+            metrics::counter!("billing_sync_total", "operation" => operation, "outcome" => outcome)
+                .increment(0);
+        }
+    }
+    for kind in crate::http::webhooks::KNOWN_TYPES {
+        for outcome in Outcome::ALL {
+            metrics::counter!("stripe_webhook_events_total", "type" => kind, "outcome" => outcome.name())
+                .increment(0);
+        }
+        metrics::counter!("stripe_webhook_events_total", "type" => kind, "outcome" => "error")
+            .increment(0);
+    }
+    for kind in ["unverified", "unreadable"] {
+        metrics::counter!("stripe_webhook_events_total", "type" => kind, "outcome" => "invalid")
+            .increment(0);
+    }
+}
+
 fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     // Requests.

@@ -253,7 +253,8 @@ struct ConsumeMetrics {
     by_outcome: [metrics::Counter; OUTCOMES.len()],
 }
 
-const OUTCOMES: [&str; 10] = [
+/// `consume_requests_total{outcome}`'s values.
+pub const OUTCOMES: [&str; 10] = [
     "charged",
     "replayed",
     "idempotency_conflict",

@@ -32,6 +32,16 @@ use crate::{
 /// The advisory lock that lets one replica at a time reconcile.
 const RECONCILE_LOCK: i64 = 0x0ca0_0003;
 
+/// What a reconciliation can find differing and set right
+/// (`billing_reconciliation_fixes_total{field}`).
+pub const FIELDS: [&str; 5] = [
+    "subscription",
+    "plan",
+    "status",
+    "period",
+    "cancel_at_period_end",
+];
+
 /// What a reconciliation found.
 #[derive(Debug, Default, Serialize, utoipa::ToSchema)]
 pub struct Report {

@@ -27,6 +27,8 @@ pub enum RouteGroup {
 }
 
 impl RouteGroup {
+    pub const ALL: [RouteGroup; 3] = [RouteGroup::Apps, RouteGroup::Activate, RouteGroup::Billing];
+
     pub fn name(self) -> &'static str {
         match self {
             RouteGroup::Apps => "apps",

@@ -12,20 +12,30 @@
 //!   t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`;
 //! - a 2xx within 5 s is delivered; anything else is tried again after a
 //!   delay that doubles from `USAGE_ALERT_RETRY_BASE_MS` (30 s) up to an
-//!   hour, for 24 hours from the crossing, then `failed`.
+//!   hour, for 24 hours from the crossing, then `failed`;
+//! - every attempt is kept (`usage_alert_attempts`); an endpoint that
+//!   failed every attempt for `ALERT_ENDPOINT_DISABLE_AFTER_HOURS` is
+//!   disabled: its deliveries are held (`disabled`) until the merchant
+//!   saves the URL again, and crossings are still recorded;
+//! - the request goes through [`Egress`]: the URL's name is resolved and
+//!   vetted again now, so a name that pointed outside when it was saved
+//!   and points inside now is refused (a failed attempt, with why).
 //!
 //! Consumes never wait for any of it: a crossing is found by the consume
 //! script and travels with the usage event; only the flusher writes it.
 
-use std::time::Duration;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use chrono::{DateTime, Utc};
-use serde_json::json;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    auth::stripe_signature,
+    domain::alerts::{attempt_record, payload},
+    egress::{Egress, Sent},
     ledger::{
         alerts::{self, Attempt, DueDelivery},
         sealed::{alert_secret_place, Sealer},
@@ -34,62 +44,104 @@ use crate::{
 
 /// Deliveries taken per pass.
 const BATCH: i64 = 50;
-/// A receiver answers within this, or the attempt failed.
-const TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest wait between attempts.
 const MAX_DELAY: Duration = Duration::from_secs(3600);
 /// How long after the crossing attempts go on.
 const GIVE_UP_AFTER: Duration = Duration::from_secs(24 * 3600);
 /// How often the worker looks for due deliveries.
 const POLL_EVERY: Duration = Duration::from_secs(1);
+/// How often the disabled endpoints are counted for the gauge.
+const COUNT_DISABLED_EVERY: Duration = Duration::from_secs(15);
 
 pub struct AlertDeliveries {
     db: PgPool,
-    http: reqwest::Client,
-    sealer: std::sync::Arc<Sealer>,
+    egress: Arc<Egress>,
+    sealer: Arc<Sealer>,
     retry_base: Duration,
+    disable_after: Duration,
+}
+
+/// What the worker did with a delivery.
+enum Try {
+    /// Not sent: no URL, alerts off, or the secret unreadable.
+    NotSent(String),
+    /// The endpoint is disabled: held, not sent.
+    Held,
+    Sent {
+        url: String,
+        sent: Sent,
+    },
 }
 
 impl AlertDeliveries {
-    pub fn new(db: PgPool, sealer: std::sync::Arc<Sealer>, retry_base: Duration) -> Self {
-        // Every outcome exported from the start at 0, so a rate or an
-        // increase over the first delivery of a process counts it.
-        for outcome in ["delivered", "retried", "failed"] {
-            metrics::counter!("usage_alert_deliveries_total", "outcome" => outcome).increment(0);
-        }
+    pub fn new(
+        db: PgPool,
+        egress: Arc<Egress>,
+        sealer: Arc<Sealer>,
+        retry_base: Duration,
+        disable_after: Duration,
+    ) -> Self {
         Self {
             db,
-            http: reqwest::Client::builder()
-                .timeout(TIMEOUT)
-                .redirect(reqwest::redirect::Policy::none())
-                .user_agent("connected-apps-usage-alerts")
-                .build()
-                .expect("the HTTP client's settings are valid"),
+            egress,
             sealer,
             retry_base,
+            disable_after,
         }
     }
 
     /// One pass: every delivery due now, attempted side by side. Returns
-    /// how many were attempted.
+    /// how many were taken.
     pub async fn step(&self) -> anyhow::Result<usize> {
         let mut tx = self.db.begin().await?;
         let now = Utc::now();
         let due = alerts::due_deliveries(&mut tx, now, BATCH).await?;
-        let attempts = futures::future::join_all(due.iter().map(|d| self.attempt(d))).await;
-        for (delivery, result) in due.iter().zip(attempts) {
-            let attempt = self.outcome(
-                delivery,
-                now,
-                result.as_ref().map(|_| ()).map_err(String::as_str),
-            );
+        let tries = futures::future::join_all(due.iter().map(|d| self.attempt(d, now))).await;
+        let disable_after = chrono::Duration::from_std(self.disable_after).unwrap_or_default();
+        for (delivery, tried) in due.iter().zip(tries) {
+            let (attempt, sent) = match &tried {
+                Try::Held => {
+                    alerts::hold_for_disabled(&mut tx, delivery.id).await?;
+                    continue;
+                }
+                Try::NotSent(why) => (self.outcome(delivery, now, Some(why)), None),
+                Try::Sent { url, sent } => (
+                    self.outcome(delivery, now, sent.error.as_deref()),
+                    Some((url, sent)),
+                ),
+            };
             let label = match attempt {
                 Attempt::Delivered => "delivered",
                 Attempt::Retry { .. } => "retried",
-                Attempt::Failed { .. } => "failed",
+                Attempt::Failed { .. } | Attempt::Unchanged { .. } => "failed",
             };
             metrics::counter!("usage_alert_deliveries_total", "outcome" => label).increment(1);
-            alerts::record_attempt(&mut tx, delivery.id, attempt).await?;
+            let Some((url, sent)) = sent else {
+                alerts::record_attempt_outcome(&mut tx, delivery.id, attempt).await?;
+                continue;
+            };
+            let next = match attempt {
+                Attempt::Retry { next, .. } => Some(next),
+                _ => None,
+            };
+            let record = attempt_record(now, "scheduled", url, sent, next);
+            alerts::record_attempt(&mut tx, delivery.id, &record, attempt).await?;
+            match &sent.error {
+                None => alerts::endpoint_delivered(&mut tx, delivery.customer_id).await?,
+                Some(error) => {
+                    if alerts::endpoint_failed(
+                        &mut tx,
+                        delivery.customer_id,
+                        now,
+                        disable_after,
+                        error,
+                    )
+                    .await?
+                    {
+                        tracing::warn!(customer = %delivery.customer_id, %error, "usage alert endpoint disabled: every attempt failed");
+                    }
+                }
+            }
         }
         tx.commit().await?;
         Ok(due.len())
@@ -100,9 +152,9 @@ impl AlertDeliveries {
         &self,
         delivery: &DueDelivery,
         now: DateTime<Utc>,
-        result: Result<(), &'a str>,
+        error: Option<&'a str>,
     ) -> Attempt<'a> {
-        let Err(error) = result else {
+        let Some(error) = error else {
             return Attempt::Delivered;
         };
         let delay = self
@@ -119,46 +171,58 @@ impl AlertDeliveries {
         }
     }
 
-    /// Posts one delivery; `Err` with why it did not land.
+    /// Posts one delivery, signed with the secrets that sign now.
     #[tracing::instrument(name = "usage alert delivery", level = "debug", skip_all, fields(alert = %delivery.id))]
-    async fn attempt(&self, delivery: &DueDelivery) -> Result<(), String> {
-        let (Some(url), Some(sealed)) = (&delivery.webhook_url, &delivery.signing_secret) else {
-            return Err("no webhook URL".into());
+    async fn attempt(&self, delivery: &DueDelivery, now: DateTime<Utc>) -> Try {
+        let Some(url) = &delivery.webhook_url else {
+            return Try::NotSent("no webhook URL".into());
         };
         if delivery.enabled == Some(false) {
-            return Err("alerts turned off".into());
+            return Try::NotSent("alerts turned off".into());
         }
-        let secret = self
-            .sealer
-            .open(sealed, &alert_secret_place(delivery.customer_id))
-            .map_err(|e| format!("signing secret: {e}"))?;
-        let body = payload(delivery).to_string();
-        let signature =
-            stripe_signature::sign(&[secret.as_str()], body.as_bytes(), Utc::now().timestamp());
-        // The receiver may continue this delivery's trace.
-        let mut trace = reqwest::header::HeaderMap::new();
-        crate::telemetry::inject_trace(&mut trace);
-        let answer = self
-            .http
-            .post(url)
-            .header("Content-Type", "application/json")
-            .header("Connected-Apps-Signature", signature)
-            .headers(trace)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| crate::telemetry::chain(&e))?;
-        if answer.status().is_success() {
-            Ok(())
-        } else {
-            Err(format!("answered {}", answer.status()))
+        if delivery.disabled_at.is_some() {
+            return Try::Held;
         }
+        let place = alert_secret_place(delivery.customer_id);
+        let secrets: Result<Vec<String>, _> = delivery
+            .signing_secrets(now)
+            .into_iter()
+            .map(|sealed| self.sealer.open(sealed, &place))
+            .collect();
+        let secrets = match secrets {
+            Ok(secrets) if !secrets.is_empty() => secrets,
+            Ok(_) => return Try::NotSent("no signing secret".into()),
+            Err(e) => return Try::NotSent(format!("signing secret: {e}")),
+        };
+        let secrets: Vec<&str> = secrets.iter().map(String::as_str).collect();
+        let sent = self
+            .egress
+            .post_signed(url, &secrets, payload(delivery).to_string())
+            .await;
+        Try::Sent {
+            url: url.clone(),
+            sent,
+        }
+    }
+
+    /// Counts the disabled endpoints into `usage_alert_endpoints_disabled`.
+    pub async fn count_disabled(&self) -> anyhow::Result<()> {
+        let disabled = alerts::disabled_endpoints(&mut *self.db.acquire().await?).await?;
+        metrics::gauge!("usage_alert_endpoints_disabled").set(disabled as f64);
+        Ok(())
     }
 
     /// Runs until `shutdown`, a pass a second (at once again after a full
     /// batch).
     pub async fn run(self, shutdown: CancellationToken) {
+        let mut counted: Option<Instant> = None;
         loop {
+            if counted.is_none_or(|at| at.elapsed() >= COUNT_DISABLED_EVERY) {
+                if let Err(e) = self.count_disabled().await {
+                    tracing::warn!(error = %crate::telemetry::chain(&*e), "counting disabled usage alert endpoints failed");
+                }
+                counted = Some(Instant::now());
+            }
             let wait = match self.step().await {
                 Ok(n) if n as i64 >= BATCH => Duration::ZERO,
                 Ok(_) => POLL_EVERY,
@@ -173,21 +237,4 @@ impl AlertDeliveries {
             }
         }
     }
-}
-
-/// The body of a delivery (API.md "Usage alerts").
-fn payload(d: &DueDelivery) -> serde_json::Value {
-    json!({
-        "id": d.id,
-        "type": "usage.threshold_crossed",
-        "created": d.crossed_at.timestamp(),
-        "data": {
-            "customer_id": d.customer_id,
-            "threshold": d.threshold,
-            "tokens_used": d.tokens_used,
-            "tokens_total": d.tokens_total,
-            "period_start": d.period_start,
-            "period_end": d.period_end,
-        }
-    })
 }

@@ -14,7 +14,7 @@ use wiremock::{matchers::method, Mock, MockServer, Request, Respond, ResponseTem
 
 use crate::helpers::{spawn_app, spawn_app_with, Customer, TestApp};
 
-async fn spend(app: &TestApp, shop: &Customer, tokens: i64) -> u16 {
+pub(crate) async fn spend(app: &TestApp, shop: &Customer, tokens: i64) -> u16 {
     app.consume(
         &shop.token,
         json!({"app_id": "rec-001", "tokens_consumed": tokens}),
@@ -24,13 +24,13 @@ async fn spend(app: &TestApp, shop: &Customer, tokens: i64) -> u16 {
 }
 
 /// Sets the shop's webhook to `url`; returns the signing secret.
-async fn alert_to(app: &TestApp, shop: &Customer, url: &str) -> String {
+pub(crate) async fn alert_to(app: &TestApp, shop: &Customer, url: &str) -> String {
     let (status, body) = put_alerts(app, shop, json!({"webhook_url": url})).await;
     assert_eq!(status, 200, "{body}");
     body["signing_secret"].as_str().unwrap().to_owned()
 }
 
-async fn put_alerts(app: &TestApp, shop: &Customer, body: Value) -> (u16, Value) {
+pub(crate) async fn put_alerts(app: &TestApp, shop: &Customer, body: Value) -> (u16, Value) {
     let response = app
         .http
         .put(app.url("/api/v1/customer/alerts"))
@@ -43,7 +43,7 @@ async fn put_alerts(app: &TestApp, shop: &Customer, body: Value) -> (u16, Value)
     (status, response.json().await.unwrap())
 }
 
-async fn crossings(app: &TestApp, shop: &Customer) -> Vec<Value> {
+pub(crate) async fn crossings(app: &TestApp, shop: &Customer) -> Vec<Value> {
     let (status, body) = app
         .get_json("/api/v1/customer/alerts/events", &shop.token)
         .await;
@@ -51,16 +51,18 @@ async fn crossings(app: &TestApp, shop: &Customer) -> Vec<Value> {
     body["events"].as_array().unwrap().clone()
 }
 
-fn deliveries(app: &TestApp) -> AlertDeliveries {
+pub(crate) fn deliveries(app: &TestApp) -> AlertDeliveries {
     AlertDeliveries::new(
         app.db.clone(),
+        app.state.egress.clone(),
         app.state.sealer.clone(),
         app.settings.usage_alert_retry_base,
+        app.settings.webhooks.disable_after,
     )
 }
 
 /// Checks a delivery's signature as a merchant would; returns its body.
-fn verified(request: &Request, secret: &str) -> Value {
+pub(crate) fn verified(request: &Request, secret: &str) -> Value {
     let signature = request.headers["connected-apps-signature"]
         .to_str()
         .unwrap();
@@ -121,9 +123,9 @@ async fn two_hundred_consumes_racing_across_the_80_percent_line_make_one_crossin
 }
 
 /// Answers 500 `failures` times, then 200.
-struct FailingThenOk {
-    failures: usize,
-    seen: AtomicUsize,
+pub(crate) struct FailingThenOk {
+    pub(crate) failures: usize,
+    pub(crate) seen: AtomicUsize,
 }
 
 impl Respond for FailingThenOk {
@@ -259,7 +261,9 @@ async fn settings_start_at_the_defaults_and_bad_values_are_refused_by_field() {
     assert_eq!(status, 200);
     assert_eq!(
         body,
-        json!({"webhook_url": null, "thresholds": [80, 100], "enabled": true, "signing_secret_hint": null})
+        json!({"webhook_url": null, "thresholds": [80, 100], "enabled": true, "signing_secret_hint": null,
+               "previous_secret_expires_at": null, "endpoint_status": "enabled", "disabled_reason": null,
+               "disabled_at": null})
     );
 
     for (change, field) in [

@@ -3,12 +3,14 @@
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::Arc,
+    net::IpAddr,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use connected_apps::{
     config::{Roles, Settings},
+    egress::{BoxFuture, Resolve},
     startup::Application,
     state::AppState,
     workers::flusher::Flusher,
@@ -54,6 +56,46 @@ pub async fn delete_keys(redis: &Client, pattern: &str) {
     }
 }
 
+/// The names a test instance resolves (webhook URLs): no test asks DNS.
+/// Every name is unknown until a test answers it, but `shop.example`,
+/// which stands for a merchant's public server.
+pub struct StubResolver {
+    answers: Mutex<HashMap<String, Vec<IpAddr>>>,
+}
+
+impl StubResolver {
+    fn new() -> Self {
+        let answers = HashMap::from([("shop.example".to_owned(), vec![PUBLIC_ADDRESS])]);
+        Self {
+            answers: Mutex::new(answers),
+        }
+    }
+
+    /// From now on `name` resolves to `addresses` (DNS changing its
+    /// answer, or a record set for the first time).
+    pub fn answer(&self, name: &str, addresses: &[&str]) {
+        let addresses = addresses.iter().map(|a| a.parse().unwrap()).collect();
+        self.answers
+            .lock()
+            .unwrap()
+            .insert(name.to_owned(), addresses);
+    }
+}
+
+/// A public address (example.com's): allowed, and never connected to.
+pub const PUBLIC_ADDRESS: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(93, 184, 216, 34));
+
+impl Resolve for StubResolver {
+    fn lookup(&self, host: &str) -> BoxFuture<std::io::Result<Vec<IpAddr>>> {
+        let answer = self.answers.lock().unwrap().get(host).cloned();
+        Box::pin(async move {
+            answer.ok_or_else(|| {
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such host (stub resolver)")
+            })
+        })
+    }
+}
+
 pub const JWT_SECRET: &str = "test-secret-for-the-suite-0123456789abcdef";
 
 pub struct TestApp {
@@ -64,6 +106,8 @@ pub struct TestApp {
     pub settings: Settings,
     pub redis: Client,
     pub prefix: String,
+    /// What webhook URLs' names resolve to.
+    pub resolver: Arc<StubResolver>,
     db_name: String,
     shutdown: CancellationToken,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -128,7 +172,8 @@ pub async fn spawn_app_with(extra: &[(&str, &str)]) -> TestApp {
         .await
         .expect("create test database");
 
-    let app = Application::build(settings.clone(), Roles::API_ONLY)
+    let resolver = Arc::new(StubResolver::new());
+    let app = Application::build_with_resolver(settings.clone(), Roles::API_ONLY, resolver.clone())
         .await
         .expect("build the app");
     let address = format!("http://127.0.0.1:{}", app.port());
@@ -151,6 +196,7 @@ pub async fn spawn_app_with(extra: &[(&str, &str)]) -> TestApp {
         settings,
         redis,
         prefix,
+        resolver,
         db_name,
         shutdown,
         server: Some(server),
@@ -219,9 +265,13 @@ pub struct Customer {
 impl TestApp {
     /// Starts another API process of this deployment.
     pub async fn replica(&self) -> Replica {
-        let app = Application::build(self.settings.clone(), Roles::API_ONLY)
-            .await
-            .expect("build the replica");
+        let app = Application::build_with_resolver(
+            self.settings.clone(),
+            Roles::API_ONLY,
+            self.resolver.clone(),
+        )
+        .await
+        .expect("build the replica");
         let address = format!("http://127.0.0.1:{}", app.port());
         let shutdown = CancellationToken::new();
         tokio::spawn(app.run_until_stopped(shutdown.clone()));

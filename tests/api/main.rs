@@ -3,6 +3,7 @@
 
 mod activations;
 mod admin;
+mod alert_webhooks;
 mod alerts;
 mod auth;
 mod bad_input;

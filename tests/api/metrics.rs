@@ -223,3 +223,58 @@ async fn the_business_gauges_are_read_from_the_ledger() {
         assert!(text.contains(name), "{name} is exported");
     }
 }
+
+/// Every counter the code increments, read from the sources.
+fn counters_in_the_code() -> Vec<String> {
+    let mut names = Vec::new();
+    let mut dirs = vec![std::path::PathBuf::from("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let code = std::fs::read_to_string(&path).unwrap();
+                for (at, _) in code.match_indices("counter!(") {
+                    let rest = code[at + "counter!(".len()..].trim_start();
+                    if let Some(name) = rest.strip_prefix('"').and_then(|r| r.split('"').next()) {
+                        names.push(name.to_owned());
+                    }
+                }
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+#[tokio::test]
+async fn every_counter_is_exported_from_the_start_for_its_known_labels() {
+    // Their labels are open (a route, an app): they appear when counted.
+    const OPEN: [&str; 2] = ["http_requests_total", "tokens_consumed_total"];
+    let app = spawn_app().await;
+
+    let text = app.metrics_text().await;
+
+    let names = counters_in_the_code();
+    assert!(names.len() > 20, "{names:?}");
+    for name in names.iter().filter(|n| !OPEN.contains(&n.as_str())) {
+        let exported = text
+            .lines()
+            .any(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")));
+        assert!(exported, "{name} is not exported until first counted");
+    }
+    for operation in connected_apps::stripe::OPERATIONS {
+        for outcome in ["ok", "refused", "error"] {
+            let series =
+                format!(r#"billing_sync_total{{operation="{operation}",outcome="{outcome}"}}"#);
+            assert!(text.contains(&series), "{series}");
+        }
+    }
+    for outcome in ["delivered", "retried", "failed"] {
+        assert!(text.contains(&format!(
+            r#"usage_alert_deliveries_total{{outcome="{outcome}"}}"#
+        )));
+    }
+}

@@ -79,6 +79,13 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Applied,
+        Outcome::Duplicate,
+        Outcome::Ignored,
+        Outcome::Conflicting,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Outcome::Applied => "applied",
