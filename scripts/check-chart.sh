@@ -4,8 +4,9 @@
 #   1. builds helm/render (Helm's template engine: text/template, sprig,
 #      include, tpl, toYaml, required, ...) from Debian's golang-go and
 #      golang-github-masterminds-sprig-dev, offline;
-#   2. renders the chart for three value sets: the defaults,
-#      ci/production-values.yaml and ci/minimal-values.yaml;
+#   2. renders the chart for four value sets: the defaults (and again with
+#      the NetworkPolicies on), ci/production-values.yaml and
+#      ci/minimal-values.yaml;
 #   3. checks each (helm/render/validate.py): the merged values against
 #      values.schema.json; every manifest against the Kubernetes schemas of
 #      KUBE_VERSIONS with kubernetes-validate --strict; ServiceMonitor and
@@ -128,6 +129,9 @@ check() { # NAME [helm-render flags...]
 check default
 check production -f "$CHART/ci/production-values.yaml"
 check minimal -f "$CHART/ci/minimal-values.yaml"
+# The defaults with the NetworkPolicies on: HTTPS egress kept off the
+# private, metadata and cluster ranges by default.
+check networkpolicy --set networkPolicy.enabled=true
 
 # --- what must be refused, and with which message.
 must_fail() { # NAME EXPECTED-MESSAGE [helm-render flags...]
@@ -164,6 +168,10 @@ must_fail grace-shorter-than-drain "must exceed api.lifecycle.preStopSleepSecond
     --set api.terminationGracePeriodSeconds=20
 must_fail ingress-without-hosts "ingress.hosts needs at least one host" \
     --set ingress.enabled=true --set ingress.hosts=null
+printf 'networkPolicy:\n  enabled: true\n  egress:\n    https:\n      exceptCidrs: [10.0.0.0/8]\n' \
+    >"$out/https-egress-anywhere.in.yaml"
+must_fail https-egress-anywhere "egress on 443 reaches 169.254.169.254" \
+    -f "$out/https-egress-anywhere.in.yaml"
 must_fail schema-zero-shards "config.usageStreamShards" --set config.usageStreamShards=0
 must_fail schema-unknown-value "Additional properties are not allowed ('replicas' was unexpected)" \
     --set api.replicas=5
@@ -175,4 +183,4 @@ elapsed=$((SECONDS - started))
 if [ "${#failed[@]}" -gt 0 ]; then
     die "FAILED value sets: ${failed[*]} (${elapsed}s)"
 fi
-say "chart OK: 3 value sets rendered and valid for Kubernetes ${KUBE_VERSIONS[*]}, 7 bad ones refused, values documented (${elapsed}s)"
+say "chart OK: 4 value sets rendered and valid for Kubernetes ${KUBE_VERSIONS[*]}, 8 bad ones refused, values documented (${elapsed}s)"

@@ -21,6 +21,7 @@ Prints one line per problem and exits 1 if there is any.
 """
 
 import argparse
+import ipaddress
 import functools
 import json
 import re
@@ -447,6 +448,7 @@ def check_services(by_kind, report):
         sel = np["spec"]["podSelector"].get("matchLabels") or {}
         if not any(selects(sel, pod_labels(d)) for d in workloads):
             report(np, "selects no Deployment's pods")
+        check_https_egress(np, report)
     for sm in by_kind.get("ServiceMonitor", []):
         sel = sm["spec"]["selector"].get("matchLabels") or {}
         names = (sm["spec"].get("namespaceSelector") or {}).get("matchNames")
@@ -469,6 +471,33 @@ def check_services(by_kind, report):
                     json.loads(value)
                 except ValueError as e:
                     report(cm, f"{key} is not JSON: {e}")
+
+
+# Addresses HTTPS egress must never reach: merchants name webhook URLs
+# (the cloud metadata service, a private address, the node, CGNAT).
+FORBIDDEN_HTTPS = ["169.254.169.254", "10.0.0.5", "172.16.0.1", "192.168.1.1",
+                   "100.64.0.1", "127.0.0.1", "fd00::1", "fe80::1"]
+
+
+def check_https_egress(np, report):
+    """Every egress rule open on 443 keeps the forbidden addresses out."""
+    for rule in np["spec"].get("egress") or []:
+        if not any(p.get("port") == 443 for p in rule.get("ports") or []):
+            continue
+        peers = rule.get("to")
+        if not peers:
+            report(np, "egress on 443 is open to every address (the metadata service, the cluster)")
+            continue
+        for peer in peers:
+            block = peer.get("ipBlock")
+            if not block:
+                continue
+            net = ipaddress.ip_network(block["cidr"])
+            excepted = [ipaddress.ip_network(e) for e in block.get("except") or []]
+            for address in map(ipaddress.ip_address, FORBIDDEN_HTTPS):
+                if address.version == net.version and address in net \
+                        and not any(address in e for e in excepted):
+                    report(np, f"egress on 443 reaches {address} through {block['cidr']}")
 
 
 def main():
