@@ -104,7 +104,7 @@ async fn an_internal_error_is_reported_to_sentry_with_its_request_id_and_route_a
         .put(format!("{base}/api/v1/customer/alerts"))
         .bearer_auth(&shop.token)
         .header("x-request-id", "req-sentry-0001")
-        .json(&json!({"webhook_url": "https://shop.example/hooks/body-marker-7f3a", "thresholds": [50]}))
+        .json(&json!({"webhook_url": "http://127.0.0.1:9/hooks/body-marker-7f3a", "thresholds": [50]}))
         .send()
         .await
         .unwrap();
