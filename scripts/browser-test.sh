@@ -45,6 +45,8 @@ cmp -s "$here/tests/browser/node_modules/chart.js/dist/chart.umd.js" "$here/src/
 export DATABASE_URL=${BROWSER_DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/connected_apps_browser}
 export REDIS_KEY_PREFIX=browser LOG_LEVEL=warn PORT=$port
 export FLUSH_MAX_AGE_MS=50
+# A failed usage alert delivery is retried within the story's wait.
+export USAGE_ALERT_RETRY_BASE_MS=300
 "$here/scripts/services.sh" >/dev/null
 # A clean slate: the stand-in numbers its Stripe objects from 1 each run.
 psql -q "${DATABASE_URL%/*}/postgres" -c "DROP DATABASE IF EXISTS ${DATABASE_URL##*/} WITH (FORCE)"

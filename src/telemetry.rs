@@ -332,6 +332,12 @@ pub fn metrics_handle() -> PrometheusHandle {
                     ],
                 )
                 .expect("bucket list is not empty")
+                // Merchants' receivers, up to the 5 s timeout.
+                .set_buckets_for_metric(
+                    Matcher::Full("usage_alert_attempt_duration_seconds".into()),
+                    &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
+                )
+                .expect("bucket list is not empty")
                 // Minutes to a week: merchants try an app within the day.
                 .set_buckets_for_metric(
                     Matcher::Full("time_to_first_consume_seconds".into()),
@@ -623,6 +629,15 @@ fn describe_metrics() {
     describe_counter!(
         "usage_alert_deliveries_total",
         "Usage alert delivery attempts by outcome (delivered, retried, failed)"
+    );
+    describe_histogram!(
+        "usage_alert_attempt_duration_seconds",
+        Unit::Seconds,
+        "Each request to a merchant's webhook (deliveries, resends, test events), to its answer or failure"
+    );
+    describe_gauge!(
+        "usage_alert_endpoints_disabled",
+        "Merchants' webhook endpoints disabled after failing every attempt for a day"
     );
     // The process.
     describe_counter!(

@@ -16,7 +16,9 @@
 //   BASE_URL=http://127.0.0.1:8097 TOKEN=<jwt> BILLING_URL=http://127.0.0.1:8099 \
 //     BILLING_TOKENS="<jwt> <jwt>" SCREENSHOTS=dir node dashboard.test.mjs
 import assert from "node:assert/strict";
+import { createHmac } from "node:crypto";
 import { readFileSync, statSync } from "node:fs";
+import { createServer } from "node:http";
 import { createRequire } from "node:module";
 import { chromium } from "playwright-core";
 
@@ -29,7 +31,38 @@ const WIDTHS = [
   { name: "desktop", viewport: { width: 1280, height: 900 } },
   { name: "phone", viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true, deviceScaleFactor: 2 },
 ];
-const STATES = ["sign-in", "signed-out-by-401", "overview", "app-paused", "key-created", "configuration-refused", "billing"];
+const STATES = ["sign-in", "signed-out-by-401", "overview", "app-paused", "key-created", "configuration-refused", "alert-attempts", "billing"];
+
+// A merchant's webhook receiver on loopback (plain http to loopback is what
+// the service allows outside production): it keeps every delivery, and
+// answers 500 to the next `receiver.failures` of them.
+const receiver = { deliveries: [], failures: 0 };
+const hooks = createServer((request, response) => {
+  let body = "";
+  request.on("data", (chunk) => (body += chunk));
+  request.on("end", () => {
+    receiver.deliveries.push({ signature: request.headers["connected-apps-signature"], body });
+    const failing = receiver.failures > 0;
+    if (failing) receiver.failures--;
+    response.writeHead(failing ? 500 : 200).end(failing ? "busy" : "ok");
+  });
+});
+await new Promise((resolve) => hooks.listen(0, "127.0.0.1", resolve));
+const hooksUrl = `http://127.0.0.1:${hooks.address().port}`;
+
+/** Whether a delivery carries a v1 signature under `secret` (Stripe's scheme). */
+function signedWith({ signature, body }, secret) {
+  const parts = signature.split(",").map((p) => p.split("="));
+  const t = parts.find(([k]) => k === "t")[1];
+  const expected = createHmac("sha256", secret).update(`${t}.${body}`).digest("hex");
+  return parts.some(([k, v]) => k === "v1" && v === expected);
+}
+
+/** Waits until the receiver holds `count` deliveries. */
+async function delivered(count) {
+  for (let i = 0; i < 100 && receiver.deliveries.length < count; i++) await new Promise((resolve) => setTimeout(resolve, 100));
+  assert.equal(receiver.deliveries.length, count, "deliveries at the receiver");
+}
 // Stripe.js stands in as Stripe's REST API does (scripts/stripe-standin.py):
 // the card form is a note, and a card set up is Stripe's test card that pays.
 const STRIPE_JS = `window.Stripe = () => ({
@@ -170,7 +203,9 @@ async function story(browser, width) {
     await page.locator('[data-plan="professional"]', { hasText: "current" }).waitFor();
     // Billing is not configured here (no STRIPE_PUBLISHABLE_KEY): no Stripe actions.
     assert.equal(await page.getByRole("button", { name: /Change plan|Buy/ }).count(), 0);
-    await page.locator("#alerts", { hasText: "No threshold crossed yet." }).waitFor();
+    // The other width's story may have crossed a threshold: the customer is the same.
+    const { body: alerts } = await call("GET", "/api/v1/customer/alerts/events");
+    await page.locator("#alerts", { hasText: alerts.events.length ? "Crossings, newest first" : "No threshold crossed yet." }).waitFor();
     await accessible("the overview");
     await shot("overview");
   });
@@ -266,7 +301,7 @@ async function story(browser, width) {
     await page.locator("#alert-thresholds-error", { hasText: refused.body.error.details[0].message }).waitFor();
     const { body: before } = await call("GET", "/api/v1/customer/alerts");
     await thresholds.fill("50, 90");
-    await page.getByLabel("Webhook URL").fill(`https://shop.example/hooks/usage-${width.name}`);
+    await page.getByLabel("Webhook URL").fill(`${hooksUrl}/hooks/usage-${width.name}`);
     await page.getByRole("button", { name: "Save alerts" }).click();
     await page.locator("#notice", { hasText: "Alerts saved." }).waitFor();
     // The secret comes with the first URL only (the other width's story may
@@ -275,7 +310,59 @@ async function story(browser, width) {
     else assert.equal(await page.locator("#alert-secret").isHidden(), true);
     const { body: saved } = await call("GET", "/api/v1/customer/alerts");
     assert.deepEqual(saved.thresholds, [50, 90]);
-    assert.equal(saved.webhook_url, `https://shop.example/hooks/usage-${width.name}`);
+    assert.equal(saved.webhook_url, `${hooksUrl}/hooks/usage-${width.name}`);
+  });
+
+  await step(page, "a test event reaches the receiver; a rotated secret signs beside the old one", async () => {
+    const before = receiver.deliveries.length;
+    await page.getByRole("button", { name: "Send test event" }).click();
+    await delivered(before + 1);
+    await page.locator("#alert-test-outcome", { hasText: "Delivered (answered 200" }).waitFor();
+    assert.equal(JSON.parse(receiver.deliveries[before].body).type, "usage.test");
+    await page.getByRole("button", { name: "Rotate secret" }).click();
+    await page.locator("#notice", { hasText: "Signing secret rotated." }).waitFor();
+    const secret = await page.locator("#alert-secret code").textContent();
+    assert.match(secret, /^whsec_/);
+    await page.locator("#alert-secret", { hasText: "also carry a signature with the previous secret" }).waitFor();
+    await page.getByRole("button", { name: "Send test event" }).click();
+    await delivered(before + 2);
+    const [old, rotated] = receiver.deliveries.slice(before);
+    assert.equal(rotated.signature.match(/v1=/g).length, 2, rotated.signature);
+    assert.ok(signedWith(rotated, secret), "signed with the new secret");
+    assert.ok(!signedWith(old, secret), "the event before the rotation was not");
+    await accessible("a rotated secret");
+  });
+
+  await step(page, "a crossing's attempts are listed, a failed one first; it is resent with its id", async () => {
+    // A threshold just above the period's usage, and the consume that crosses it.
+    const { body: usage } = await call("GET", "/api/v1/customer/tokens/usage");
+    const { tokens_used: used, tokens_total: total } = usage.current_period;
+    const threshold = Math.floor((used * 100) / total) + 1;
+    assert.equal((await call("PUT", "/api/v1/customer/alerts", { body: { thresholds: [threshold] } })).status, 200);
+    receiver.failures = 1;
+    const before = receiver.deliveries.length;
+    const crossing = await call("POST", "/api/v1/customer/tokens/consume", { body: { app_id: "rec-001", tokens_consumed: Math.ceil((total * threshold) / 100) - used } });
+    assert.equal(crossing.status, 200);
+    // The worker's attempt fails (500); its retry lands.
+    await delivered(before + 2);
+    let event;
+    for (let i = 0; i < 50 && event?.delivery !== "delivered"; i++) {
+      event = (await call("GET", "/api/v1/customer/alerts/events")).body.events.find((e) => e.threshold === threshold);
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+    assert.equal(event?.delivery, "delivered");
+    await page.getByRole("button", { name: "Refresh deliveries" }).click();
+    await page.getByRole("button", { name: `Attempts at the ${threshold} % crossing` }).click();
+    const attempts = page.locator("tr.attempts");
+    await attempts.getByRole("cell", { name: "answered 500 Internal Server Error", exact: true }).waitFor();
+    await attempts.getByRole("cell", { name: "200", exact: true }).waitFor();
+    await accessible("a crossing's attempts");
+    await shot("alert-attempts");
+    await page.getByRole("button", { name: `Resend the ${threshold} % crossing` }).click();
+    await page.locator("#notice", { hasText: "Resent: Delivered" }).waitFor();
+    await delivered(before + 3);
+    const ids = receiver.deliveries.slice(before).map((d) => JSON.parse(d.body).id);
+    assert.deepEqual(ids, [event.id, event.id, event.id], "every attempt and the resend carry the event's id");
   });
 
   await step(page, "signing out forgets the session, the secret shown once included", async () => {
@@ -354,6 +441,7 @@ try {
   for (const [i, width] of WIDTHS.entries()) await billingStory(browser, width, { url: billing.url, bearer: billing.bearers[i] });
 } finally {
   await browser.close();
+  hooks.close();
 }
 checkScreenshots();
 console.log("dashboard: all checks passed");

@@ -673,13 +673,84 @@ async function saveAlerts(form, settings) {
     const saved = await api("PUT", "/api/v1/customer/alerts", payload);
     settings.webhook_url = saved.webhook_url;
     notify("Alerts saved.");
-    if (saved.signing_secret) {
-      const box = $("#alert-secret");
-      box.hidden = false;
-      box.replaceChildren(h("p", {}, h("strong", {}, "Signing secret, shown once: "), h("code", {}, saved.signing_secret)));
-    }
+    return saved;
   } catch (error) {
     report(error, form);
+    return null;
+  }
+}
+
+/** Shows the signing secret a change made, once. */
+function showSecret(secret, overlapEnds) {
+  const box = $("#alert-secret");
+  box.hidden = false;
+  box.replaceChildren(h("p", {}, h("strong", {}, "Signing secret, shown once: "), h("code", {}, secret)),
+    overlapEnds ? h("p", { class: "muted" }, `Until ${utc(overlapEnds)} UTC deliveries also carry a signature with the previous secret.`) : "");
+}
+
+const utc = (at) => new Date(at).toLocaleString("en-GB", { timeZone: "UTC" });
+
+/** What became of one request to the webhook, in a line. */
+function outcome(sent) {
+  const answer = sent.http_status ? `answered ${sent.http_status}` : "no answer";
+  return sent.delivered ? `Delivered (${answer}, ${sent.latency_ms} ms).` : `Not delivered: ${sent.error} (${sent.latency_ms} ms).`;
+}
+
+async function sendTest(button) {
+  try {
+    const sent = await api("POST", "/api/v1/customer/alerts/test", {});
+    const line = $("#alert-test-outcome");
+    line.textContent = `Test event ${sent.id}: ${outcome(sent)}`;
+    line.classList.toggle("error", !sent.delivered);
+  } catch (error) {
+    report(error);
+  }
+}
+
+async function rotateSecret() {
+  if (!window.confirm("Make a new signing secret? The current one keeps signing for a day beside it.")) return;
+  try {
+    const rotated = await api("POST", "/api/v1/customer/alerts/rotate-secret", {});
+    notify("Signing secret rotated.");
+    await loadAlerts();
+    showSecret(rotated.signing_secret, rotated.previous_secret_expires_at);
+  } catch (error) {
+    report(error);
+  }
+}
+
+/** Lists an event's attempts in the row below it (a second click hides them). */
+async function showAttempts(event, row) {
+  const next = row.nextElementSibling;
+  if (next?.classList.contains("attempts")) {
+    next.remove();
+    return;
+  }
+  try {
+    const { attempts } = await api("GET", `/api/v1/customer/alerts/events/${event.id}/attempts`);
+    const list = attempts.length
+      ? h("table", {}, h("caption", {}, `Attempts at the ${event.threshold} % crossing`),
+        h("thead", {}, h("tr", {}, ["At", "By", "Answer", "Latency", "Next try"].map((t) => h("th", { scope: "col" }, t)))),
+        h("tbody", {}, attempts.map((a) => h("tr", {},
+          h("td", {}, utc(a.attempted_at)),
+          h("td", {}, a.trigger),
+          h("td", {}, a.error ?? `${a.http_status}`),
+          h("td", { class: "number" }, `${a.latency_ms} ms`),
+          h("td", {}, a.next_attempt_at ? utc(a.next_attempt_at) : "")))))
+      : nothing("Not attempted yet.");
+    row.after(h("tr", { class: "attempts" }, h("td", { colspan: 7 }, list)));
+  } catch (error) {
+    report(error);
+  }
+}
+
+async function resend(event) {
+  try {
+    const sent = await api("POST", `/api/v1/customer/alerts/events/${event.id}/resend`, {});
+    notify(`Resent: ${outcome(sent)}`, !sent.delivered);
+    await loadAlerts();
+  } catch (error) {
+    report(error);
   }
 }
 
@@ -688,6 +759,10 @@ async function loadAlerts() {
   try {
     const [settings, { events }] = await Promise.all([api("GET", "/api/v1/customer/alerts"), api("GET", "/api/v1/customer/alerts/events")]);
     const form = h("form", { novalidate: true },
+      settings.endpoint_status === "disabled"
+        ? h("p", { id: "alert-disabled", class: "error", role: "status" },
+          `Deliveries are paused: ${settings.disabled_reason}. Fix the receiver, then save the URL again to resume; held crossings can be resent below.`)
+        : "",
       h("div", { class: "grid" },
         h("div", {}, h("label", { for: "alert-url" }, "Webhook URL"),
           h("input", { id: "alert-url", name: "webhook_url", type: "url", value: settings.webhook_url ?? "", placeholder: "https://shop.example/hooks/usage", "aria-describedby": "alert-url-error" }),
@@ -697,24 +772,54 @@ async function loadAlerts() {
           h("span", { id: "alert-thresholds-error", class: "field-error" }))),
       h("div", { class: "field" }, h("label", {}, h("input", { type: "checkbox", name: "enabled", checked: settings.enabled }), "Alerts on")),
       settings.signing_secret_hint ? h("p", { class: "muted" }, `Signing secret ends in ${settings.signing_secret_hint}.`) : "",
+      settings.previous_secret_expires_at ? h("p", { class: "muted" }, `The previous secret also signs until ${utc(settings.previous_secret_expires_at)} UTC.`) : "",
       h("div", { id: "alert-secret", class: "secret", hidden: true }),
-      h("button", { type: "submit" }, "Save alerts"));
+      h("div", { class: "actions" },
+        h("button", { type: "submit" }, "Save alerts"),
+        settings.webhook_url ? h("button", { type: "button", id: "alert-test", class: "quiet" }, "Send test event") : "",
+        settings.signing_secret_hint ? h("button", { type: "button", id: "alert-rotate", class: "quiet" }, "Rotate secret") : ""),
+      h("p", { id: "alert-test-outcome", role: "status" }));
     form.addEventListener("submit", (event) => {
       event.preventDefault();
-      busy(event.submitter, () => saveAlerts(form, settings));
+      busy(event.submitter, async () => {
+        const saved = await saveAlerts(form, settings);
+        if (!saved) return;
+        // The panel again, with what saving changed (the buttons, an
+        // endpoint enabled again), then the secret it made, once.
+        await loadAlerts();
+        if (saved.signing_secret) showSecret(saved.signing_secret);
+      });
     });
+    $("#alert-test", form)?.addEventListener("click", (event) => busy(event.currentTarget, () => sendTest()));
+    $("#alert-rotate", form)?.addEventListener("click", (event) => busy(event.currentTarget, () => rotateSecret()));
     const history = events.length
       ? h("div", { class: "scroll", tabindex: 0, role: "region", "aria-label": "Alert deliveries" }, h("table", {},
         h("caption", {}, "Crossings, newest first"),
-        h("thead", {}, h("tr", {}, ["Crossed", "Threshold", "Used", "Allowance", "Delivery"].map((t) => h("th", { scope: "col" }, t)))),
-        h("tbody", {}, events.map((e) => h("tr", {},
-          h("td", {}, new Date(e.crossed_at).toLocaleString("en-GB", { timeZone: "UTC" })),
-          h("td", { class: "number" }, `${e.threshold} %`),
-          h("td", { class: "number" }, number(e.tokens_used)),
-          h("td", { class: "number" }, number(e.tokens_total)),
-          h("td", {}, e.delivery))))))
+        h("thead", {}, h("tr", {}, ["Crossed", "Threshold", "Used", "Allowance", "Delivery", "Attempts", ""].map((t) => h("th", { scope: "col" }, t)))),
+        h("tbody", {}, events.map((e) => {
+          const row = h("tr", {},
+            h("td", {}, utc(e.crossed_at)),
+            h("td", { class: "number" }, `${e.threshold} %`),
+            h("td", { class: "number" }, number(e.tokens_used)),
+            h("td", { class: "number" }, number(e.tokens_total)),
+            h("td", {}, e.delivery, e.last_error ? h("span", { class: "muted" }, ` (${e.last_error})`) : ""),
+            h("td", { class: "number" }, `${e.attempts}`),
+            h("td", {}));
+          const actions = row.lastElementChild;
+          const history = h("button", { type: "button", class: "quiet", "aria-label": `Attempts at the ${e.threshold} % crossing` }, "Attempts");
+          history.addEventListener("click", () => showAttempts(e, row));
+          actions.append(history);
+          if (e.delivery !== "pending" && settings.webhook_url) {
+            const again = h("button", { type: "button", class: "quiet", "aria-label": `Resend the ${e.threshold} % crossing` }, "Resend");
+            again.addEventListener("click", (click) => busy(click.currentTarget, () => resend(e)));
+            actions.append(" ", again);
+          }
+          return row;
+        }))))
       : nothing("No threshold crossed yet.");
-    fill(section, form, h("h3", {}, "Deliveries"), history);
+    const refresh = h("button", { type: "button", class: "quiet" }, "Refresh deliveries");
+    refresh.addEventListener("click", (click) => busy(click.currentTarget, () => loadAlerts()));
+    fill(section, form, h("h3", {}, "Deliveries"), refresh, history);
   } catch (error) {
     failed(section, error);
   }
