@@ -659,6 +659,17 @@ impl Drop for TestApp {
         if let Some(server) = self.server.take() {
             server.abort();
         }
+        // The aborted server never reaches its own quit: close its Redis
+        // connections and the test's, or a process that spawns thousands of
+        // instances (the billing simulation) runs out of Redis clients.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (state, redis) = (self.state.clone(), self.redis.clone());
+            runtime.spawn(async move {
+                state.hot.quit().await;
+                state.limiter.quit().await;
+                let _ = redis.quit().await;
+            });
+        }
         let db_name = self.db_name.clone();
         let pattern = format!("{}:*", self.prefix);
         // Drop is synchronous; clean up on a thread with its own runtime and

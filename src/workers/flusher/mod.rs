@@ -148,6 +148,21 @@ pub struct StreamBacklog {
     pub oldest_unflushed_ms: u64,
 }
 
+/// A flusher dropped before its run's end (one driven step by step, a
+/// task cut short) closes its Redis connection: a client's connection task
+/// outlives its handles, so a process making many flushers would otherwise
+/// keep every one of their connections open.
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let redis = self.redis.clone();
+            runtime.spawn(async move {
+                let _ = redis.quit().await;
+            });
+        }
+    }
+}
+
 impl Flusher {
     pub async fn connect(
         redis: &RedisSettings,
