@@ -31,7 +31,7 @@ use crate::{
     hot::account::AccountChange,
     ledger::{
         alerts::{self, AlertEvent, AlertSettings, Attempt, AttemptRecord, DueDelivery},
-        sealed::{alert_secret_place, Sealer},
+        sealed::{alert_secret_place, SealError, Sealer},
     },
 };
 
@@ -256,15 +256,7 @@ impl UsageAlerts {
     }
 
     fn open_secrets(&self, customer: Uuid, sealed: &[&str]) -> Result<Vec<String>, ApiError> {
-        let place = alert_secret_place(customer);
-        sealed
-            .iter()
-            .map(|s| {
-                self.sealer
-                    .open(s, &place)
-                    .map_err(|e| ApiError::Internal(e.into()))
-            })
-            .collect()
+        open_secrets(&self.sealer, customer, sealed).map_err(|e| ApiError::Internal(e.into()))
     }
 
     fn view(&self, customer: Uuid, stored: &AlertSettings) -> Result<SettingsView, ApiError> {
@@ -348,6 +340,16 @@ fn new_secret() -> String {
         "whsec_{}",
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
     )
+}
+
+/// The customer's signing secrets, from their sealed form.
+pub fn open_secrets(
+    sealer: &Sealer,
+    customer: Uuid,
+    sealed: &[&str],
+) -> Result<Vec<String>, SealError> {
+    let place = alert_secret_place(customer);
+    sealed.iter().map(|s| sealer.open(s, &place)).collect()
 }
 
 /// The body of a crossing's delivery (API.md "Usage alerts"), the same on

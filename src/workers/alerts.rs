@@ -34,11 +34,11 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    domain::alerts::{attempt_record, payload},
+    domain::alerts::{attempt_record, open_secrets, payload},
     egress::{Egress, Sent},
     ledger::{
         alerts::{self, Attempt, DueDelivery},
-        sealed::{alert_secret_place, Sealer},
+        sealed::Sealer,
     },
 };
 
@@ -183,13 +183,8 @@ impl AlertDeliveries {
         if delivery.disabled_at.is_some() {
             return Try::Held;
         }
-        let place = alert_secret_place(delivery.customer_id);
-        let secrets: Result<Vec<String>, _> = delivery
-            .signing_secrets(now)
-            .into_iter()
-            .map(|sealed| self.sealer.open(sealed, &place))
-            .collect();
-        let secrets = match secrets {
+        let sealed = delivery.signing_secrets(now);
+        let secrets = match open_secrets(&self.sealer, delivery.customer_id, &sealed) {
             Ok(secrets) if !secrets.is_empty() => secrets,
             Ok(_) => return Try::NotSent("no signing secret".into()),
             Err(e) => return Try::NotSent(format!("signing secret: {e}")),

@@ -4,14 +4,12 @@
 //! can be resent and a test event sent, and an endpoint that only fails
 //! is disabled until its URL is saved again.
 
-use std::sync::atomic::AtomicUsize;
-
 use connected_apps::auth::stripe_signature;
 use serde_json::{json, Value};
 use wiremock::{matchers::method, Mock, MockServer, Request, ResponseTemplate};
 
 use crate::{
-    alerts::{alert_to, crossings, deliveries, put_alerts, spend, verified, FailingThenOk},
+    alerts::{alert_to, crossings, deliveries, put_alerts, receiver_failing, spend, verified},
     helpers::{spawn_app_with, Customer, TestApp},
 };
 
@@ -311,14 +309,7 @@ async fn a_name_that_resolves_to_an_allowed_address_is_delivered_there() {
 #[tokio::test]
 async fn every_attempt_at_a_failing_then_recovering_receiver_is_listed_with_its_answer() {
     let app = spawn_app_with(&[("USAGE_ALERT_RETRY_BASE_MS", "20")]).await;
-    let receiver = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(FailingThenOk {
-            failures: 2,
-            seen: AtomicUsize::new(0),
-        })
-        .mount(&receiver)
-        .await;
+    let receiver = receiver_failing(2).await;
     let shop = app.customer_with_apps("starter", &["rec-001"]).await;
     alert_to(&app, &shop, &receiver.uri()).await;
     assert_eq!(spend(&app, &shop, 850).await, 200);
@@ -367,14 +358,7 @@ async fn every_attempt_at_a_failing_then_recovering_receiver_is_listed_with_its_
 #[tokio::test]
 async fn a_delivered_event_is_resent_with_its_id_and_the_resend_is_in_its_attempts() {
     let app = spawn_app_with(&[("USAGE_ALERT_RETRY_BASE_MS", "60000")]).await;
-    let receiver = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(FailingThenOk {
-            failures: 1,
-            seen: AtomicUsize::new(0),
-        })
-        .mount(&receiver)
-        .await;
+    let receiver = receiver_failing(1).await;
     let shop = app.customer_with_apps("starter", &["rec-001"]).await;
     let secret = alert_to(&app, &shop, &receiver.uri()).await;
     assert_eq!(spend(&app, &shop, 850).await, 200);

@@ -123,9 +123,9 @@ async fn two_hundred_consumes_racing_across_the_80_percent_line_make_one_crossin
 }
 
 /// Answers 500 `failures` times, then 200.
-pub(crate) struct FailingThenOk {
-    pub(crate) failures: usize,
-    pub(crate) seen: AtomicUsize,
+struct FailingThenOk {
+    failures: usize,
+    seen: AtomicUsize,
 }
 
 impl Respond for FailingThenOk {
@@ -138,17 +138,23 @@ impl Respond for FailingThenOk {
     }
 }
 
-#[tokio::test]
-async fn a_receiver_that_fails_twice_then_succeeds_gets_three_attempts_with_the_same_id() {
-    let app = spawn_app_with(&[("USAGE_ALERT_RETRY_BASE_MS", "20")]).await;
+/// A receiver that answers 500 `failures` times, then 200.
+pub(crate) async fn receiver_failing(failures: usize) -> MockServer {
     let receiver = MockServer::start().await;
     Mock::given(method("POST"))
         .respond_with(FailingThenOk {
-            failures: 2,
+            failures,
             seen: AtomicUsize::new(0),
         })
         .mount(&receiver)
         .await;
+    receiver
+}
+
+#[tokio::test]
+async fn a_receiver_that_fails_twice_then_succeeds_gets_three_attempts_with_the_same_id() {
+    let app = spawn_app_with(&[("USAGE_ALERT_RETRY_BASE_MS", "20")]).await;
+    let receiver = receiver_failing(2).await;
     let shop = app.customer_with_apps("starter", &["rec-001"]).await;
     let secret = alert_to(&app, &shop, &receiver.uri()).await;
     assert_eq!(spend(&app, &shop, 850).await, 200);
