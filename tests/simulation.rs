@@ -13,7 +13,10 @@
 //! - `SIM_SEED`: the first sequence's seed (default: drawn, and printed);
 //!   sequence `i` uses seed + i;
 //! - `SIM_PARALLEL`: sequences at once (default 2), each with its own
-//!   database, Redis prefix and stand-in.
+//!   database, Redis prefix and stand-in;
+//! - `SIM_SEQUENCE_SECONDS`: a sequence still running after this long
+//!   (default 600) is a failure, reported with its seed and the step it
+//!   was in (a hang is as much a finding as a wrong balance).
 
 #[path = "api/helpers.rs"]
 #[allow(dead_code)]
@@ -29,7 +32,13 @@ mod steps;
 #[path = "simulation/world.rs"]
 mod world;
 
-use std::time::Instant;
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
 
 use steps::Step;
 use world::{Tally, Violation, World};
@@ -46,19 +55,49 @@ fn setting(name: &str, default: u64) -> u64 {
 type Failed = (u64, Vec<Step>, (usize, Violation));
 
 /// Runs `steps` in a new world: what it exercised, or the first
-/// violation and the step it followed.
-async fn run(seed: u64, steps: &[Step]) -> Result<Tally, (usize, Violation)> {
+/// violation and the step it followed; `at` tells which step it is in.
+async fn run_counting(
+    seed: u64,
+    steps: &[Step],
+    at: &AtomicUsize,
+) -> Result<Tally, (usize, Violation)> {
     let mut world = World::start(seed).await;
     for (i, step) in steps.iter().enumerate() {
+        at.store(i, Ordering::Relaxed);
         world.run(*step).await.map_err(|v| (i, v))?;
     }
+    at.store(steps.len(), Ordering::Relaxed);
     world.settle().await.map_err(|v| (steps.len(), v))?;
     Ok(world.tally)
 }
 
+/// [`run_counting`] within `limit`; past it, a failure at the step it
+/// was in.
+async fn run_within(
+    seed: u64,
+    steps: &[Step],
+    limit: Duration,
+) -> Result<Tally, (usize, Violation)> {
+    let at = Arc::new(AtomicUsize::new(0));
+    match tokio::time::timeout(limit, run_counting(seed, steps, &at)).await {
+        Ok(done) => done,
+        Err(_) => {
+            let step = at.load(Ordering::Relaxed);
+            Err((
+                step,
+                Violation(format!(
+                    "still running after {} s, in step {step} ({:?})",
+                    limit.as_secs(),
+                    steps.get(step)
+                )),
+            ))
+        }
+    }
+}
+
 /// The shortest sequence found, by taking steps away, that still fails,
 /// within `SIM_SHRINK_SECONDS` (default 300).
-async fn shrink(seed: u64, mut steps: Vec<Step>) -> Vec<Step> {
+async fn shrink(seed: u64, mut steps: Vec<Step>, limit: Duration) -> Vec<Step> {
     let budget = std::time::Duration::from_secs(setting("SIM_SHRINK_SECONDS", 300));
     let started = Instant::now();
     let mut chunk = steps.len() / 2;
@@ -67,7 +106,7 @@ async fn shrink(seed: u64, mut steps: Vec<Step>) -> Vec<Step> {
         while start < steps.len() {
             let mut fewer = steps.clone();
             fewer.drain(start..(start + chunk).min(steps.len()));
-            if run(seed, &fewer).await.is_err() {
+            if run_within(seed, &fewer, limit).await.is_err() {
                 steps = fewer;
             } else {
                 start += chunk;
@@ -92,9 +131,16 @@ async fn no_sequence_of_billing_events_loses_or_invents_money() {
     let mut running = tokio::task::JoinSet::new();
     let mut failures = Vec::new();
     let mut tally = Tally::default();
+    let limit = Duration::from_secs(setting("SIM_SEQUENCE_SECONDS", 600));
+    // Each failure is told as it happens: a long run shows its findings
+    // without waiting for its end.
     let mut record = |done: Result<Tally, Failed>| match done {
         Ok(exercised) => tally += exercised,
-        Err(failure) => failures.push(failure),
+        Err(failure) => {
+            let (seed, _, (at, Violation(what))) = &failure;
+            eprintln!("simulation: seed {seed} failed after step {at}: {what}");
+            failures.push(failure);
+        }
     };
     for i in 0..sequences {
         if running.len() >= parallel {
@@ -103,7 +149,9 @@ async fn no_sequence_of_billing_events_loses_or_invents_money() {
         let seed = first_seed + i;
         running.spawn(async move {
             let steps = steps::sequence(seed, length);
-            run(seed, &steps).await.map_err(|e| (seed, steps, e))
+            run_within(seed, &steps, limit)
+                .await
+                .map_err(|e| (seed, steps, e))
         });
     }
     while let Some(done) = running.join_next().await {
@@ -120,9 +168,16 @@ async fn no_sequence_of_billing_events_loses_or_invents_money() {
         eprintln!("simulation: seed {seed} failed after step {at}: {what}");
     }
     if let Some((seed, steps, (at, Violation(what)))) = failures.into_iter().next() {
+        let steps = steps[..=at.min(steps.len() - 1)].to_vec();
+        if what.starts_with("still running") {
+            // Each try at a shorter hang would take the whole limit.
+            panic!(
+                "seed {seed} (replay: SIM_SEED={seed} SIM_SEQUENCES=1 SIM_STEPS={length}) hung: {what}\n{steps:#?}"
+            );
+        }
         eprintln!("simulation: seed {seed} failed after step {at}: {what}; shrinking");
-        let shrunk = shrink(seed, steps[..=at.min(steps.len() - 1)].to_vec()).await;
-        let replay = run(seed, &shrunk).await.err();
+        let shrunk = shrink(seed, steps, limit).await;
+        let replay = run_within(seed, &shrunk, limit).await.err();
         panic!(
             "seed {seed} (replay: SIM_SEED={seed} SIM_SEQUENCES=1 SIM_STEPS={length}) broke the books: {what}\n\
              shrunk to {} steps, failing with {:?}:\n{:#?}",
