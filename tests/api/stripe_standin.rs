@@ -120,7 +120,7 @@ impl StandIn {
             world: Arc::default(),
         };
         Mock::given(wiremock::matchers::any())
-            .respond_with(standin.clone())
+            .respond_with(Responder(standin.world.clone()))
             .mount(&standin.server)
             .await;
         standin
@@ -209,13 +209,7 @@ impl StandIn {
         sub["status"] = json!(status);
     }
 
-    fn route(
-        &self,
-        world: &mut World,
-        method: &str,
-        path: &str,
-        request: &Request,
-    ) -> (u16, Value) {
+    fn route(world: &mut World, method: &str, path: &str, request: &Request) -> (u16, Value) {
         let params = form(request);
         let segments: Vec<&str> = path.trim_start_matches("/v1/").split('/').collect();
         match (method, segments.as_slice()) {
@@ -352,7 +346,7 @@ impl StandIn {
                 crate::stripe_clock::emit(world, "customer.subscription.deleted", &sub);
                 (200, sub)
             }
-            ("POST", ["subscriptions", id]) => self.update_subscription(world, id, &params),
+            ("POST", ["subscriptions", id]) => Self::update_subscription(world, id, &params),
             ("GET", ["invoice_payments"]) => {
                 let invoice = request
                     .url
@@ -390,7 +384,6 @@ impl StandIn {
     /// the customer's default card; unpaid, kept pending or applied as
     /// `payment_behavior` says. A cancellation at the period's end.
     fn update_subscription(
-        &self,
         world: &mut World,
         id: &str,
         params: &HashMap<String, String>,
@@ -471,12 +464,18 @@ impl StandIn {
     }
 }
 
-impl Respond for StandIn {
+/// The server's responder: the stand-in's state, not the server. Holding
+/// the server would make a cycle that keeps it from going back to
+/// wiremock's pool (1,000 servers a process), and a process making more
+/// stand-ins than that (the billing simulation) would wait forever for one.
+struct Responder(Arc<Mutex<World>>);
+
+impl Respond for Responder {
     fn respond(&self, request: &Request) -> ResponseTemplate {
         let method = request.method.to_string();
         let path = request.url.path().to_owned();
         let body = String::from_utf8_lossy(&request.body).into_owned();
-        let mut world = self.world.lock().unwrap();
+        let mut world = self.0.lock().unwrap();
         world
             .calls
             .push((method.clone(), path.clone(), body.clone()));
@@ -502,7 +501,7 @@ impl Respond for StandIn {
                 json!({"error": {"type": "api_error", "message": "an error occurred"}}),
             ),
             None => {
-                let (status, reply) = self.route(&mut world, &method, &path, request);
+                let (status, reply) = StandIn::route(&mut world, &method, &path, request);
                 let (status, reply) =
                     crate::stripe_clock::after(&mut world, &method, status, reply);
                 if let Some(key) = key {
