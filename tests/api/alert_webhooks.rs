@@ -249,7 +249,7 @@ async fn the_operators_allow_list_opens_its_ranges_for_on_premises_receivers() {
 
 #[tokio::test]
 async fn a_name_that_points_inside_when_the_crossing_is_sent_is_refused_and_retried() {
-    let app = spawn_app_with(&[("USAGE_ALERT_RETRY_BASE_MS", "20")]).await;
+    let app = spawn_app_with(&[("USAGE_ALERT_RETRY_BASE_MS", "60000")]).await;
     let shop = app.customer_with_apps("starter", &["rec-001"]).await;
     app.resolver
         .answer("hooks.shop.example", &["93.184.216.34"]);
@@ -258,6 +258,7 @@ async fn a_name_that_points_inside_when_the_crossing_is_sent_is_refused_and_retr
     app.drain_usage().await;
 
     // DNS rebinding: public when saved, the metadata service when sent.
+    // (The retry is a minute away: one attempt, however slow the pass.)
     app.resolver
         .answer("hooks.shop.example", &["169.254.169.254"]);
     deliver_due(&app).await;
