@@ -226,11 +226,10 @@ pub struct Egress {
     policy: AddressPolicy,
     resolver: Arc<dyn Resolve>,
     http: reqwest::Client,
-    production: bool,
 }
 
 impl Egress {
-    pub fn new(policy: AddressPolicy, resolver: Arc<dyn Resolve>, production: bool) -> Self {
+    pub fn new(policy: AddressPolicy, resolver: Arc<dyn Resolve>) -> Self {
         let http = reqwest::Client::builder()
             .dns_resolver(Arc::new(Vetted {
                 policy: policy.clone(),
@@ -247,7 +246,6 @@ impl Egress {
             policy,
             resolver,
             http,
-            production,
         }
     }
 
@@ -276,7 +274,8 @@ impl Egress {
             .iter()
             .all(|ip| internal_range(*ip) == Some("loopback"));
         match url.scheme() {
-            "http" if loopback && self.production => {
+            // Loopback is allowed exactly outside production.
+            "http" if loopback && !self.policy.allow_loopback => {
                 Err("must be https (plain http to loopback only outside production)".into())
             }
             "http" if !loopback => Err("must be https".into()),

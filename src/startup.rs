@@ -112,7 +112,6 @@ impl Application {
                 allow: settings.webhooks.allow_cidrs.clone(),
             },
             resolver,
-            settings.production,
         ));
         let alerts = UsageAlerts::new(
             accounts.clone(),
