@@ -711,9 +711,10 @@ async function rotateSecret() {
   if (!window.confirm("Make a new signing secret? The current one keeps signing for a day beside it.")) return;
   try {
     const rotated = await api("POST", "/api/v1/customer/alerts/rotate-secret", {});
-    notify("Signing secret rotated.");
     await loadAlerts();
     showSecret(rotated.signing_secret, rotated.previous_secret_expires_at);
+    // After the new secret is on the page: whoever reads the notice reads it.
+    notify("Signing secret rotated.");
   } catch (error) {
     report(error);
   }
