@@ -65,6 +65,9 @@ pub(crate) struct World {
     pub(crate) calls: Vec<(String, String, String)>,
     /// How long subscription calls take.
     pub(crate) subscription_delay: Duration,
+    /// How many more subscription calls take that long, when counted
+    /// (`slow_subscription_calls`); `None`: every call from now on.
+    pub(crate) slow_calls_left: Option<u32>,
     /// Every customer's default card from now on, when set.
     pub(crate) card_override: Option<String>,
     /// Whether `POST /v1/subscriptions` does its work and answers 500.
@@ -143,7 +146,18 @@ impl StandIn {
 
     /// Subscription calls answer after `delay` (a slow Stripe).
     pub fn slow_subscriptions(&self, delay: Duration) {
-        self.world.lock().unwrap().subscription_delay = delay;
+        let mut world = self.world.lock().unwrap();
+        world.subscription_delay = delay;
+        world.slow_calls_left = None;
+    }
+
+    /// The next `calls` subscription calls answer after `delay`, the ones
+    /// after them at once: a Stripe slow for a while.
+    #[allow(dead_code)] // The billing simulation's (tests/simulation.rs).
+    pub fn slow_subscription_calls(&self, delay: Duration, calls: u32) {
+        let mut world = self.world.lock().unwrap();
+        world.subscription_delay = delay;
+        world.slow_calls_left = Some(calls);
     }
 
     /// The requests made to `path` with `method`, as form bodies.
@@ -480,7 +494,15 @@ impl Respond for Responder {
             .calls
             .push((method.clone(), path.clone(), body.clone()));
         let delay = if path.starts_with("/v1/subscriptions") {
-            world.subscription_delay
+            let delay = world.subscription_delay;
+            match &mut world.slow_calls_left {
+                Some(0) => Duration::ZERO,
+                Some(left) => {
+                    *left -= 1;
+                    delay
+                }
+                None => delay,
+            }
         } else {
             Duration::ZERO
         };
