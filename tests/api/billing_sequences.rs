@@ -15,7 +15,7 @@ use crate::{
     stripe_clock::Failure,
     stripe_semantics::with_standin,
     stripe_standin::{StandIn, PROFESSIONAL, STARTER},
-    webhooks::{deliver_applied, now, subscribed, subscription},
+    webhooks::{deliver_applied, invoice, now, subscribed, subscription},
 };
 
 async fn subscribe(app: &TestApp, shop: &Customer, plan: &str, card: &str) -> (u16, Value) {
@@ -538,4 +538,52 @@ async fn a_past_due_subscription_cancelled_at_its_periods_end_closes_at_the_end(
         "subscription_inactive",
         "past its period's end, whatever the grace"
     );
+}
+
+// Found by the simulation (seed 1422043588): a renewal's failure delivered
+// after the merchant had cancelled at the period's end opened the account
+// for the whole grace, past the end; a late payment of it, for good.
+
+#[tokio::test]
+async fn an_invoice_event_after_a_cancellation_at_the_periods_end_keeps_the_end() {
+    let app = spawn_app().await;
+    let end = now() + 2;
+    let mut shops = Vec::new();
+    for kind in ["invoice.payment_failed", "invoice.paid"] {
+        let shop = app.create_customer(None).await;
+        let mut sub = subscription(shop.id, STARTER, "past_due");
+        sub["items"]["data"][0]["current_period_start"] = json!(end - 30 * 86_400);
+        sub["items"]["data"][0]["current_period_end"] = json!(end);
+        sub["cancel_at_period_end"] = json!(true);
+        let tag = shop.id.simple();
+        deliver_applied(
+            &app,
+            &format!("evt_ending_{tag}"),
+            "customer.subscription.created",
+            sub,
+        )
+        .await;
+        // The account is in Redis (an event changes it in place there)...
+        app.activate(&shop, "rec-001").await;
+        assert_eq!(spend(&app, &shop, 1).await.0, 200, "{kind}: before the end");
+        // ... when the renewal's invoice event comes.
+        let renewal = invoice(shop.id, &format!("in_{tag}"), end - 30 * 86_400, end);
+        deliver_applied(&app, &format!("evt_invoice_{tag}"), kind, renewal).await;
+        assert_eq!(
+            spend(&app, &shop, 1).await.0,
+            200,
+            "{kind}: still before the end"
+        );
+        shops.push((kind, shop));
+    }
+
+    tokio::time::sleep(Duration::from_millis(((end - now()) as u64 + 1) * 1000)).await;
+
+    for (kind, shop) in &shops {
+        assert_eq!(
+            spend(&app, shop, 1).await.1["error"]["code"],
+            "subscription_inactive",
+            "after {kind}: closed at the period's end"
+        );
+    }
 }

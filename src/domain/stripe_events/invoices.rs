@@ -10,7 +10,10 @@
 //! payment clears `past_due` only when it pays the period that failed or a
 //! later one (`past_due_until_paid`); and whether the subscription is
 //! active is the subscription's own state: a payment never reopens one
-//! that has ended, nor starts a period for it.
+//! that has ended, nor starts a period for it. Nor does either kind of
+//! event keep open past its period's end a subscription cancelled at that
+//! end: the failure of a renewal, or its late payment, comes after the
+//! merchant's cancellation as often as before it.
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -20,7 +23,7 @@ use super::{ignored, int_at, missing, str_at, time, Applied, Outcome};
 use crate::{
     domain::billing::rollover,
     hot::{
-        account::{AccountChange, SubscriptionStatus},
+        account::{ending_at, AccountChange, SubscriptionStatus},
         HotStore,
     },
     ledger::billing::{self, BillingRow},
@@ -65,6 +68,17 @@ fn has_ended(row: &BillingRow) -> bool {
     matches!(row.status.as_str(), "canceled" | "unpaid")
 }
 
+/// Until when the account may consume in `status`, whose own limit is
+/// `open_until` (0: none): never past the period's end when the
+/// subscription ends with it.
+fn open_until(row: &BillingRow, status: SubscriptionStatus, open_until: i64) -> i64 {
+    let closes_at = match (row.cancel_at_period_end, row.end) {
+        (true, Some(end)) => end.timestamp_millis(),
+        _ => 0,
+    };
+    ending_at(status, open_until, closes_at)
+}
+
 /// `invoice.paid`: the period it pays for is paid; a new one starts
 /// (once), and a `past_due` subscription is in good standing again if
 /// this pays the period that failed or a later one.
@@ -98,7 +112,8 @@ pub(super) async fn paid(
         .is_none_or(|failed| end >= failed);
     if current.status == "past_due" && pays_the_failure {
         billing::clear_past_due(tx, customer).await?;
-        changes.push(AccountChange::SetOpenUntil(0));
+        let open = open_until(&current, SubscriptionStatus::Active, 0);
+        changes.push(AccountChange::SetOpenUntil(open));
     }
     Ok((Outcome::Applied, changes))
 }
@@ -121,9 +136,11 @@ pub(super) async fn failed(
         return ignored();
     }
     let since = billing::mark_past_due(tx, customer, created, end).await?;
-    let open_until = SubscriptionStatus::PastDue.open_until((since + grace).timestamp_millis());
-    Ok((
-        Outcome::Applied,
-        vec![AccountChange::SetOpenUntil(open_until)],
-    ))
+    let status = SubscriptionStatus::PastDue;
+    let open = open_until(
+        &current,
+        status,
+        status.open_until((since + grace).timestamp_millis()),
+    );
+    Ok((Outcome::Applied, vec![AccountChange::SetOpenUntil(open)]))
 }
