@@ -26,10 +26,12 @@ call where the slot now is (src/hot/mod.rs). A charge that finds its own
 outcome record (its event id, with or without Idempotency-Key) is
 answered from it ({ 2, its own event id, … }) and charged nothing again.
 
-Batches. Concurrent consumes of one shard are coalesced into one call
-(src/hot/coalesce.rs): while one call for a shard is in Redis, the
-consumes that arrive for it queue, and the next call takes them all. The
-script charges them one after the other, each exactly as if it came
+Batches. Concurrent consumes are coalesced into one call
+(src/hot/coalesce.rs): while one call is in Redis, the consumes that
+arrive queue, and the next call takes them all. On one Redis server a
+call carries charges of any shards, each naming its own shard's keys; in
+a Redis Cluster the charges of one shard only (one slot). The script
+charges them one after the other, each exactly as if it came
 alone (its own idempotency, limits, balance, outcome record and event), so
 the refusal of one never touches another; a batch of one is a lone
 consume. Redis's clock is read once per call: every charge of a batch
@@ -39,12 +41,11 @@ fail mid-way (a Redis error), the charges before the failure stand, and
 each caller learns its own outcome with lua/settle.lua, as for a lost
 reply.
 
-KEYS (2 + 2 per charge)
-  1  usage stream   <prefix>:v1:{s<shard>}:usage
-  2  disabled apps  <prefix>:v1:{s<shard>}:apps:disabled   set of slugs an operator disabled
-  then for each charge:
-  +1 account hash   <prefix>:v1:{s<shard>}:c:<customer>:acct   (src/hot/keys.rs)
-  +2 outcome record <prefix>:v1:{s<shard>}:c:<customer>:idem:<sha256(Idempotency-Key)>,
+KEYS (4 per charge, each charge's of its own customer's shard)
+  +1 usage stream   <prefix>:v1:{s<shard>}:usage
+  +2 disabled apps  <prefix>:v1:{s<shard>}:apps:disabled   set of slugs an operator disabled
+  +3 account hash   <prefix>:v1:{s<shard>}:c:<customer>:acct   (src/hot/keys.rs)
+  +4 outcome record <prefix>:v1:{s<shard>}:c:<customer>:idem:<sha256(Idempotency-Key)>,
                     "<fingerprint>|<event id>|<tokens>|<remaining>", or a settle's
                     fence "fence|<event id>[|<event id>…]"; without Idempotency-Key
                     the hash <prefix>:v1:{s<shard>}:charges:<second of the event id>,
@@ -115,20 +116,26 @@ Usage event (stream entry, read by src/workers/flusher/write.rs)
       "<thresholds>|<used after>|<allowance>|<period start ms>|<period end ms>"
 ]]
 
--- What every charge of the call shares: the shard's stream, Redis's clock
--- (read once, below), and what cannot change while the script runs, asked
--- of Redis once per call rather than once per charge.
-local stream = KEYS[1]
+-- What every charge of the call shares: Redis's clock (read once, below),
+-- and what cannot change while the script runs, asked of Redis once per
+-- call rather than once per charge.
 local now_us, now_ms, now_ms_text
 
+-- Whether the app is in the shard's disabled set, asked once per set and
+-- app in a call.
 local disabled = {}
-local function is_disabled(slug)
-  local known = disabled[slug]
+local function is_disabled(set, slug)
+  local known = disabled[set]
   if known == nil then
-    known = redis.call('SISMEMBER', KEYS[2], slug) == 1
-    disabled[slug] = known
+    known = {}
+    disabled[set] = known
   end
-  return known
+  local answer = known[slug]
+  if answer == nil then
+    answer = redis.call('SISMEMBER', set, slug) == 1
+    known[slug] = answer
+  end
+  return answer
 end
 
 -- A charge record hash (without Idempotency-Key) lives `ttl` seconds past
@@ -147,10 +154,10 @@ local function keep_records(key, ttl)
   end
 end
 
--- One charge: its account and outcome record; its 12 arguments are
--- ARGV[at + 1 .. at + 12], read in place rather than copied into a table
--- of their own.
-local function charge(account, record_key, at)
+-- One charge: its shard's stream and disabled set, its account and outcome
+-- record; its 12 arguments are ARGV[at + 1 .. at + 12], read in place
+-- rather than copied into a table of their own.
+local function charge(stream, disabled_set, account, record_key, at)
   local slug, tokens_arg, event_id, key_id, fingerprint, ttl_arg, details, deadline_arg =
     ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4], ARGV[at + 5], ARGV[at + 6],
     ARGV[at + 7], ARGV[at + 8]
@@ -233,7 +240,7 @@ local function charge(account, record_key, at)
 
   -- 2. Activation, and the app not disabled by an operator (a set per
   -- shard, so every replica refuses it from the moment it is written).
-  if acct[5] ~= '1' or is_disabled(slug) then
+  if acct[5] ~= '1' or is_disabled(disabled_set, slug) then
     return { -3 }
   end
 
@@ -409,9 +416,9 @@ local function charge(account, record_key, at)
   return { 1, remaining, from_purchased, now_ms }
 end
 
-local charges = (#KEYS - 2) / 2
+local charges = #KEYS / 4
 if charges < 1 or charges % 1 ~= 0 or #ARGV ~= 12 * charges then
-  return redis.error_reply('ERR expected 2 + 2n keys and 12n arguments')
+  return redis.error_reply('ERR expected 4n keys and 12n arguments')
 end
 local clock = redis.call('TIME')
 now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
@@ -419,7 +426,8 @@ now_ms = math.floor(now_us / 1000)
 now_ms_text = string.format('%d', now_ms)
 local replies = {}
 for i = 1, charges do
-  local reply = charge(KEYS[2 * i + 1], KEYS[2 * i + 2], 12 * (i - 1))
+  local k = 4 * (i - 1)
+  local reply = charge(KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], 12 * (i - 1))
   if reply.err then
     reply = { -9, reply.err }
   end

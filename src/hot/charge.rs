@@ -13,7 +13,7 @@
 //! too (Redis down) is a 503 given without proof, and counted in
 //! `consume_outcome_unknown_total`.
 //!
-//! Consumes reach Redis coalesced per shard (hot/coalesce.rs): a batch's
+//! Consumes reach Redis coalesced (hot/coalesce.rs): a batch's
 //! call failing, or its reply late, leaves each of its charges in doubt
 //! and each caller settles its own, as above.
 //!
@@ -165,10 +165,7 @@ impl HotStore {
             charge: self.charge_args(charge, deadline),
             reply: reply_to,
         };
-        if !self
-            .coalescer
-            .submit(self.keys.shard_of(charge.customer), pending)
-        {
+        if !self.coalescer.submit(pending) {
             return Err(HotError::Unavailable(anyhow::anyhow!(
                 "the consume queue is closed: shutting down"
             )));
@@ -190,11 +187,11 @@ impl HotStore {
         })
     }
 
-    /// Charges `charges`, all of one shard, in one script call and in their
-    /// order, as the coalescer sends a batch (hot/coalesce.rs), and answers
-    /// each as its caller would: its own reply, or, when the call failed,
-    /// what settling it finds. Requests go through [`Self::charge`]; this
-    /// is for tests of batches.
+    /// Charges `charges` in one script call and in their order, as the
+    /// coalescer sends a batch (hot/coalesce.rs; in a Redis Cluster all of
+    /// one shard), and answers each as its caller would: its own reply, or,
+    /// when the call failed, what settling it finds. Requests go through
+    /// [`Self::charge`]; this is for tests of batches.
     pub async fn charge_all(
         &self,
         charges: &[Charge<'_>],
@@ -203,12 +200,13 @@ impl HotStore {
             return Ok(Vec::new());
         };
         let shard = self.keys.shard_of(first.customer);
-        if charges
-            .iter()
-            .any(|c| self.keys.shard_of(c.customer) != shard)
+        if self.clustered
+            && charges
+                .iter()
+                .any(|c| self.keys.shard_of(c.customer) != shard)
         {
             return Err(HotError::Internal(anyhow::anyhow!(
-                "a batch holds the charges of one shard"
+                "in a cluster a batch holds the charges of one shard"
             )));
         }
         let deadline = self.charge_deadline();
@@ -216,11 +214,7 @@ impl HotStore {
             .iter()
             .map(|c| self.charge_args(c, deadline))
             .collect();
-        let (keys, args) = coalesce::command(
-            &self.keys.usage_stream(shard).into(),
-            &self.keys.disabled_apps(shard).into(),
-            args.iter_mut(),
-        );
+        let (keys, args) = coalesce::command(&self.shard_keys, args.iter_mut());
         match coalesce::call(&self.pool, &self.scripts.consume, keys, args).await {
             Ok(Value::Array(replies)) if replies.len() == charges.len() => Ok(replies
                 .iter()
@@ -321,6 +315,7 @@ impl HotStore {
             key_limit.burst.into(),
         ];
         ChargeArgs {
+            shard: self.keys.shard_of(charge.customer),
             account: self.keys.account(charge.customer),
             record,
             args,

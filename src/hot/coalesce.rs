@@ -1,14 +1,22 @@
-//! Concurrent consumes of one shard, coalesced into one script call.
+//! Concurrent consumes coalesced into one script call per Redis server.
 //!
 //! Redis pays a fixed cost for every script call (the call, the argument
 //! conversion, the reply) that is larger than the charge itself. So while
-//! one call for a shard is in Redis, the consumes that arrive for that
-//! shard wait in its queue, and when the call returns the next takes
-//! every one waiting, up to [`MAX_BATCH`]; `lua/consume.lua` charges them
-//! one after the other, each as if it came alone. There is no timer: a
-//! consume that finds its shard idle goes at once, so at low load nothing
-//! waits for company, and under load a batch is whatever gathered during
-//! one round trip. Shards run side by side on the pool's connections.
+//! one call is in Redis, the consumes that arrive wait in their lane's
+//! queue, and when the call returns the next takes every one waiting, up
+//! to [`MAX_BATCH`]; `lua/consume.lua` charges them one after the other,
+//! each as if it came alone. There is no timer: a consume that finds its
+//! lane idle goes at once, so at low load nothing waits for company, and
+//! under load a batch is whatever gathered during one round trip.
+//!
+//! Lanes. On one Redis server every shard lives on the same server, and
+//! one call may carry charges of any shards (each charge names its own
+//! shard's stream and keys): there is one lane, and batches grow with the
+//! whole service's concurrency, however many merchants share it. Queues per
+//! shard would split the same traffic sixteen ways into batches of one or
+//! two charges (benches/RESULTS.md, "Many merchants"). In a Redis Cluster a
+//! call must stay within one slot, so there each shard is a lane of its
+//! own, and lanes run side by side.
 //!
 //! What a caller is promised does not change (hot/charge.rs): it waits for
 //! its own reply for 60 % of the timeout, and when that does not come, or
@@ -17,7 +25,7 @@
 //! mid-way leaves the charges before the failure made and the rest not;
 //! each caller learns which from its own record.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use fred::{
     clients::Pool,
@@ -34,64 +42,87 @@ use super::Keys;
 /// under a millisecond.
 pub const MAX_BATCH: usize = 64;
 
-/// One charge as the script takes it: its two keys and twelve arguments
-/// (see `lua/consume.lua`).
+/// One charge as the script takes it: its shard, its two keys of its own and
+/// twelve arguments (see `lua/consume.lua`).
 pub(super) struct ChargeArgs {
+    pub shard: u16,
     pub account: String,
     pub record: String,
     pub args: Vec<Value>,
 }
 
-/// A charge waiting for its shard's next call, and where its reply goes.
+/// A charge waiting for its lane's next call, and where its reply goes.
 pub(super) struct Pending {
     pub charge: ChargeArgs,
     pub reply: oneshot::Sender<Result<Value, Error>>,
 }
 
-/// A queue per shard, each drained by a task of its own. The tasks end when
-/// the last handle is dropped.
+/// Each shard's stream and disabled-apps set as keys, built once: every
+/// charge of a call names its shard's pair.
+#[derive(Clone)]
+pub(super) struct ShardKeys(Arc<[(Key, Key)]>);
+
+impl ShardKeys {
+    pub fn new(keys: &Keys) -> Self {
+        Self(
+            (0..keys.shards())
+                .map(|shard| {
+                    (
+                        Key::from(keys.usage_stream(shard)),
+                        Key::from(keys.disabled_apps(shard)),
+                    )
+                })
+                .collect(),
+        )
+    }
+}
+
+/// The lanes' queues, each drained by a task of its own: one lane on one
+/// Redis server, a lane per shard in a cluster (see the module docs). The
+/// tasks end when the last handle is dropped.
 pub(super) struct Coalescer {
     queues: Vec<mpsc::UnboundedSender<Pending>>,
 }
 
 impl Coalescer {
-    /// Starts one task per shard. Must be called inside the runtime.
-    pub fn start(pool: &Pool, script: &Script, keys: &Keys) -> Self {
+    /// Starts one task per lane. Must be called inside the runtime.
+    pub fn start(pool: &Pool, script: &Script, keys: &Keys, clustered: bool) -> Self {
         let batch_sizes = metrics::histogram!("consume_batch_charges");
-        let queues = (0..keys.shards())
-            .map(|shard| {
+        let lanes = if clustered { keys.shards() } else { 1 };
+        let shard_keys = ShardKeys::new(keys);
+        let queues = (0..lanes)
+            .map(|_| {
                 let (queue, waiting) = mpsc::unbounded_channel();
-                let shard = ShardCalls {
+                let lane = Lane {
                     pool: pool.clone(),
                     script: script.clone(),
-                    stream: keys.usage_stream(shard).into(),
-                    disabled: keys.disabled_apps(shard).into(),
+                    keys: shard_keys.clone(),
                     batch_sizes: batch_sizes.clone(),
                 };
-                tokio::spawn(shard.drain(waiting));
+                tokio::spawn(lane.drain(waiting));
                 queue
             })
             .collect();
         Self { queues }
     }
 
-    /// Queues a charge for its shard's next call. `false` when the shard's
+    /// Queues a charge for its lane's next call. `false` when the lane's
     /// task is gone (the runtime is shutting down): nothing was sent.
-    pub fn submit(&self, shard: u16, pending: Pending) -> bool {
-        self.queues[usize::from(shard)].send(pending).is_ok()
+    pub fn submit(&self, pending: Pending) -> bool {
+        let lane = usize::from(pending.charge.shard) % self.queues.len();
+        self.queues[lane].send(pending).is_ok()
     }
 }
 
-/// What one shard's calls need.
-struct ShardCalls {
+/// What one lane's calls need.
+struct Lane {
     pool: Pool,
     script: Script,
-    stream: Key,
-    disabled: Key,
+    keys: ShardKeys,
     batch_sizes: metrics::Histogram,
 }
 
-impl ShardCalls {
+impl Lane {
     async fn drain(self, mut waiting: mpsc::UnboundedReceiver<Pending>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while let Some(first) = waiting.recv().await {
@@ -110,7 +141,7 @@ impl ShardCalls {
             }
             self.batch_sizes.record(batch.len() as f64);
             let charges = batch.iter_mut().map(|pending| &mut pending.charge);
-            let (keys, args) = command(&self.stream, &self.disabled, charges);
+            let (keys, args) = command(&self.keys, charges);
             let reply = call(&self.pool, &self.script, keys, args).await;
             answer(reply, &mut batch);
         }
@@ -118,17 +149,18 @@ impl ShardCalls {
 }
 
 /// The call's keys and arguments for `charges`, in their order (taken out
-/// of them).
+/// of them): four keys a charge (its shard's stream and disabled-apps set,
+/// its account, its outcome record) and its twelve arguments.
 pub(super) fn command<'a>(
-    stream: &Key,
-    disabled: &Key,
+    shards: &ShardKeys,
     charges: impl ExactSizeIterator<Item = &'a mut ChargeArgs>,
 ) -> (MultipleKeys, MultipleValues) {
-    let mut keys = Vec::with_capacity(2 + 2 * charges.len());
-    keys.push(stream.clone());
-    keys.push(disabled.clone());
+    let mut keys = Vec::with_capacity(4 * charges.len());
     let mut args = Vec::with_capacity(12 * charges.len());
     for charge in charges {
+        let (stream, disabled) = &shards.0[usize::from(charge.shard)];
+        keys.push(stream.clone());
+        keys.push(disabled.clone());
         keys.push(Key::from(std::mem::take(&mut charge.account)));
         keys.push(Key::from(std::mem::take(&mut charge.record)));
         args.append(&mut charge.args);

@@ -7,7 +7,7 @@
 //!
 //! - [`keys`]: the key layout and why it is hash-tagged.
 //! - [`charge`]: the consume script and its outcomes; `coalesce`: how
-//!   concurrent consumes of a shard share one script call.
+//!   concurrent consumes share one script call.
 //! - [`account`]: loading a customer's hot state, and changing it in place.
 //! - [`rate_limit`]: the route groups' rate limits (the consume limits are
 //!   inside the consume script).
@@ -89,8 +89,12 @@ pub struct HotStore {
     /// `redis_script_duration_seconds{script="consume"}`: the consume
     /// script's round trip as the request path sees it.
     script_time: metrics::Histogram,
-    /// Each shard's queue of consumes for its next script call.
+    /// The queues of consumes waiting for their lane's next script call.
     coalescer: Arc<coalesce::Coalescer>,
+    /// Each shard's stream and disabled-apps set, as a call names them.
+    shard_keys: coalesce::ShardKeys,
+    /// A Redis Cluster: a script call stays within one shard.
+    clustered: bool,
     /// Whether the server's version was found new enough (`version`).
     version_checked: Arc<AtomicBool>,
 }
@@ -179,8 +183,16 @@ impl HotStore {
         }
         let keys = Keys::new(&settings.key_prefix, settings.stream_shards);
         let scripts = Arc::new(Scripts::new());
-        let coalescer = Arc::new(coalesce::Coalescer::start(&pool, &scripts.consume, &keys));
+        let clustered = pool.next().is_clustered();
+        let coalescer = Arc::new(coalesce::Coalescer::start(
+            &pool,
+            &scripts.consume,
+            &keys,
+            clustered,
+        ));
         let store = Self {
+            shard_keys: coalesce::ShardKeys::new(&keys),
+            clustered,
             pool,
             side,
             keys,
@@ -199,6 +211,12 @@ impl HotStore {
 
     pub fn keys(&self) -> &Keys {
         &self.keys
+    }
+
+    /// Whether Redis is a cluster: there a script call, and so a batch of
+    /// consumes, holds the keys of one shard only.
+    pub fn clustered(&self) -> bool {
+        self.clustered
     }
 
     pub(crate) fn client(&self) -> &Client {

@@ -1,5 +1,9 @@
 //! Random operation sequences through the real consume script, checked
-//! against a plain Rust model of the balance rules.
+//! against a plain Rust model of the balance rules. Each sequence runs
+//! over three shops, in three shards on one Redis server (in a cluster, in
+//! one shard: a call stays within a slot there), so a batch carries the
+//! charges of several shops, and of several shards, as the coalescer sends
+//! them.
 
 use std::collections::{HashMap, HashSet};
 
@@ -15,11 +19,13 @@ use proptest::prelude::*;
 use uuid::Uuid;
 
 const APPS: [&str; 3] = ["a0-001", "a1-001", "a2-001"];
+const SHOPS: usize = 3;
 
-/// One use of an app: which app, how many tokens, with which embed key
-/// (else a JWT), under which Idempotency-Key and body.
+/// One use of an app: by which shop, which app, how many tokens, with which
+/// embed key (else a JWT), under which Idempotency-Key and body.
 #[derive(Debug, Clone)]
 struct Use {
+    shop: usize,
     app: usize,
     tokens: i64,
     key: Option<usize>,
@@ -29,26 +35,29 @@ struct Use {
 #[derive(Debug, Clone)]
 enum Op {
     Consume(Use),
-    /// Uses charged in one script call, as concurrent consumes of a shard
-    /// are (hot/coalesce.rs): each must be answered as if it came alone,
-    /// in order.
+    /// Uses charged in one script call, as concurrent consumes are
+    /// (hot/coalesce.rs): each must be answered as if it came alone, in
+    /// order.
     Batch(Vec<Use>),
-    AddPurchased(i64),
+    /// The rest: (shop, what).
+    AddPurchased(usize, i64),
     /// A refund taking back up to this many purchased tokens.
-    Refund(i64),
-    Activate(usize),
-    Deactivate(usize),
-    RevokeKey(usize),
+    Refund(usize, i64),
+    Activate(usize, usize),
+    Deactivate(usize, usize),
+    RevokeKey(usize, usize),
 }
 
 fn a_use() -> impl Strategy<Value = Use> {
     (
+        0..SHOPS,
         0..3usize,
         1..400i64,
         proptest::option::of(0..3usize),
         proptest::option::of((0..3usize, 0..2usize)),
     )
-        .prop_map(|(app, tokens, key, idem)| Use {
+        .prop_map(|(shop, app, tokens, key, idem)| Use {
+            shop,
             app,
             tokens,
             key,
@@ -60,11 +69,11 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => a_use().prop_map(Op::Consume),
         2 => proptest::collection::vec(a_use(), 2..12).prop_map(Op::Batch),
-        1 => (1..500i64).prop_map(Op::AddPurchased),
-        1 => (1..500i64).prop_map(Op::Refund),
-        1 => (0..3usize).prop_map(Op::Activate),
-        1 => (0..3usize).prop_map(Op::Deactivate),
-        1 => (0..3usize).prop_map(Op::RevokeKey),
+        1 => (0..SHOPS, 1..500i64).prop_map(|(shop, n)| Op::AddPurchased(shop, n)),
+        1 => (0..SHOPS, 1..500i64).prop_map(|(shop, n)| Op::Refund(shop, n)),
+        1 => (0..SHOPS, 0..3usize).prop_map(|(shop, app)| Op::Activate(shop, app)),
+        1 => (0..SHOPS, 0..3usize).prop_map(|(shop, app)| Op::Deactivate(shop, app)),
+        1 => (0..SHOPS, 0..3usize).prop_map(|(shop, key)| Op::RevokeKey(shop, key)),
     ]
 }
 
@@ -103,6 +112,7 @@ impl Model {
     fn consume(
         &mut self,
         &Use {
+            shop: _,
             app,
             tokens,
             key,
@@ -233,15 +243,36 @@ fn charge_of<'a>(
     }
 }
 
-async fn run_case(
+/// A shop's state when its sequence starts: allowance (-1 unlimited),
+/// used, purchased, and its subscription's status (with whether a past-due
+/// one is within its grace).
+type Start = (i64, i64, i64, (SubscriptionStatus, bool));
+
+fn start() -> impl Strategy<Value = Start> {
+    (
+        prop_oneof![Just(-1i64), 0..2000i64],
+        0..1500i64,
+        0..500i64,
+        status(),
+    )
+}
+
+/// A shop of the sequence: its id, its embed keys, and its model.
+struct Shop {
+    id: Uuid,
+    key_ids: Vec<Uuid>,
+    model: Model,
+}
+
+/// Loads a shop in `shard` from `start`.
+async fn open_shop(
     hot: &HotStore,
-    allowance: i64,
-    used: i64,
-    purchased: i64,
-    (status, in_grace): (SubscriptionStatus, bool),
-    ops: Vec<Op>,
-) -> Result<(), TestCaseError> {
-    let customer = Uuid::new_v4();
+    shard: u16,
+    (allowance, used, purchased, (status, in_grace)): Start,
+) -> Result<Shop, TestCaseError> {
+    let id = std::iter::repeat_with(Uuid::new_v4)
+        .find(|id| hot.keys().shard_of(*id) == shard)
+        .unwrap();
     let key_ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
     let now = chrono::Utc::now().timestamp_millis();
     let state = AccountState {
@@ -258,8 +289,8 @@ async fn run_case(
         alert_at: String::new(),
         alerted: String::new(),
     };
-    prop_assert!(hot.load_account(customer, &state).await.unwrap());
-    let mut model = Model {
+    prop_assert!(hot.load_account(id, &state).await.unwrap());
+    let model = Model {
         allowance,
         used,
         purchased,
@@ -271,22 +302,46 @@ async fn run_case(
         keys: [0, 1, 2].into_iter().collect(),
         idem: HashMap::new(),
     };
+    Ok(Shop { id, key_ids, model })
+}
+
+async fn run_case(hot: &HotStore, starts: Vec<Start>, ops: Vec<Op>) -> Result<(), TestCaseError> {
+    // Three shards on one server; one shard, the first shop's, in a cluster.
+    let mut shops: Vec<Shop> = Vec::new();
+    for (n, start) in starts.into_iter().enumerate() {
+        let shard = match shops.first() {
+            Some(first) if hot.clustered() => hot.keys().shard_of(first.id),
+            _ => n as u16 % hot.keys().shards(),
+        };
+        shops.push(open_shop(hot, shard, start).await?);
+    }
     let app_id = Uuid::new_v4();
+    /// The charge of `one` by its shop.
+    fn charge_by<'a>(
+        shops: &[Shop],
+        app_id: Uuid,
+        one: &Use,
+        idem_key: &'a Option<String>,
+        fingerprint: &'a Option<String>,
+    ) -> Charge<'a> {
+        let shop = &shops[one.shop];
+        charge_of(one, shop.id, app_id, &shop.key_ids, idem_key, fingerprint)
+    }
 
     for op in ops {
         match op {
             Op::Consume(one) => {
                 let (idem_key, fingerprint) = idempotency(&one);
-                let charge = charge_of(&one, customer, app_id, &key_ids, &idem_key, &fingerprint);
+                let charge = charge_by(&shops, app_id, &one, &idem_key, &fingerprint);
                 let got = comparable(hot.charge(&charge).await.unwrap());
-                prop_assert_eq!(got, model.consume(&one));
+                prop_assert_eq!(got, shops[one.shop].model.consume(&one));
             }
             Op::Batch(uses) => {
                 let idempotency: Vec<_> = uses.iter().map(idempotency).collect();
                 let charges: Vec<_> = uses
                     .iter()
                     .zip(&idempotency)
-                    .map(|(one, (key, fp))| charge_of(one, customer, app_id, &key_ids, key, fp))
+                    .map(|(one, (key, fp))| charge_by(&shops, app_id, one, key, fp))
                     .collect();
                 let got: Vec<_> = hot
                     .charge_all(&charges)
@@ -295,55 +350,63 @@ async fn run_case(
                     .into_iter()
                     .map(|outcome| comparable(outcome.unwrap()))
                     .collect();
-                let expected: Vec<_> = uses.iter().map(|one| model.consume(one)).collect();
+                let expected: Vec<_> = uses
+                    .iter()
+                    .map(|one| shops[one.shop].model.consume(one))
+                    .collect();
                 prop_assert_eq!(got, expected);
             }
-            Op::AddPurchased(n) => {
+            Op::AddPurchased(shop, n) => {
+                let shop = &mut shops[shop];
                 // A credit, then its retry: credited once.
                 let credit = [AccountChange::CreditPurchased {
                     tokens: n,
                     once: Once::grant(Uuid::new_v4()),
                 }];
                 prop_assert_eq!(
-                    hot.update_account(customer, &credit).await.unwrap(),
+                    hot.update_account(shop.id, &credit).await.unwrap(),
                     Updated::Applied
                 );
                 prop_assert_eq!(
-                    hot.update_account(customer, &credit).await.unwrap(),
+                    hot.update_account(shop.id, &credit).await.unwrap(),
                     Updated::Gated
                 );
-                model.purchased += n;
+                shop.model.purchased += n;
             }
-            Op::Refund(n) => {
+            Op::Refund(shop, n) => {
+                let shop = &mut shops[shop];
                 let once = Once::refund(&format!("pi_{}", Uuid::new_v4().simple()), 1);
-                let taken = hot.take_purchased(customer, &once, n).await.unwrap();
-                let expected = n.min(model.purchased.max(0));
+                let taken = hot.take_purchased(shop.id, &once, n).await.unwrap();
+                let expected = n.min(shop.model.purchased.max(0));
                 prop_assert_eq!(taken, Some(expected), "only unspent tokens come back");
-                let retried = hot.take_purchased(customer, &once, n).await.unwrap();
+                let retried = hot.take_purchased(shop.id, &once, n).await.unwrap();
                 prop_assert_eq!(
                     retried,
                     taken,
                     "a retry is told the first take, takes nothing"
                 );
-                model.purchased -= expected;
+                shop.model.purchased -= expected;
             }
-            Op::Activate(app) => {
-                hot.update_account(customer, &[AccountChange::ActivateApp(APPS[app].into())])
+            Op::Activate(shop, app) => {
+                let shop = &mut shops[shop];
+                hot.update_account(shop.id, &[AccountChange::ActivateApp(APPS[app].into())])
                     .await
                     .unwrap();
-                model.apps.insert(app);
+                shop.model.apps.insert(app);
             }
-            Op::Deactivate(app) => {
-                hot.update_account(customer, &[AccountChange::DeactivateApp(APPS[app].into())])
+            Op::Deactivate(shop, app) => {
+                let shop = &mut shops[shop];
+                hot.update_account(shop.id, &[AccountChange::DeactivateApp(APPS[app].into())])
                     .await
                     .unwrap();
-                model.apps.remove(&app);
+                shop.model.apps.remove(&app);
             }
-            Op::RevokeKey(k) => {
-                hot.update_account(customer, &[AccountChange::RemoveEmbedKey(key_ids[k])])
+            Op::RevokeKey(shop, k) => {
+                let shop = &mut shops[shop];
+                hot.update_account(shop.id, &[AccountChange::RemoveEmbedKey(shop.key_ids[k])])
                     .await
                     .unwrap();
-                model.keys.remove(&k);
+                shop.model.keys.remove(&k);
             }
         }
     }
@@ -361,13 +424,10 @@ fn the_consume_script_agrees_with_the_model_on_random_operation_sequences() {
         ..ProptestConfig::default()
     };
     proptest!(config, |(
-        allowance in prop_oneof![Just(-1i64), 0..2000i64],
-        used in 0..1500i64,
-        purchased in 0..500i64,
-        status in status(),
+        starts in proptest::collection::vec(start(), SHOPS),
         ops in proptest::collection::vec(op(), 1..60),
     )| {
-        rt.block_on(run_case(&hot, allowance, used, purchased, status, ops))?;
+        rt.block_on(run_case(&hot, starts, ops))?;
     });
     rt.block_on(async {
         use fred::prelude::*;
