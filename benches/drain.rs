@@ -1,14 +1,21 @@
 //! How fast the flusher drains a backlog into the ledger.
 //!
-//! Fills the usage streams with real consumes (the consume script, on 50
+//! Fills the usage streams with real consumes (the consume script, on 1,000
 //! unlimited customers, three apps each, sessions of about five events),
 //! then times the flusher's passes until the streams are empty, rows and
 //! daily aggregates committed, and checks that the ledger holds exactly
 //! the events charged.
 //!
-//! `cargo bench --bench drain` drains 1,000,000 events; `-- --events N`
-//! and `-- --flushers K` (K flushers side by side, as K processes would)
-//! change the run. Under `cargo test` it drains a small backlog once, as a
+//! Then the physical limit, in the same run: the same rows, sessions,
+//! visitors and daily aggregates written again by PostgreSQL alone (the
+//! ledger's tables emptied, and each filled by one `INSERT … SELECT` from a
+//! copy of what the drain wrote, in one transaction: the same tuples,
+//! indexes and WAL, with no client, no decoding and no round trips), and
+//! the drain's rate as a share of it.
+//!
+//! `cargo bench --bench drain` drains 1,000,000 events; `-- --events N`,
+//! `-- --customers N` and `-- --flushers K` (K flushers side by side, as K
+//! processes would) change the run. Under `cargo test` it drains a small backlog once, as a
 //! check that the benchmark still works. Uses `TEST_DATABASE_URL`'s server
 //! (a database of its own, dropped after) and `TEST_REDIS_URL` (a key
 //! prefix of its own, deleted after). Figures in benches/RESULTS.md.
@@ -35,13 +42,13 @@ use serde_json::value::RawValue;
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
-const CUSTOMERS: usize = 50;
 const APPS: [&str; 3] = ["vto-001", "rec-001", "fit-001"];
 /// Consumes in flight while the backlog is filled.
 const FILLERS: usize = 256;
 
 struct Options {
     events: usize,
+    customers: usize,
     flushers: usize,
 }
 
@@ -56,6 +63,7 @@ fn options() -> Options {
     };
     Options {
         events: value("--events").unwrap_or(if full { 1_000_000 } else { 5_000 }),
+        customers: value("--customers").unwrap_or(if full { 1_000 } else { 50 }),
         flushers: value("--flushers").unwrap_or(1),
     }
 }
@@ -107,8 +115,8 @@ async fn run(options: &Options, settings: &Settings) -> anyhow::Result<()> {
             .bind(&APPS[..])
             .fetch_all(&db)
             .await?;
-    let mut customers = Vec::with_capacity(CUSTOMERS);
-    for i in 0..CUSTOMERS {
+    let mut customers = Vec::with_capacity(options.customers);
+    for i in 0..options.customers {
         let id = Uuid::now_v7();
         sqlx::query("INSERT INTO customers (id, name, email) VALUES ($1, $2, $3)")
             .bind(id)
@@ -260,12 +268,54 @@ async fn run(options: &Options, settings: &Settings) -> anyhow::Result<()> {
         (rows, tokens),
         "aggregates match the rows"
     );
+    let days: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM usage_analytics_daily")
+        .fetch_one(&db)
+        .await?;
     println!(
-        "checked at {}: {rows} rows, {tokens} tokens, aggregates equal",
+        "checked at {}: {rows} rows, {tokens} tokens, aggregates equal ({days} distinct customer, app and day)",
         Utc::now()
+    );
+
+    let limit = server_side_insert(&db).await?;
+    println!(
+        "the same rows, sessions, visitors and aggregates inserted by PostgreSQL alone in {limit:.2?}: {:.0} events/s; the drain reached {:.2} of it",
+        rows as f64 / limit.as_secs_f64(),
+        limit.as_secs_f64() / took.as_secs_f64()
     );
     db.close().await;
     Ok(())
+}
+
+/// How long PostgreSQL alone takes to write what the drain wrote: the rows,
+/// the sessions and visitors seen, and the daily aggregates, copied aside,
+/// the ledger's tables emptied, then each filled again by one `INSERT …
+/// SELECT` in one transaction, after a checkpoint so neither run inherits
+/// the other's dirty pages.
+async fn server_side_insert(db: &sqlx::PgPool) -> anyhow::Result<Duration> {
+    let mut conn = db.acquire().await?;
+    for statement in [
+        "CREATE TABLE bench_rows AS SELECT * FROM token_usage",
+        "CREATE TABLE bench_distinct AS SELECT * FROM usage_daily_distinct",
+        "CREATE TABLE bench_daily AS SELECT * FROM usage_analytics_daily",
+        "TRUNCATE token_usage, usage_daily_distinct, usage_analytics_daily",
+        "VACUUM ANALYZE bench_rows",
+        "CHECKPOINT",
+    ] {
+        sqlx::query(statement).execute(&mut *conn).await?;
+    }
+    let started = Instant::now();
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    for statement in [
+        "INSERT INTO token_usage SELECT * FROM bench_rows ON CONFLICT (id, created_at) DO NOTHING",
+        "INSERT INTO usage_daily_distinct SELECT * FROM bench_distinct ON CONFLICT DO NOTHING",
+        "INSERT INTO usage_analytics_daily SELECT * FROM bench_daily \
+         ON CONFLICT (customer_id, app_id, date) DO UPDATE SET \
+         tokens_consumed = usage_analytics_daily.tokens_consumed + EXCLUDED.tokens_consumed",
+    ] {
+        sqlx::query(statement).execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(started.elapsed())
 }
 
 async fn clean_up(settings: &Settings, database: &str) {

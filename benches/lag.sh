@@ -9,22 +9,29 @@
 # load and until the backlog is gone.
 #
 #   BASE_URL=http://127.0.0.1:8000 TOKEN=<jwt> LOAD_SECONDS=30 benches/lag.sh
+#   TOKENS_FILE=<file of JWTs, one a line> … (rotated per request: many merchants)
 #   METRICS_URL=… when the flusher runs in another process
 set -euo pipefail
 base=${BASE_URL:-http://127.0.0.1:8000}
 metrics=${METRICS_URL:-$base/metrics}
 secs=${LOAD_SECONDS:-30}
-: "${TOKEN:?TOKEN must hold a JWT with tokens:consume}"
+[ -n "${TOKENS_FILE:-}" ] || : "${TOKEN:?TOKEN must hold a JWT with tokens:consume (or TOKENS_FILE name a file of them)}"
 command -v wrk >/dev/null || { echo "lag.sh: wrk is missing (apt-get install wrk)" >&2; exit 2; }
 
 script=$(mktemp --suffix=.lua)
 trap 'rm -f "$script"' EXIT
-cat > "$script" <<LUA
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer $TOKEN"
-wrk.body = '{"app_id":"${APP_ID:-vto-001}","session_id":"sess-abc123","metadata":{"user_agent":"Mozilla/5.0","ip_address":"192.168.1.1","product_id":"frame-001","processing_time_ms":1250}}'
-LUA
+{
+  echo 'wrk.method = "POST"'
+  echo 'wrk.headers["Content-Type"] = "application/json"'
+  if [ -n "${TOKENS_FILE:-}" ]; then
+    echo 'local toks = {'; sed 's/.*/"&",/' "$TOKENS_FILE"; echo '}'
+    echo 'local i = 0'
+    echo 'request = function() i = i % #toks + 1; wrk.headers["Authorization"] = "Bearer " .. toks[i]; return wrk.format() end'
+  else
+    echo "wrk.headers[\"Authorization\"] = \"Bearer $TOKEN\""
+  fi
+  echo "wrk.body = '{\"app_id\":\"${APP_ID:-vto-001}\",\"tokens_consumed\":5,\"session_id\":\"sess-abc123\",\"metadata\":{\"user_agent\":\"Mozilla/5.0\",\"ip_address\":\"192.168.1.1\",\"product_id\":\"frame-001\",\"processing_time_ms\":1250}}'"
+} > "$script"
 
 lag() {
   curl -fs "$metrics" | awk '/^usage_stream_oldest_unflushed_seconds/ { if ($2 > max) max = $2 } END { printf "%.3f", max + 0 }'
