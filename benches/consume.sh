@@ -3,19 +3,35 @@
 #
 # Starts the release binary (or BINARY) with ROLES (default `api`; `all`
 # for every role) on PORT (default 8010) against a database and Redis
-# database of its own, sets up an enterprise customer (unlimited, so
-# nothing runs out) with vto-001 active, then:
+# database of its own, and sets up the traffic of each of MIXES (default
+# `one zipf`):
 #
-# 1. `../shared/ceiling/compare.sh` with the customer's JWT (ROUNDS, 5 by
-#    default; 0 skips it): consume rps against the ceiling's, median ratio;
+# - `one`: one enterprise customer (unlimited, so nothing runs out) with
+#   vto-001 active, every request with its JWT;
+# - `zipf`: CUSTOMERS (default 1,000) such customers, and 4,096 bearer
+#   tokens drawn from them with weight 1/i for the i-th (Zipf, s = 1: a
+#   few large merchants and a long tail), seed SEED (default 27), rotated
+#   per request. Real traffic is many merchants; one customer flatters
+#   anything that batches per customer or per shard.
+#
+# Then, for each mix:
+#
+# 1. `../shared/ceiling/compare.sh` with the mix as its TOKENS_FILE
+#    (ROUNDS, 5 by default; 0 skips it): consume rps against the
+#    ceiling's, median ratio (the ceiling ignores the token, so both sides
+#    pay the same load-generator cost);
 # 2. CPU per 1,000 consumes of the service, of Redis and of the ceiling
 #    server (`thin-consume`), from /proc/<pid>/stat over one wrk run
 #    (1 thread, 64 connections, CPU_SECONDS, 8 by default) each, with the
 #    script calls and charges per call (`consume_batch_charges`);
-#    then the service's resident memory, now and at its peak;
-# 3. with PROFILE=1, `perf record` of the service during another wrk run,
-#    folded into a flamegraph (inferno, installed on first use) at
-#    PROFILE_SVG (default target/consume-flamegraph.svg).
+# 3. when the flusher runs here (ROLES=all), LAG_SECONDS (60 by default;
+#    0 skips it) of the same load through benches/lag.sh: the stream lag
+#    each second, and whether the backlog drains;
+#
+# then the service's resident memory, now and at its peak, and with
+# PROFILE=1, `perf record` of the service during another wrk run of the
+# last mix, folded into a flamegraph (inferno, installed on first use) at
+# PROFILE_SVG (default target/consume-flamegraph.svg).
 #
 # Settings are the defaults a user runs with, except that the consume rate
 # limit is lifted (RATE_LIMIT_CONSUME_PER_HOUR=0): a benchmark of one
@@ -23,12 +39,14 @@
 #
 #   cargo build --release && benches/consume.sh
 #   ROLES=all benches/consume.sh
+#   MIXES=zipf ROUNDS=3 benches/consume.sh
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 bin=${BINARY:-$here/target/release/connected-apps}
 port=${PORT:-8010}
 roles=${ROLES:-api}
 secs=${CPU_SECONDS:-8}
+mixes=${MIXES:-one zipf}
 ceiling=$here/../shared/ceiling
 command -v wrk >/dev/null || { echo "consume.sh: wrk is missing (apt-get install wrk)" >&2; exit 2; }
 [ -x "$bin" ] || { echo "consume.sh: $bin is missing (cargo build --release)" >&2; exit 2; }
@@ -40,36 +58,56 @@ redis-cli -u "$REDIS_URL" --scan --pattern 'bench-consume:*' | xargs -r -n 500 r
 "$bin" migrate >/dev/null
 "$bin" serve --roles "$roles" &
 service=$!
-trap 'kill $service 2>/dev/null || true' EXIT
+work=$(mktemp -d)
+trap 'kill $service 2>/dev/null || true; rm -rf "$work"' EXIT
 base=http://127.0.0.1:$port
 for _ in $(seq 100); do curl -fs "$base/health/ready" >/dev/null && break; sleep 0.1; done
 
 . "$here/scripts/customer.sh"
-read -r customer token < <(new_customer "$bin" "$base" enterprise)
 url=$base/api/v1/customer/tokens/consume
 echo "service: $bin serve --roles $roles on $port, commit $(git -C "$here" rev-parse --short HEAD)"
-
-if [ "${ROUNDS:-5}" != 0 ]; then
-  echo "== compare.sh"
-  "$ceiling/compare.sh" "$url" "Authorization: Bearer $token"
-fi
+for mix in $mixes; do
+  case $mix in
+    one)
+      new_customer "$bin" "$base" enterprise | cut -d' ' -f2 > "$work/one" ;;
+    zipf)
+      customers=${CUSTOMERS:-1000}
+      export -f new_customer
+      seq "$customers" | xargs -P 4 -I{} bash -c 'new_customer "$0" "$1" enterprise' "$bin" "$base" |
+        cut -d' ' -f2 > "$work/customers"
+      [ "$(wc -l < "$work/customers")" = "$customers" ] || { echo "consume.sh: customer set-up failed" >&2; exit 1; }
+      # Token i is drawn with weight 1/i: a binary search of the
+      # cumulative weights for each of 4,096 uniform draws.
+      awk -v seed="${SEED:-27}" '{ token[NR] = $0; total += 1 / NR; cum[NR] = total }
+        END { srand(seed)
+              for (n = 0; n < 4096; n++) {
+                x = rand() * total; lo = 1; hi = NR
+                while (lo < hi) { mid = int((lo + hi) / 2); if (cum[mid] < x) lo = mid + 1; else hi = mid }
+                print token[lo] } }' "$work/customers" > "$work/zipf"
+      echo "zipf: $customers customers, 4,096 requests' tokens, the largest merchant $(sort "$work/zipf" | uniq -c | sort -rn | head -n 1 | awk '{ print $1 }') of them, $(sort -u "$work/zipf" | wc -l) merchants seen" ;;
+    *) echo "consume.sh: unknown mix $mix (one, zipf)" >&2; exit 2 ;;
+  esac
+done
 
 # CPU time of a process in ms (utime + stime, fields 14 and 15, in ticks).
 cpu_ms() { awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) * 1000 / hz }' "/proc/$1/stat"; }
-wrk_script=$(mktemp --suffix=.lua)
-trap 'kill $service 2>/dev/null || true; rm -f "$wrk_script"' EXIT
-{
+# A wrk script posting the ceiling's body with the tokens of `$1` (one a
+# line) in turn, as compare.sh's TOKENS_FILE does.
+wrk_script() {
   echo 'wrk.method = "POST"'
   echo 'wrk.headers["Content-Type"] = "application/json"'
-  echo "wrk.headers[\"Authorization\"] = \"Bearer $token\""
+  echo 'local toks = {'; sed 's/.*/"&",/' "$1"; echo '}'
+  echo 'local i = 0'
+  echo 'request = function() i = i % #toks + 1; wrk.headers["Authorization"] = "Bearer " .. toks[i]; return wrk.format() end'
   grep '^wrk.body' "$ceiling/post.lua"
-} > "$wrk_script"
+}
 redis_pid=$(pgrep -x redis-server | head -n 1)
-# CPU per 1,000 answered consumes of `pid` and of Redis, under wrk at `url`.
+# CPU per 1,000 answered consumes of `pid` and of Redis, under wrk at `url`
+# with the wrk script `script`.
 cpu_per_consume() {
-  local pid=$1 target=$2 before redis_before idle_before out requests wrk_cpu TIMEFORMAT=%U+%S
+  local pid=$1 target=$2 script=$3 before redis_before idle_before out requests wrk_cpu TIMEFORMAT=%U+%S
   before=$(cpu_ms "$pid"); redis_before=$(cpu_ms "$redis_pid"); idle_before=$(idle)
-  out=$( { time wrk -t1 -c64 -d"${secs}s" -s "$wrk_script" "$target"; } 2>&1)
+  out=$( { time wrk -t1 -c64 -d"${secs}s" -s "$script" "$target"; } 2>&1)
   requests=$(echo "$out" | awk '/requests in/ { print $1 }')
   wrk_cpu=$(echo "$out" | tail -n 1)
   awk -v r="$requests" -v s="$secs" -v a="$before" -v b="$(cpu_ms "$pid")" \
@@ -88,30 +126,42 @@ batches() {
     END { c = v["consume_batch_charges_count"]; if (c > 0) printf "%d calls, %.1f charges a call\n", c, v["consume_batch_charges_sum"] / c }'
 }
 
-echo "== CPU per 1,000 consumes"
-before_calls=$(batches)
-printf 'connected-apps: '; cpu_per_consume "$service" "$url"
-echo "  script calls so far: ${before_calls:-none} -> $(batches)"
-LUA="$ceiling/consume.lua" REDIS_URL=redis://127.0.0.1:6379/15 BIND=127.0.0.1:8099 \
-  "${CEILING_TARGET_DIR:-/tmp/ceiling-target}/release/thin-consume" &
-thin=$!
-trap 'kill $service $thin 2>/dev/null || true; rm -f "$wrk_script"' EXIT
-for _ in $(seq 50); do curl -fs http://127.0.0.1:8099/health >/dev/null && break; sleep 0.1; done
-printf 'ceiling:        '; cpu_per_consume "$thin" http://127.0.0.1:8099/api/v1/customer/tokens/consume
-kill $thin
+for mix in $mixes; do
+  wrk_script "$work/$mix" > "$work/$mix.lua"
+  if [ "${ROUNDS:-5}" != 0 ]; then
+    echo "== $mix: compare.sh"
+    TOKENS_FILE=$work/$mix "$ceiling/compare.sh" "$url" ''
+  fi
+
+  echo "== $mix: CPU per 1,000 consumes"
+  before_calls=$(batches)
+  printf 'connected-apps: '; cpu_per_consume "$service" "$url" "$work/$mix.lua"
+  echo "  script calls so far: ${before_calls:-none} -> $(batches)"
+  LUA="$ceiling/consume.lua" REDIS_URL=redis://127.0.0.1:6379/15 BIND=127.0.0.1:8099 \
+    "${CEILING_TARGET_DIR:-/tmp/ceiling-target}/release/thin-consume" &
+  thin=$!
+  for _ in $(seq 50); do curl -fs http://127.0.0.1:8099/health >/dev/null && break; sleep 0.1; done
+  printf 'ceiling:        '; cpu_per_consume "$thin" http://127.0.0.1:8099/api/v1/customer/tokens/consume "$work/$mix.lua"
+  kill $thin; wait $thin 2>/dev/null || true
+
+  if [ "$roles" = all ] && [ "${LAG_SECONDS:-60}" != 0 ]; then
+    echo "== $mix: the flusher under ${LAG_SECONDS:-60} s of the same load (benches/lag.sh)"
+    BASE_URL=$base TOKENS_FILE=$work/$mix LOAD_SECONDS=${LAG_SECONDS:-60} "$here/benches/lag.sh" | tail -n 5
+  fi
+done
 
 echo "resident memory of the service after the runs: $(awk '/^VmRSS/ { printf "%.0f MB", $2 / 1024 }' "/proc/$service/status") (peak $(awk '/^VmHWM/ { printf "%.0f MB", $2 / 1024 }' "/proc/$service/status"))"
 
 if [ "${PROFILE:-0}" = 1 ]; then
   svg=${PROFILE_SVG:-$here/target/consume-flamegraph.svg}
   command -v inferno-flamegraph >/dev/null || cargo install --locked inferno >/dev/null
-  echo "== perf record of the service ($secs s under wrk)"
-  wrk -t1 -c64 -d"$((secs + 2))s" -s "$wrk_script" "$url" >/dev/null &
+  echo "== perf record of the service ($secs s under wrk, mix $mix)"
+  wrk -t1 -c64 -d"$((secs + 2))s" -s "$work/$mix.lua" "$url" >/dev/null &
   load=$!
   sleep 1
   perf record -F 499 -g --call-graph dwarf -p "$service" -o "$here/target/consume.perf" -- sleep "$secs" 2>/dev/null
   wait "$load"
   perf script -i "$here/target/consume.perf" 2>/dev/null | inferno-collapse-perf | inferno-flamegraph --minwidth 0.5 \
-    --title "POST /api/v1/customer/tokens/consume, serve --roles $roles" > "$svg"
+    --title "POST /api/v1/customer/tokens/consume, serve --roles $roles, mix $mix" > "$svg"
   echo "flamegraph: $svg"
 fi
