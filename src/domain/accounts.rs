@@ -112,7 +112,13 @@ impl Accounts {
                 ))
             })?;
         let ids: Vec<Uuid> = unflushed.iter().map(|e| e.id).collect();
-        let now = chrono::DateTime::from_timestamp_millis(self.hot.redis_now_ms())
+        // The period is the one Redis's clock is in now, read after the
+        // charges above: a charge made in the first milliseconds of a
+        // period must be counted in it, and an estimate of Redis's clock a
+        // millisecond behind would install the period before, whose end the
+        // next consume would then roll past, from zero (found by the billing
+        // simulation, seed 1384744506).
+        let now = chrono::DateTime::from_timestamp_millis(self.hot.redis_time_ms().await?)
             .unwrap_or_else(chrono::Utc::now);
         let snapshot =
             ledger_accounts::snapshot(&mut tx, customer, self.grace, &ids, now, self.cadence)

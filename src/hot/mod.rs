@@ -256,6 +256,17 @@ impl HotStore {
     /// error bound). Run at start and every few seconds by the API role.
     pub async fn sync_clock(&self) -> Result<(), HotError> {
         let before = now_ms();
+        let redis_ms = self.redis_time_ms().await?;
+        let after = now_ms();
+        self.clock_offset_ms
+            .store(redis_ms - (before + after) / 2, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Redis's clock, read now (`TIME`), in ms since the epoch: never
+    /// behind the time of a charge already made, as an estimate from
+    /// [`Self::redis_now_ms`] can be by a few milliseconds.
+    pub async fn redis_time_ms(&self) -> Result<i64, HotError> {
         let time: Vec<i64> = self
             .client()
             .custom(fred::cmd!("TIME"), Vec::<String>::new())
@@ -264,11 +275,7 @@ impl HotStore {
             time.first().copied().unwrap_or(0),
             time.get(1).copied().unwrap_or(0),
         );
-        let after = now_ms();
-        let redis_ms = secs * 1000 + micros / 1000;
-        self.clock_offset_ms
-            .store(redis_ms - (before + after) / 2, Ordering::Relaxed);
-        Ok(())
+        Ok(secs * 1000 + micros / 1000)
     }
 
     /// Now, on Redis's clock, in ms since the epoch.
