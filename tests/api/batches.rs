@@ -61,6 +61,45 @@ async fn shops_of_different_shards(app: &TestApp, n: usize) -> Vec<Customer> {
     shops
 }
 
+/// Ends `customer`'s period a second ago with all but 3 tokens used; the
+/// next ends in 30 days, with the same allowance. Returns the account's key
+/// and the next period's end.
+async fn period_just_ended(app: &TestApp, customer: Uuid) -> (String, i64) {
+    let now = chrono::Utc::now().timestamp_millis();
+    let account = app.state.hot.keys().account(customer);
+    let next_end = now + 30 * 86_400_000;
+    let _: i64 = app
+        .redis
+        .hset(
+            &account,
+            vec![
+                ("used", "9997".to_owned()),
+                ("period_end", (now - 1_000).to_string()),
+                ("next_ends", next_end.to_string()),
+                ("next_allowance", "10000".to_owned()),
+            ],
+        )
+        .await
+        .unwrap();
+    (account, next_end)
+}
+
+/// A customer of `shard` whose account key holds a string: the consume
+/// script fails on it with a Redis error, after the charges before it in
+/// its call were made.
+async fn broken_account_in(app: &TestApp, shard: u16) -> Uuid {
+    let hot = &app.state.hot;
+    let broken = std::iter::repeat_with(Uuid::new_v4)
+        .find(|id| hot.keys().shard_of(*id) == shard)
+        .unwrap();
+    let _: () = app
+        .redis
+        .set(hot.keys().account(broken), "not a hash", None, None, false)
+        .await
+        .unwrap();
+    broken
+}
+
 fn outcomes(results: Vec<Result<ChargeOutcome, connected_apps::hot::HotError>>) -> Vec<String> {
     results
         .into_iter()
@@ -154,24 +193,7 @@ async fn one_batch_answers_each_charge_as_if_it_came_alone() {
 async fn a_batch_across_the_period_boundary_charges_every_use_in_the_new_period() {
     let app = crate::helpers::spawn_app().await;
     let shop = loaded_shop(&app).await;
-    // The period ended a second ago with all but 3 tokens used; the next
-    // ends in 30 days, with the same allowance.
-    let now = chrono::Utc::now().timestamp_millis();
-    let account = app.state.hot.keys().account(shop.id);
-    let next_end = now + 30 * 86_400_000;
-    let _: i64 = app
-        .redis
-        .hset(
-            &account,
-            vec![
-                ("used", "9997".to_owned()),
-                ("period_end", (now - 1_000).to_string()),
-                ("next_ends", next_end.to_string()),
-                ("next_allowance", "10000".to_owned()),
-            ],
-        )
-        .await
-        .unwrap();
+    let (account, next_end) = period_just_ended(&app, shop.id).await;
 
     let batch: Vec<_> = (0..3)
         .map(|_| use_of(&app, shop.id, "rec-001", 2))
@@ -199,19 +221,10 @@ async fn a_batch_across_the_period_boundary_charges_every_use_in_the_new_period(
 async fn a_batch_that_fails_mid_way_settles_each_charge_on_its_own() {
     let app = crate::helpers::spawn_app().await;
     let shop = loaded_shop(&app).await;
-    // A customer of the same shard whose account key holds a string: the
-    // script fails on it with a Redis error after the charge before it was
-    // made, and the reply of the whole call is lost.
+    // A customer of the same shard whose account the script fails on after
+    // the charge before it was made; the reply of the whole call is lost.
     let hot = &app.state.hot;
-    let shard = hot.keys().shard_of(shop.id);
-    let broken = std::iter::repeat_with(Uuid::new_v4)
-        .find(|id| hot.keys().shard_of(*id) == shard)
-        .unwrap();
-    let _: () = app
-        .redis
-        .set(hot.keys().account(broken), "not a hash", None, None, false)
-        .await
-        .unwrap();
+    let broken = broken_account_in(&app, hot.keys().shard_of(shop.id)).await;
 
     let before = use_of(&app, shop.id, "rec-001", 2);
     let after = use_of(&app, shop.id, "rec-001", 2);
@@ -289,13 +302,7 @@ async fn concurrent_consumes_share_calls_and_stay_exact() {
         "549 more charges of 2, each its own balance"
     );
     assert_eq!(app.hot_balance(shop.id).await, Some((1000, 0)));
-    // The recorder is the process's: other tests' consumes count too, and
-    // they could only hide calls of one charge, not make them.
-    let delta = |name| metric(&after, name) - metric(&before, name);
-    let (calls, charges) = (
-        delta("consume_batch_charges_count"),
-        delta("consume_batch_charges_sum"),
-    );
+    let (calls, charges) = calls_and_charges(&before, &after);
     assert!(charges >= 600.0, "every consume went through a call");
     assert!(calls < charges, "some calls carried more than one charge");
     app.drain_usage().await;
@@ -377,22 +384,7 @@ async fn one_call_rolls_the_period_of_the_shop_whose_period_ended_and_no_other()
     }
     let shops = shops_of_different_shards(&app, 2).await;
     let (ended, running) = (shops[0].id, shops[1].id);
-    let now = chrono::Utc::now().timestamp_millis();
-    let account = app.state.hot.keys().account(ended);
-    let next_end = now + 30 * 86_400_000;
-    let _: i64 = app
-        .redis
-        .hset(
-            &account,
-            vec![
-                ("used", "9997".to_owned()),
-                ("period_end", (now - 1_000).to_string()),
-                ("next_ends", next_end.to_string()),
-                ("next_allowance", "10000".to_owned()),
-            ],
-        )
-        .await
-        .unwrap();
+    let (account, next_end) = period_just_ended(&app, ended).await;
 
     let batch = [
         use_of(&app, running, "rec-001", 2),
@@ -429,17 +421,10 @@ async fn a_call_of_several_shards_that_fails_mid_way_settles_each_charge_on_its_
     }
     let shops = shops_of_different_shards(&app, 3).await;
     let [a, b, c] = [shops[0].id, shops[1].id, shops[2].id];
-    // A customer of b's shard whose account key holds a string: the script
-    // fails on it after a's charge was made, and the call's reply is lost.
+    // A customer of b's shard whose account the script fails on after a's
+    // charge was made; the call's reply is lost.
     let hot = &app.state.hot;
-    let broken = std::iter::repeat_with(Uuid::new_v4)
-        .find(|id| hot.keys().shard_of(*id) == hot.keys().shard_of(b))
-        .unwrap();
-    let _: () = app
-        .redis
-        .set(hot.keys().account(broken), "not a hash", None, None, false)
-        .await
-        .unwrap();
+    let broken = broken_account_in(&app, hot.keys().shard_of(b)).await;
 
     let batch = [
         use_of(&app, a, "rec-001", 2),
@@ -546,19 +531,24 @@ async fn concurrent_consumes_of_many_shops_share_calls_and_stay_exact() {
         );
         assert_eq!(app.hot_balance(shop.id).await, Some((1000, 0)));
     }
-    // The recorder is the process's: other tests' consumes count too, and
-    // they could only hide calls of one charge, not make them.
-    let delta = |name| metric(&after, name) - metric(&before, name);
-    let (calls, charges) = (
-        delta("consume_batch_charges_count"),
-        delta("consume_batch_charges_sum"),
-    );
+    let (calls, charges) = calls_and_charges(&before, &after);
     assert!(charges >= 960.0, "every consume went through a call");
     assert!(calls < charges, "some calls carried more than one charge");
     app.drain_usage().await;
     for shop in &shops {
         assert_eq!(app.usage_rows(shop.id).await, (101, 202));
     }
+}
+
+/// The script calls made and the charges they carried between two reads
+/// of /metrics. The recorder is the process's: other tests' consumes count
+/// too, and they could only hide calls of one charge, not make them.
+fn calls_and_charges(before: &str, after: &str) -> (f64, f64) {
+    let delta = |name| metric(after, name) - metric(before, name);
+    (
+        delta("consume_batch_charges_count"),
+        delta("consume_batch_charges_sum"),
+    )
 }
 
 fn metric(text: &str, name: &str) -> f64 {
