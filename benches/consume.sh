@@ -88,6 +88,14 @@ for mix in $mixes; do
     *) echo "consume.sh: unknown mix $mix (one, zipf)" >&2; exit 2 ;;
   esac
 done
+# One consume per customer before any load: each loads its hot state from
+# the ledger while the streams are short. Without a flusher (ROLES=api) the
+# streams only grow, and a first consume after a few hundred thousand
+# others waits on a rebuild that reads them (503 past REBUILD_MAX_BACKLOG).
+for mix in $mixes; do
+  sort -u "$work/$mix" | xargs -P 4 -I{} curl -fs -o /dev/null "$url" -H 'Authorization: Bearer {}' \
+    -H 'Content-Type: application/json' -d '{"app_id":"vto-001","tokens_consumed":1}'
+done
 
 # CPU time of a process in ms (utime + stime, fields 14 and 15, in ticks).
 cpu_ms() { awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) * 1000 / hz }' "/proc/$1/stat"; }
