@@ -86,10 +86,9 @@ pub(super) struct Coalescer {
 
 impl Coalescer {
     /// Starts one task per lane. Must be called inside the runtime.
-    pub fn start(pool: &Pool, script: &Script, keys: &Keys, clustered: bool) -> Self {
+    pub fn start(pool: &Pool, script: &Script, shard_keys: &ShardKeys, clustered: bool) -> Self {
         let batch_sizes = metrics::histogram!("consume_batch_charges");
-        let lanes = if clustered { keys.shards() } else { 1 };
-        let shard_keys = ShardKeys::new(keys);
+        let lanes = if clustered { shard_keys.0.len() } else { 1 };
         let queues = (0..lanes)
             .map(|_| {
                 let (queue, waiting) = mpsc::unbounded_channel();

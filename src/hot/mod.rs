@@ -184,14 +184,15 @@ impl HotStore {
         let keys = Keys::new(&settings.key_prefix, settings.stream_shards);
         let scripts = Arc::new(Scripts::new());
         let clustered = pool.next().is_clustered();
+        let shard_keys = coalesce::ShardKeys::new(&keys);
         let coalescer = Arc::new(coalesce::Coalescer::start(
             &pool,
             &scripts.consume,
-            &keys,
+            &shard_keys,
             clustered,
         ));
         let store = Self {
-            shard_keys: coalesce::ShardKeys::new(&keys),
+            shard_keys,
             clustered,
             pool,
             side,
