@@ -23,7 +23,9 @@
 # 2. CPU per 1,000 consumes of the service, of Redis and of the ceiling
 #    server (`thin-consume`), from /proc/<pid>/stat over one wrk run
 #    (1 thread, 64 connections, CPU_SECONDS, 8 by default) each, with the
-#    script calls and charges per call (`consume_batch_charges`);
+#    script calls and charges per call (`consume_batch_charges`) and the
+#    commands Redis ran per 1,000 consumes, with their CPU (INFO
+#    commandstats: which command of the script costs what);
 # 3. when the flusher runs here (ROLES=all), LAG_SECONDS (60 by default;
 #    0 skips it) of the same load through benches/lag.sh: the stream lag
 #    each second, and whether the backlog drains;
@@ -114,9 +116,11 @@ redis_pid=$(pgrep -x redis-server | head -n 1)
 # with the wrk script `script`.
 cpu_per_consume() {
   local pid=$1 target=$2 script=$3 before redis_before idle_before out requests wrk_cpu TIMEFORMAT=%U+%S
+  redis-cli -u "$REDIS_URL" config resetstat >/dev/null
   before=$(cpu_ms "$pid"); redis_before=$(cpu_ms "$redis_pid"); idle_before=$(idle)
   out=$( { time wrk -t1 -c64 -d"${secs}s" -s "$script" "$target"; } 2>&1)
   requests=$(echo "$out" | awk '/requests in/ { print $1 }')
+  commands "$requests" > "$work/commands"
   wrk_cpu=$(echo "$out" | tail -n 1)
   awk -v r="$requests" -v s="$secs" -v a="$before" -v b="$(cpu_ms "$pid")" \
       -v c="$redis_before" -v d="$(cpu_ms "$redis_pid")" -v i="$idle_before" -v j="$(idle)" \
@@ -125,10 +129,28 @@ cpu_per_consume() {
              printf "%d requests/s, server %.1f ms, redis %.1f ms, wrk %.1f ms per 1,000; machine idle %.0f %%\n",
                r / s, (b - a) * 1000 / r, (d - c) * 1000 / r, (z[1] + z[2]) * 1e6 / r,
                100 * (y[1] - x[1]) / (y[2] - x[2]) }'
+  echo "  redis commands (INFO commandstats):"; cat "$work/commands"
 }
 # Idle and total ticks of the whole machine so far (/proc/stat): a run
 # that leaves the cores idle is bound by waiting, not by CPU.
 idle() { awk '/^cpu / { t = 0; for (f = 2; f <= NF; f++) t += $f; print $5 + $6, t }' /proc/stat; }
+# Redis's own account of the commands it ran (INFO commandstats, scripts'
+# commands included) since the last `CONFIG RESETSTAT`, per 1,000 of the
+# `$1` requests wrk answered: calls and CPU µs of each command, the
+# costliest first. Where a script's time goes, command by command; what
+# the scripts' Lua itself costs is the evalsha line's µs less the rest.
+commands() {
+  redis-cli -u "$REDIS_URL" info commandstats | tr -d '\r' |
+    awk -F'[:,=]' -v r="$1" '/^cmdstat_/ { sub("cmdstat_", "", $1); printf "%d %s %.0f %.0f\n", $5, $1, $3 * 1000 / r, $5 * 1000 / r }' |
+    sort -rn | awk '{ printf "    %-12s %7s calls %8s µs per 1,000\n", $2, $3, $4 }'
+}
+# The ceiling's Redis database emptied before each start of its server.
+# The server names its idempotency keys by a counter that starts at 0 with
+# the process, and the keys live an hour: started again over an earlier
+# run's keys, it answers those requests as replays (one GET in Redis, no
+# charge), and the ceiling measured would be a cheaper one than a charge.
+ceiling_redis=${CEILING_REDIS_URL:-redis://127.0.0.1:6379/15}
+fresh_ceiling() { redis-cli -u "$ceiling_redis" flushdb >/dev/null; }
 batches() {
   curl -fs "$base/metrics" | awk '/^consume_batch_charges_(sum|count)/ { v[$1] = $2 }
     END { c = v["consume_batch_charges_count"]; if (c > 0) printf "%d calls, %.1f charges a call\n", c, v["consume_batch_charges_sum"] / c }'
@@ -138,6 +160,7 @@ for mix in $mixes; do
   wrk_script "$work/$mix" > "$work/$mix.lua"
   if [ "${ROUNDS:-5}" != 0 ]; then
     echo "== $mix: compare.sh"
+    fresh_ceiling
     TOKENS_FILE=$work/$mix "$ceiling/compare.sh" "$url" ''
   fi
 
@@ -145,7 +168,8 @@ for mix in $mixes; do
   before_calls=$(batches)
   printf 'connected-apps: '; cpu_per_consume "$service" "$url" "$work/$mix.lua"
   echo "  script calls so far: ${before_calls:-none} -> $(batches)"
-  LUA="$ceiling/consume.lua" REDIS_URL=redis://127.0.0.1:6379/15 BIND=127.0.0.1:8099 \
+  fresh_ceiling
+  LUA="$ceiling/consume.lua" REDIS_URL=$ceiling_redis BIND=127.0.0.1:8099 \
     "${CEILING_TARGET_DIR:-/tmp/ceiling-target}/release/thin-consume" &
   thin=$!
   for _ in $(seq 50); do curl -fs http://127.0.0.1:8099/health >/dev/null && break; sleep 0.1; done
