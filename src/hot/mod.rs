@@ -184,7 +184,7 @@ impl HotStore {
         let keys = Keys::new(&settings.key_prefix, settings.stream_shards);
         let scripts = Arc::new(Scripts::new());
         let clustered = pool.next().is_clustered();
-        let shard_keys = coalesce::ShardKeys::new(&keys);
+        let shard_keys = coalesce::ShardKeys::new(&keys, clustered);
         let coalescer = Arc::new(coalesce::Coalescer::start(
             &pool,
             &scripts.consume,
