@@ -6,10 +6,12 @@ The hot path of the service. Redis runs the whole script without
 interleaving another command, so the check and the decrement cannot race.
 There is no rollback, so every argument and every value read is validated
 before the first write, and the writes are ordered so none can fail once
-another has happened: the outcome record first (a SET, or an HSET of
-its field), then the XADD (it fails only on a key of another type), then one HSET of the
-account (a hash, as the HMGET proved). To the outside the decrement and the
-event are one step.
+another has happened: the outcome record first (a SET; without
+Idempotency-Key a field of a hash the call read before its first write,
+written at the end of the call with the other charges' records), then
+the XADD (it fails only on a key of another type), then one HSET of the
+account (a hash, as the HMGET proved). To the outside the decrement, the
+event and the record are one step.
 
 Fences. A caller whose reply is late gives up and answers 503; before it
 does, lua/settle.lua writes a fence where the outcome record goes
@@ -37,9 +39,9 @@ the refusal of one never touches another; a batch of one is a lone
 consume. Redis's clock is read once per call: every charge of a batch
 happens at the same instant. A charge that is invalid is answered { -9,
 message } in its place and nothing of it is written. Should the script
-fail mid-way (a Redis error), the charges before the failure stand, and
-each caller learns its own outcome with lua/settle.lua, as for a lost
-reply.
+fail mid-way (a Redis error), the charges before the failure stand, with
+their records, and each caller learns its own outcome with
+lua/settle.lua, as for a lost reply.
 
 KEYS (4 per charge, each charge's of its own customer's shard)
   +1 usage stream   <prefix>:v1:{s<shard>}:usage
@@ -50,12 +52,13 @@ KEYS (4 per charge, each charge's of its own customer's shard)
                     fence "fence|<event id>[|<event id>…]"; without Idempotency-Key
                     the hash <prefix>:v1:{s<shard>}:charges:<second of the event id>,
                     whose field <event id> holds "|<event id>|<tokens>|<remaining>"
-                    or the fence "fence|<event id>"
+                    or the fence "fence|<event id>"; on one Redis server every
+                    charge's hash is shard 0's (src/hot/charge.rs)
 
 ARGV (12 per charge, in the order of KEYS)
   1  app slug                       5  request fingerprint, or "" without Idempotency-Key
   2  tokens to charge (>= 1)        6  TTL of the outcome record in seconds
-                                       (a charge record hash's: past its last write)
+                                       (a charge record hash's: from its first write)
   3  event id (UUIDv7)              7  the event's details as JSON, written as is
   4  embed key id, or "" (JWT)      8  deadline in epoch ms on Redis's clock, 0 = none
   9  customer limit interval µs, 0 = unlimited     10  customer limit burst
@@ -138,19 +141,63 @@ local function is_disabled(set, slug)
   return answer
 end
 
--- A charge record hash (without Idempotency-Key) lives `ttl` seconds past
--- its last write: set once per hash and call, never shortening the hour a
--- settle's fence gave it. TTL then a plain EXPIRE rather than EXPIRE's NX
--- and GT options: this runs after the charge's first write, and every
--- command here must be one that no Redis the service accepts can refuse
--- (src/hot/version.rs checks the version at start).
-local kept = {}
-local function keep_records(key, ttl)
-  if not kept[key] then
-    if redis.call('TTL', key) < ttl then
-      redis.call('EXPIRE', key, ttl)
+-- The charge records (consumes without Idempotency-Key), read and written
+-- once per record hash and call rather than once per charge: on one Redis
+-- server every charge of a call names the same hash (src/hot/charge.rs),
+-- so a batch pays three commands for its records, not two a charge.
+-- `known[key][event id]` holds what the hash held for each event of the
+-- call when the call began (one HMGET, before any write), and the records
+-- this call made since; `written[key]` the fields to write, which the end
+-- of the call does with one HSET, then gives the hash its TTL: `ttl`
+-- seconds from its first write, which the caller sizes to cover every
+-- write and read of the second it is named after, with NX so it never
+-- shortens the hour a settle's fence gave it. Redis runs the script as one
+-- step, so no other client sees a charge before its record; a Redis error
+-- mid-way writes the records of the charges before it all the same (the
+-- end of the script). EXPIRE's options are Redis 7.0's, which
+-- src/hot/version.rs requires at start; after every write, a Redis that
+-- refused them anyway (an older master joined later) fails no charge:
+-- each caller settles and finds its record.
+local known, written, ttls = {}, {}, {}
+
+local function read_records(charges)
+  local wanted = {}
+  for i = 1, charges do
+    local key, event_id = KEYS[4 * i], ARGV[12 * (i - 1) + 3]
+    if ARGV[12 * (i - 1) + 5] == '' and event_id ~= '' then
+      local events = wanted[key]
+      if not events then
+        events = {}
+        wanted[key] = events
+      end
+      events[#events + 1] = event_id
     end
-    kept[key] = true
+  end
+  for key, events in pairs(wanted) do
+    local found = redis.call('HMGET', key, unpack(events))
+    local by_event = {}
+    for j = 1, #events do
+      by_event[events[j]] = found[j]
+    end
+    known[key] = by_event
+    written[key] = {}
+  end
+end
+
+local function record_charge(key, event_id, record, ttl)
+  known[key][event_id] = record
+  local fields = written[key]
+  fields[#fields + 1] = event_id
+  fields[#fields + 1] = record
+  ttls[key] = ttl
+end
+
+local function write_records()
+  for key, fields in pairs(written) do
+    if #fields > 0 then
+      redis.call('HSET', key, unpack(fields))
+      redis.call('EXPIRE', key, ttls[key], 'NX')
+    end
   end
 end
 
@@ -190,7 +237,7 @@ local function charge(stream, disabled_set, account, record_key, at)
   if fingerprint ~= '' then
     prior = redis.call('GET', record_key)
   else
-    prior = redis.call('HGET', record_key, event_id)
+    prior = known[record_key][event_id]
   end
   if prior then
     if string.sub(prior, 1, 6) == 'fence|' then
@@ -330,8 +377,7 @@ local function charge(stream, disabled_set, account, record_key, at)
   local record = fingerprint .. '|' .. event_id .. '|' .. tokens_text .. '|'
     .. string.format('%d', remaining)
   if fingerprint == '' then
-    redis.call('HSET', record_key, event_id, record)
-    keep_records(record_key, record_ttl)
+    record_charge(record_key, event_id, record, record_ttl)
   else
     redis.call('SET', record_key, record, 'EX', record_ttl)
   end
@@ -424,13 +470,22 @@ local clock = redis.call('TIME')
 now_us = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 now_ms = math.floor(now_us / 1000)
 now_ms_text = string.format('%d', now_ms)
+read_records(charges)
 local replies = {}
-for i = 1, charges do
-  local k = 4 * (i - 1)
-  local reply = charge(KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], 12 * (i - 1))
-  if reply.err then
-    reply = { -9, reply.err }
+-- A Redis error mid-way (see Batches) is raised again only once the
+-- charges before it have their records.
+local done, failure = pcall(function()
+  for i = 1, charges do
+    local k = 4 * (i - 1)
+    local reply = charge(KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], 12 * (i - 1))
+    if reply.err then
+      reply = { -9, reply.err }
+    end
+    replies[i] = reply
   end
-  replies[i] = reply
+end)
+write_records()
+if not done then
+  error(failure)
 end
 return replies

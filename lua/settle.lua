@@ -42,7 +42,7 @@ if found and string.sub(found, 1, 6) ~= 'fence|' then
 end
 if as_field then
   -- The fence's TTL goes to the whole hash, which a consume keeps only
-  -- seconds past its last write but never shortens (lua/consume.lua).
+  -- seconds from its first write, never shortening it (lua/consume.lua).
   redis.call('HSET', KEYS[1], ARGV[1], 'fence|' .. ARGV[1])
   if redis.call('TTL', KEYS[1]) < ttl then
     redis.call('EXPIRE', KEYS[1], ttl)

@@ -138,11 +138,19 @@ pub enum ChargeOutcome {
     RateLimited(Throttle),
 }
 
-/// How long the outcome record of a consume without `Idempotency-Key`
-/// lives past the last write to its hash: longer than any caller waits for
-/// it, short enough that at tens of thousands of consumes a second the
-/// records stay a few megabytes.
-const CHARGE_RECORD_TTL_SECS: i64 = 10;
+/// How long the hash of outcome records of consumes without
+/// `Idempotency-Key` minted in one second lives from its first write
+/// (`lua/consume.lua`), for a Redis `timeout`: short, so at tens of
+/// thousands of consumes a second the records stay a few megabytes, but
+/// past every use of the hash. Its consumes are sent within the second it
+/// is named after, charged or refused by their deadline, and settled
+/// before their `timeout` runs out, so the last read of the hash comes at
+/// most a second and a `timeout` after its first write; a second more
+/// for rounding, and never under 10 s.
+fn charge_record_ttl_secs(timeout: Duration) -> i64 {
+    let timeout_secs = timeout.as_secs() as i64 + i64::from(timeout.subsec_nanos() > 0);
+    (timeout_secs + 2).max(10)
+}
 
 /// How long a fence without `Idempotency-Key` lives: far longer than any
 /// consume can wait in Redis's queue. Fences are written only for replies
@@ -276,10 +284,24 @@ impl HotStore {
                 idem.ttl_secs as i64,
             ),
             None => (
-                self.keys.charge_records(charge.customer, charge.event_id),
-                CHARGE_RECORD_TTL_SECS,
+                self.charge_records(charge.customer, charge.event_id),
+                charge_record_ttl_secs(self.timeout),
             ),
         }
+    }
+
+    /// The hash holding the outcome record of `event`, a consume of
+    /// `customer` without `Idempotency-Key`: on one Redis server shard 0's
+    /// for everyone, so a call's charges share one hash, which the script
+    /// reads and writes once per call (`lua/consume.lua`); in a cluster the
+    /// customer's own shard's, as a call must stay in one slot.
+    pub fn charge_records(&self, customer: Uuid, event: Uuid) -> String {
+        let shard = if self.clustered {
+            self.keys.shard_of(customer)
+        } else {
+            0
+        };
+        self.keys.charge_records(shard, event)
     }
 
     /// The instant on Redis's clock past which a charge sent now must not
@@ -458,6 +480,18 @@ mod tests {
         fingerprint: "fp-a",
         ttl_secs: 60,
     };
+
+    #[test]
+    fn a_charge_record_outlives_the_last_settle_of_its_second_at_any_timeout() {
+        for timeout_ms in [10, 250, 1_000, 8_000, 16_700, 30_001, 60_000] {
+            let timeout = Duration::from_millis(timeout_ms);
+            // Minted at the start of the second, the record first written
+            // at once; minted at its end, settled when its timeout runs out.
+            let last_read = Duration::from_secs(1) + timeout;
+            let lives = Duration::from_secs(charge_record_ttl_secs(timeout) as u64);
+            assert!(lives > last_read, "{timeout:?}: {lives:?} <= {last_read:?}");
+        }
+    }
 
     #[test]
     fn a_record_found_after_a_lost_reply_tells_charged_replayed_or_conflict() {

@@ -14,7 +14,7 @@
 //! | --- | --- | --- | --- |
 //! | `…:{s<n>}:c:<customer>:acct` | hash | the customer's hot state: allowance, usage this period, purchased tokens, subscription status, active apps, live embed keys, and the consume rate limiters (fields in `lua/consume.lua`) | none: it is the live balance; rebuilt from Postgres when missing |
 //! | `…:{s<n>}:c:<customer>:idem:<sha256>` | string | the first answer to a consume sent with an `Idempotency-Key` (hashed, so any 255 characters make a short, safe key), or the fences settles left for attempts under the key that were given up on | `IDEMPOTENCY_TTL_SECS`, 24 h |
-//! | `…:{s<n>}:charges:<second>` | hash | per event id, the outcome of a consume sent without `Idempotency-Key` whose id was minted in that second (UUIDv7's time), read only when its reply was late; or the fence a settle left in its place (`lua/settle.lua`, see `hot/charge.rs`). One hash per shard and second rather than a key per consume: a field costs Redis far less to write and to expire than a key | 10 s after its last write; 1 h once it holds a fence |
+//! | `…:{s<n>}:charges:<second>` | hash | per event id, the outcome of a consume sent without `Idempotency-Key` whose id was minted in that second (UUIDv7's time), read only when its reply was late; or the fence a settle left in its place (`lua/settle.lua`, see `hot/charge.rs`). One hash per second rather than a key per consume: a field costs Redis far less to write and to expire than a key. Shard 0's for every customer on one Redis server (one hash for a whole batch, read and written once per call), each customer's own shard's in a cluster | from its first write, past the last settle of its second: 10 s, or `REDIS_TIMEOUT_MS` + 2 s when longer (`hot/charge.rs`); 1 h once it holds a fence |
 //! | `…:{s<n>}:c:<customer>:once:<sha256>` | string | a change to the balance done once (a purchase credited, a refund's take, a grant; the value is the tokens a take took), so a retry after a crash or a lost reply before the ledger's commit does not do it again (`lua/account_update.lua`, `lua/account_take.lua`) | 7 days (Stripe retries a webhook for 3) |
 //! | `…:{s<n>}:usage` | stream | usage events waiting for the flusher (consumer group `flusher`) | none: trimmed by the flusher once persisted |
 //! | `…:{s<n>}:apps:disabled` | set | slugs of apps an operator disabled, one copy per shard so the consume script reads it in its own slot | none: written by `PATCH /api/v1/admin/apps/{id}` |
@@ -95,17 +95,14 @@ impl Keys {
         )
     }
 
-    /// The hash holding the outcome of `event`, a consume of `customer`
-    /// sent without `Idempotency-Key`, as the field named by the event id.
-    /// Named by the second in the event id (a UUIDv7), so both the consume
-    /// script and a settle find it from the id alone.
-    pub fn charge_records(&self, customer: Uuid, event: Uuid) -> String {
+    /// The hash in `shard` holding the outcome of `event`, a consume sent
+    /// without `Idempotency-Key`, as the field named by the event id. Named
+    /// by the second in the event id (a UUIDv7), so both the consume script
+    /// and a settle find it from the id alone. Which shard's hash a
+    /// customer's consumes use is `HotStore::charge_records`'s choice.
+    pub fn charge_records(&self, shard: u16, event: Uuid) -> String {
         let second = event.get_timestamp().map_or(0, |t| t.to_unix().0);
-        format!(
-            "{}:{{s{}}}:charges:{second}",
-            self.root,
-            self.shard_of(customer)
-        )
+        format!("{}:{{s{shard}}}:charges:{second}", self.root)
     }
 
     pub fn usage_stream(&self, shard: u16) -> &str {
@@ -153,14 +150,14 @@ mod tests {
         assert_eq!(tag(&account), tag(&idem));
         assert_eq!(tag(&account), tag(stream));
         assert_eq!(tag(&account), tag(keys.disabled_apps(shard)));
-        let records = keys.charge_records(customer, Uuid::now_v7());
+        let records = keys.charge_records(shard, Uuid::now_v7());
         assert_eq!(tag(&account), tag(&records));
     }
 
     #[test]
     fn a_charge_record_is_found_from_its_event_id_alone() {
         let keys = Keys::new("ca", 16);
-        let customer = Uuid::new_v4();
+        let shard = 3;
         let at = |secs: u64, nanos: u32| {
             Uuid::new_v7(uuid::Timestamp::from_unix(
                 uuid::NoContext,
@@ -169,15 +166,15 @@ mod tests {
             ))
         };
         assert_eq!(
-            keys.charge_records(customer, at(0, 1_000)),
-            keys.charge_records(customer, at(0, 999_000_000))
+            keys.charge_records(shard, at(0, 1_000)),
+            keys.charge_records(shard, at(0, 999_000_000))
         );
         assert_ne!(
-            keys.charge_records(customer, at(0, 0)),
-            keys.charge_records(customer, at(1, 0))
+            keys.charge_records(shard, at(0, 0)),
+            keys.charge_records(shard, at(1, 0))
         );
         assert!(keys
-            .charge_records(customer, at(0, 0))
+            .charge_records(shard, at(0, 0))
             .ends_with(":charges:1790000000"));
     }
 

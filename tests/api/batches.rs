@@ -245,6 +245,31 @@ async fn a_batch_that_fails_mid_way_settles_each_charge_on_its_own() {
 }
 
 #[tokio::test]
+async fn a_batch_that_fails_mid_way_still_gives_its_charge_records_their_ttl() {
+    // The record hashes get their TTL after the last charge of a call
+    // (lua/consume.lua): a failure before it must not leave them for good.
+    let app = crate::helpers::spawn_app().await;
+    let shop = loaded_shop(&app).await;
+    let hot = &app.state.hot;
+    let broken = broken_account_in(&app, hot.keys().shard_of(shop.id)).await;
+    let charged = use_of(&app, shop.id, "rec-001", 2);
+    // With an Idempotency-Key its settle fences its own key, not the hash.
+    let mut failing = use_of(&app, broken, "rec-001", 2);
+    failing.idempotency = Some(Idempotency {
+        key: "order-1",
+        fingerprint: "body-a",
+        ttl_secs: 600,
+    });
+    let records = hot.charge_records(shop.id, charged.event_id);
+
+    let results = hot.charge_all(&[charged, failing]).await.unwrap();
+
+    assert_eq!(outcomes(results), ["charged, 9996 left", "DeadlinePassed"]);
+    let ttl: i64 = app.redis.ttl(&records).await.unwrap();
+    assert!((1..=10).contains(&ttl), "the records expire: TTL {ttl}");
+}
+
+#[tokio::test]
 async fn a_call_sent_twice_charges_each_use_once_and_answers_both_sendings_alike() {
     // In a Redis Cluster a slot moving to another master makes the client
     // send a call again (MOVED, ASK); a call that did run must not charge

@@ -233,7 +233,7 @@ async fn a_fence_keeps_its_charge_records_for_the_hour_however_many_consumes_fol
         charge
     };
     let (before, given_up, after) = (minted(1_000), minted(2_000), minted(3_000));
-    let records = hot.keys().charge_records(shop.id, before.event_id);
+    let records = hot.charge_records(shop.id, before.event_id);
     let ttl = || async { app.redis.ttl::<i64, _>(&records).await.unwrap() };
 
     hot.charge(&before).await.unwrap();
