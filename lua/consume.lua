@@ -6,12 +6,13 @@ The hot path of the service. Redis runs the whole script without
 interleaving another command, so the check and the decrement cannot race.
 There is no rollback, so every argument and every value read is validated
 before the first write, and the writes are ordered so none can fail once
-another has happened: the outcome record first (a SET; without
-Idempotency-Key a field of a hash the call read before its first write,
-written at the end of the call with the other charges' records), then
-the XADD (it fails only on a key of another type), then one HSET of the
-account (a hash, as the HMGET proved). To the outside the decrement, the
-event and the record are one step.
+another has happened: the outcome record first (a SET), then the XADD
+(it fails only on a key of another type), then one HSET of the account
+(a hash, as the HMGET proved). Without Idempotency-Key the record is a
+field of a hash the call read before its first write; it is kept once
+the charge's last write is made and written at the end of the call with
+the other charges' records, so a charge that failed has none. To the
+outside the decrement, the event and the record are one step.
 
 Fences. A caller whose reply is late gives up and answers 503; before it
 does, lua/settle.lua writes a fence where the outcome record goes
@@ -362,7 +363,7 @@ local function charge(stream, disabled_set, account, record_key, at)
   -- 7. The outcome record: what an Idempotency-Key retry replays, and what a
   -- caller whose reply was late reads to learn whether it was charged.
   -- Without Idempotency-Key it is the field named by the event id, which
-  -- step 1 found empty.
+  -- step 1 found empty, kept once the charge's writes are made (below).
   used = used + tokens - from_purchased
   if from_purchased > 0 then
     purchased = purchased - from_purchased
@@ -376,9 +377,7 @@ local function charge(stream, disabled_set, account, record_key, at)
   local tokens_text = string.format('%d', tokens)
   local record = fingerprint .. '|' .. event_id .. '|' .. tokens_text .. '|'
     .. string.format('%d', remaining)
-  if fingerprint == '' then
-    record_charge(record_key, event_id, record, record_ttl)
-  else
+  if fingerprint ~= '' then
     redis.call('SET', record_key, record, 'EX', record_ttl)
   end
 
@@ -458,6 +457,12 @@ local function charge(stream, disabled_set, account, record_key, at)
     changes[#changes + 1] = string.format('%d', tats[2])
   end
   redis.call('HSET', account, unpack(changes))
+  -- Without Idempotency-Key the record is kept for the end of the call,
+  -- now that every write of the charge is made: a charge that failed
+  -- mid-way has none, so its caller's settle fences it.
+  if fingerprint == '' then
+    record_charge(record_key, event_id, record, record_ttl)
+  end
 
   return { 1, remaining, from_purchased, now_ms }
 end

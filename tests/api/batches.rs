@@ -270,6 +270,29 @@ async fn a_batch_that_fails_mid_way_still_gives_its_charge_records_their_ttl() {
 }
 
 #[tokio::test]
+async fn a_charge_whose_event_cannot_be_written_leaves_no_record_and_is_not_charged() {
+    // The usage stream's key holds a string: the XADD fails after the
+    // charge was checked. Its record must not say it was charged.
+    let app = crate::helpers::spawn_app().await;
+    let shop = loaded_shop(&app).await;
+    let hot = &app.state.hot;
+    let stream = hot.keys().usage_stream(hot.keys().shard_of(shop.id));
+    let _: () = app
+        .redis
+        .set(stream, "not a stream", None, None, false)
+        .await
+        .unwrap();
+
+    let results = hot
+        .charge_all(&[use_of(&app, shop.id, "rec-001", 2)])
+        .await
+        .unwrap();
+
+    assert_eq!(outcomes(results), ["DeadlinePassed"], "settled: fenced");
+    assert_eq!(app.hot_balance(shop.id).await, Some((2, 0)), "not charged");
+}
+
+#[tokio::test]
 async fn a_call_sent_twice_charges_each_use_once_and_answers_both_sendings_alike() {
     // In a Redis Cluster a slot moving to another master makes the client
     // send a call again (MOVED, ASK); a call that did run must not charge
