@@ -32,7 +32,7 @@ use uuid::Uuid;
 use super::{
     coalesce::{self, ChargeArgs, Pending},
     rate_limit::Throttle,
-    HotError, HotStore,
+    HotError, HotStore, Keys,
 };
 use crate::config::Limit;
 
@@ -291,16 +291,11 @@ impl HotStore {
     }
 
     /// The hash holding the outcome record of `event`, a consume of
-    /// `customer` without `Idempotency-Key`: on one Redis server shard 0's
-    /// for everyone, so a call's charges share one hash, which the script
-    /// reads and writes once per call (`lua/consume.lua`); in a cluster the
-    /// customer's own shard's, as a call must stay in one slot.
+    /// `customer` without `Idempotency-Key`: the copy [`Keys::shared_copy`]
+    /// names, so on one Redis server a call's charges share one hash, which
+    /// the script reads and writes once per call (`lua/consume.lua`).
     pub fn charge_records(&self, customer: Uuid, event: Uuid) -> String {
-        let shard = if self.clustered {
-            self.keys.shard_of(customer)
-        } else {
-            0
-        };
+        let shard = Keys::shared_copy(self.keys.shard_of(customer), self.clustered);
         self.keys.charge_records(shard, event)
     }
 

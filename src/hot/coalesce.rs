@@ -60,11 +60,10 @@ pub(super) struct Pending {
 /// Each shard's stream and disabled-apps set as keys, built once: every
 /// charge of a call names its shard's pair.
 ///
-/// The disabled-apps set is the shard's own in a cluster, where a call may
-/// read only its slot. On one server every shard's copy holds the same
-/// slugs (`HotStore::set_app_disabled` writes shard 0's first), so every
-/// charge names shard 0's: the script asks once per call and app, not once
-/// per shard the call touches.
+/// The disabled-apps set is the copy [`Keys::shared_copy`] names: on one
+/// server shard 0's for every charge (`HotStore::set_app_disabled` writes
+/// it first), so the script asks once per call and app, not once per shard
+/// the call touches.
 #[derive(Clone)]
 pub(super) struct ShardKeys(Arc<[(Key, Key)]>);
 
@@ -73,10 +72,9 @@ impl ShardKeys {
         Self(
             (0..keys.shards())
                 .map(|shard| {
-                    let disabled = if clustered { shard } else { 0 };
                     (
                         Key::from(keys.usage_stream(shard)),
-                        Key::from(keys.disabled_apps(disabled)),
+                        Key::from(keys.disabled_apps(Keys::shared_copy(shard, clustered))),
                     )
                 })
                 .collect(),

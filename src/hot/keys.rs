@@ -14,10 +14,10 @@
 //! | --- | --- | --- | --- |
 //! | `…:{s<n>}:c:<customer>:acct` | hash | the customer's hot state: allowance, usage this period, purchased tokens, subscription status, active apps, live embed keys, and the consume rate limiters (fields in `lua/consume.lua`) | none: it is the live balance; rebuilt from Postgres when missing |
 //! | `…:{s<n>}:c:<customer>:idem:<sha256>` | string | the first answer to a consume sent with an `Idempotency-Key` (hashed, so any 255 characters make a short, safe key), or the fences settles left for attempts under the key that were given up on | `IDEMPOTENCY_TTL_SECS`, 24 h |
-//! | `…:{s<n>}:charges:<second>` | hash | per event id, the outcome of a consume sent without `Idempotency-Key` whose id was minted in that second (UUIDv7's time), read only when its reply was late; or the fence a settle left in its place (`lua/settle.lua`, see `hot/charge.rs`). One hash per second rather than a key per consume: a field costs Redis far less to write and to expire than a key. Shard 0's for every customer on one Redis server (one hash for a whole batch, read and written once per call), each customer's own shard's in a cluster | from its first write, past the last settle of its second: 10 s, or `REDIS_TIMEOUT_MS` + 2 s when longer (`hot/charge.rs`); 1 h once it holds a fence |
+//! | `…:{s<n>}:charges:<second>` | hash | per event id, the outcome of a consume sent without `Idempotency-Key` whose id was minted in that second (UUIDv7's time), read only when its reply was late; or the fence a settle left in its place (`lua/settle.lua`, see `hot/charge.rs`). One hash per second rather than a key per consume: a field costs Redis far less to write and to expire than a key. Shard 0's for every customer on one Redis server (one hash for a whole batch, read and written once per call), each customer's own shard's in a cluster (`Keys::shared_copy`) | from its first write, past the last settle of its second: 10 s, or `REDIS_TIMEOUT_MS` + 2 s when longer (`hot/charge.rs`); 1 h once it holds a fence |
 //! | `…:{s<n>}:c:<customer>:once:<sha256>` | string | a change to the balance done once (a purchase credited, a refund's take, a grant; the value is the tokens a take took), so a retry after a crash or a lost reply before the ledger's commit does not do it again (`lua/account_update.lua`, `lua/account_take.lua`) | 7 days (Stripe retries a webhook for 3) |
 //! | `…:{s<n>}:usage` | stream | usage events waiting for the flusher (consumer group `flusher`) | none: trimmed by the flusher once persisted |
-//! | `…:{s<n>}:apps:disabled` | set | slugs of apps an operator disabled, one copy per shard so the consume script reads it in its own slot in a cluster (on one Redis server it reads shard 0's for every charge, `hot/coalesce.rs`) | none: written by `PATCH /api/v1/admin/apps/{id}` |
+//! | `…:{s<n>}:apps:disabled` | set | slugs of apps an operator disabled, one copy per shard so the consume script reads it in its own slot in a cluster (on one Redis server it reads shard 0's for every charge: `Keys::shared_copy`) | none: written by `PATCH /api/v1/admin/apps/{id}` |
 //! | `<prefix>:v1:rl:<group>:<customer>` | string | a route group's rate limiter (`apps`, `activate`, `billing`): its GCRA theoretical arrival time in µs (`lua/gcra.lua`), in `API_RATE_LIMIT_REDIS_URL`; no hash tag, the script reads one key (`hot/rate_limit.rs`). The consume limiters are fields of the account hash | until the limiter is rested (at most a burst's worth of intervals) |
 //! | `…:{s<n>}:usage:dead` | stream | entries the flusher could not decode or write after `FLUSH_MAX_DELIVERIES` attempts, with `source_id`, `reason`, `deliveries` and the original fields, for an operator to inspect and replay | none: an operator deletes what they have dealt with |
 
@@ -55,6 +55,19 @@ impl Keys {
 
     pub fn shards(&self) -> u16 {
         self.shards
+    }
+
+    /// Whose copy of a key kept alike in every shard (the disabled-apps
+    /// set, the charge records of a second) a charge of `shard` names: its
+    /// own in a cluster, where a script call reads one slot; shard 0's on
+    /// one Redis server, so a call of many shards' charges reads and writes
+    /// one key once.
+    pub fn shared_copy(shard: u16, clustered: bool) -> u16 {
+        if clustered {
+            shard
+        } else {
+            0
+        }
     }
 
     /// The shard a customer's keys and events live in. UUIDs (v4 and v7)
